@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The README's test command: installs what it needs, then runs every test stage
+# and exits non-zero if any failed. Stages: unit integration sanity lint
+# changelog molecule compat (default: all). Example: scripts/test.sh unit lint
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "$0")/lib.sh"
+
+ALL_STAGES=(unit integration sanity lint changelog molecule compat)
+STAGES=("$@")
+[ ${#STAGES[@]} -gt 0 ] || STAGES=("${ALL_STAGES[@]}")
+
+fk_setup
+
+stage_unit() { pytest -q -p no:cacheprovider tests/unit; }
+
+stage_integration() { pytest -q -p no:cacheprovider -n 2 tests/integration; }
+
+# ansible-test wants the collection at .../ansible_collections/NAMESPACE/NAME:
+# copy the files git would ship (tracked and untracked, not ignored) there.
+stage_sanity() {
+  local dest=$FK_BUILD/sanity/ansible_collections/fleetkeeper/aws
+  rm -rf "$dest" && mkdir -p "$dest"
+  git ls-files -z --cached --others --exclude-standard | rsync -a --from0 --files-from=- ./ "$dest/" 2>/dev/null || true
+  local py
+  py=$(python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  (cd "$dest" && ansible-test sanity --venv --python "$py" --color no --exclude benchmarks/results/)
+}
+
+stage_lint() { ansible-lint --profile production --offline -q; }
+
+stage_changelog() { antsibull-changelog lint; }
+
+stage_molecule() {
+  local scenario found=0
+  for scenario in extensions/molecule/*/molecule.yml; do
+    [ -e "$scenario" ] || continue
+    found=1
+    scenario=$(basename "$(dirname "$scenario")")
+    fk_log "molecule scenario $scenario"
+    (cd extensions && molecule test -s "$scenario")
+  done
+  [ $found -eq 1 ] || echo "no molecule scenarios yet"
+}
+
+# The oldest release line meta/runtime.yml declares (ansible-core 2.18, amazon.aws 9)
+# runs the unit and integration tests too.
+stage_compat() {
+  local venv=$FK_ROOT/.venv-compat py
+  py=$(command -v /root/.pyenv/versions/3.11*/bin/python3.11 /usr/bin/python3.11 python3.11 2>/dev/null | head -1)
+  [ -n "$py" ] || fk_die "compat stage needs python3.11"
+  fk_venv "$venv" "$py" "$FK_ROOT/requirements-compat.txt"
+  PATH="$venv/bin:$PATH" "$venv/bin/pytest" -q -p no:cacheprovider tests/unit tests/integration
+}
+
+declare -a passed=() failed=()
+for stage in "${STAGES[@]}"; do
+  declare -F "stage_$stage" >/dev/null || fk_die "unknown stage $stage (stages: ${ALL_STAGES[*]})"
+  fk_log "stage: $stage"
+  start=$SECONDS
+  if "stage_$stage"; then passed+=("$stage"); else failed+=("$stage"); fi
+  echo "stage $stage took $((SECONDS - start))s"
+done
+
+fk_log "summary"
+[ ${#passed[@]} -eq 0 ] || echo "passed: ${passed[*]}"
+[ ${#failed[@]} -eq 0 ] || echo "FAILED: ${failed[*]}"
+echo "stages: ${#passed[@]} passed, ${#failed[@]} failed"
+[ ${#failed[@]} -eq 0 ]

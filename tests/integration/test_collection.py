@@ -1,0 +1,58 @@
+# Copyright: fleetkeeper.aws contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The collection as users get it: built, installed, documented."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+
+import yaml
+
+from tests.support.ansiblerun import BIN_DIR, REPO_ROOT, ansible_env
+
+PLUGIN_DIRS = {"modules": "module", "inventory": "inventory", "filter": "filter"}
+
+
+def shipped_plugins():
+    found = []
+    for directory, kind in PLUGIN_DIRS.items():
+        for path in glob.glob(os.path.join(REPO_ROOT, "plugins", directory, "*.py")):
+            name = os.path.splitext(os.path.basename(path))[0]
+            if not name.startswith("_"):
+                found.append((kind, name))
+    return sorted(found)
+
+
+def test_build_install_and_document(tmp_path):
+    build = subprocess.run(
+        [os.path.join(BIN_DIR, "ansible-galaxy"), "collection", "build", REPO_ROOT, "--output-path", str(tmp_path)],
+        capture_output=True, text=True, check=True, env=ansible_env(),
+    )
+    tarballs = glob.glob(str(tmp_path / "fleetkeeper-aws-*.tar.gz"))
+    assert len(tarballs) == 1, build.stdout
+    install_dir = tmp_path / "collections"
+    subprocess.run(
+        [os.path.join(BIN_DIR, "ansible-galaxy"), "collection", "install", "--no-deps", "-p", str(install_dir), tarballs[0]],
+        capture_output=True, text=True, check=True, env=ansible_env(),
+    )
+    installed = install_dir / "ansible_collections" / "fleetkeeper" / "aws"
+    assert (installed / "MANIFEST.json").is_file()
+    assert not (installed / ".venv").exists() and not (installed / ".build").exists()
+    env = ansible_env({"ANSIBLE_COLLECTIONS_PATH": str(install_dir)})
+    for kind, name in shipped_plugins():
+        listed = subprocess.run([os.path.join(BIN_DIR, "ansible-doc"), "-t", kind, "-l", "fleetkeeper.aws"],
+                                capture_output=True, text=True, check=True, env=env)
+        assert f"fleetkeeper.aws.{name}" in listed.stdout, (kind, name, listed.stdout, listed.stderr)
+        page = subprocess.run([os.path.join(BIN_DIR, "ansible-doc"), "-t", kind, f"fleetkeeper.aws.{name}"],
+                              capture_output=True, text=True, check=False, env=env)
+        assert page.returncode == 0 and "EXAMPLES" in page.stdout, page.stderr
+
+
+def test_action_group_names_existing_modules():
+    with open(os.path.join(REPO_ROOT, "meta", "runtime.yml"), encoding="utf-8") as handle:
+        runtime = yaml.safe_load(handle)
+    modules = {name for kind, name in shipped_plugins() if kind == "module"}
+    group = [entry for entry in runtime["action_groups"]["aws"] if isinstance(entry, str)]
+    assert set(group) <= modules, f"action group names missing modules: {set(group) - modules}"
