@@ -19,12 +19,12 @@ stage_integration() { pytest -q -p no:cacheprovider -n 2 tests/integration; }
 # ansible-test wants the collection at .../ansible_collections/NAMESPACE/NAME:
 # copy the files git would ship (tracked and untracked, not ignored) there.
 stage_sanity() {
-  local dest=$FK_BUILD/sanity/ansible_collections/fleetkeeper/aws
+  local dest=${FK_SANITY_DIR:-$FK_BUILD/sanity}/ansible_collections/fleetkeeper/aws
   rm -rf "$dest" && mkdir -p "$dest"
   git ls-files -z --cached --others --exclude-standard | rsync -a --from0 --files-from=- ./ "$dest/" 2>/dev/null || true
   local py
   py=$(python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-  (cd "$dest" && ansible-test sanity --venv --python "$py" --color no --exclude benchmarks/results/)
+  (cd "$dest" && ansible-test sanity --venv --python "$py" --color no --exclude benchmarks/results/ ${FK_SANITY_ARGS:-})
 }
 
 stage_lint() { ansible-lint --profile production --offline -q; }
