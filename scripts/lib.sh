@@ -52,17 +52,25 @@ fk_venv() {
   local dir=$1 python=$2; shift 2
   local stamp
   stamp=$( (echo "$python"; "$python" --version; cat "$@" "$FK_ROOT/requirements.txt") | sha256sum | cut -c1-16)
+  # One installer at a time: a second caller waits, then finds the stamp.
+  mkdir -p "$FK_BUILD"
+  exec {lock}>"$FK_BUILD/.$(basename "$dir").lock"
+  flock "$lock"
   if [ -f "$dir/.fk-stamp" ] && [ "$(cat "$dir/.fk-stamp")" = "$stamp" ]; then
+    flock -u "$lock"
     return 0
   fi
   fk_log "creating $dir with $python ($("$python" --version))"
   rm -rf "$dir"
   "$python" -m venv "$dir"
-  "$dir/bin/pip" install -q --upgrade pip >/dev/null
   local req args=()
   for req in "$@"; do args+=(-r "$req"); done
-  "$dir/bin/pip" install -q "${args[@]}"
+  # The machine's pip configuration names optional wheel folders that may be
+  # absent; drop pip's warnings about those, keep everything else.
+  "$dir/bin/pip" install -q "${args[@]}" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2) ||
+    fk_die "pip install into $dir failed"
   echo "$stamp" > "$dir/.fk-stamp"
+  flock -u "$lock"
 }
 
 # Make this checkout importable and loadable as fleetkeeper.aws.
