@@ -1,0 +1,132 @@
+# -*- coding: utf-8 -*-
+# Copyright: fleetkeeper.aws contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Bastion key sync, host-side entry point (run by the role's systemd timer or cron job).
+
+The role copies this file and its siblings (keysync.py, keysync_store.py,
+keysync_s3.py) unchanged onto the host, below
+/usr/local/lib/fleetkeeper-keysync/ansible_collections/fleetkeeper/aws/plugins/module_utils/,
+and installs /usr/local/sbin/fleetkeeper-keysync, which puts that directory on
+sys.path and calls ``main()``: the host runs the very code the module runs.
+
+Credentials come from boto3's default chain (the instance profile on EC2);
+``region`` and ``endpoint_url`` come from the JSON configuration file. Output
+goes to stdout/stderr, which systemd sends to the journal.
+
+Exit status: 0 done; 1 the sync failed (nothing was changed, the cause is
+printed); 2 bad configuration; 75 another run holds the lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import (
+    ConfigError,
+    KeySyncConfig,
+    KeySyncError,
+    LockError,
+)
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_s3 import sync
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_store import make_backend
+
+DEFAULT_CONFIG = "/etc/fleetkeeper/keysync.json"
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_LOCKED = 75  # EX_TEMPFAIL
+
+
+def make_s3_client(config):
+    """boto3's default credential chain; retries in botocore's standard mode."""
+    try:
+        import boto3  # pylint: disable=import-outside-toplevel
+        from botocore.config import Config  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        raise ConfigError("boto3 is not installed on this host (Debian: python3-boto3)")
+    session = boto3.session.Session()
+    return session.client(
+        "s3",
+        region_name=config.region,
+        endpoint_url=config.endpoint_url,
+        config=Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=5, read_timeout=20),
+    )
+
+
+def load_config(path):
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (IOError, OSError) as exc:
+        raise ConfigError("cannot read %s: %s" % (path, exc))
+    except ValueError as exc:
+        raise ConfigError("%s is not valid JSON: %s" % (path, exc))
+    if not isinstance(data, dict):
+        raise ConfigError("%s must hold a JSON object" % path)
+    return KeySyncConfig(**data)
+
+
+def _say(stream, message):
+    stream.write("fleetkeeper-keysync: %s\n" % message)
+    stream.flush()
+
+
+def summarise(result):
+    parts = [
+        "listed %d objects (%d list, %d get requests), %d valid" % (
+            result["objects"]["listed"], result["requests"]["list"], result["requests"]["get"],
+            result["objects"]["candidates"]),
+    ]
+    for label, key in (("created", "users_created"), ("unlocked", "users_unlocked"),
+                       ("locked", "users_locked"), ("removed", "users_removed")):
+        if result[key]:
+            parts.append("%s: %s" % (label, ", ".join(result[key])))
+    if result["keys_added"] or result["keys_removed"]:
+        parts.append("keys +%d -%d" % (len(result["keys_added"]), len(result["keys_removed"])))
+    if result["users_pending_removal"]:
+        parts.append("missing (not yet locked): %s" % ", ".join(
+            "%s (%d run(s))" % item for item in sorted(result["users_pending_removal"].items())))
+    parts.append("changed" if result["changed"] else "no change")
+    return "; ".join(parts)
+
+
+def main(argv=None, s3_factory=make_s3_client, stdout=None, stderr=None):
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    parser = argparse.ArgumentParser(prog="fleetkeeper-keysync",
+                                     description="Sync SSH keys from s3://BUCKET/PREFIX/<user>.pub to local users.")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="JSON configuration (default: %(default)s)")
+    parser.add_argument("--check", action="store_true", help="report what would change, change nothing")
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
+    args = parser.parse_args(argv)
+    start = time.monotonic()
+    try:
+        config = load_config(args.config)
+        backend = make_backend(config)
+        result = sync(config, s3_factory(config), backend, check_mode=args.check,
+                      log=lambda message: _say(stdout, message))
+    except ConfigError as exc:
+        _say(stderr, "configuration error: %s" % exc)
+        return EXIT_CONFIG
+    except LockError as exc:
+        _say(stderr, "skipped: %s" % exc)
+        return EXIT_LOCKED
+    except KeySyncError as exc:
+        _say(stderr, "error: %s" % exc)
+        return EXIT_FAILED
+    for item in result["rejected"]:
+        where = item["object"] + (":%s" % item["line"] if item["line"] else "")
+        _say(stderr, "warning: %s: %s" % (where, item["reason"]))
+    result["elapsed"] = round(time.monotonic() - start, 3)
+    if args.json:
+        stdout.write(json.dumps(result, sort_keys=True) + "\n")
+    else:
+        _say(stdout, "%s%s in %.2fs" % ("(check) " if args.check else "", summarise(result), result["elapsed"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

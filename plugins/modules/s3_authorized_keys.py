@@ -1,0 +1,342 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: fleetkeeper.aws contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: s3_authorized_keys
+version_added: 0.1.0
+short_description: Sync SSH public keys from an S3 bucket to local users
+description:
+  - Lists C(s3://BUCKET/PREFIX/) and maps every C(<username>.pub) object to a local user with the keys it holds.
+  - In O(mode=per_user) each key file becomes its own Linux account, member of O(marker_group) (and of
+    O(sudo_group) when set), with a UID derived from the username within O(uid_min)-O(uid_max) so it is the same
+    on every host. Users whose key file disappears are locked or removed (O(removal)); only members of
+    O(marker_group) are ever locked or removed, and existing accounts are never taken over.
+  - In O(mode=shared_user) every valid key goes into the authorized_keys of O(shared_user) below a marker line;
+    the lines above the marker (break-glass keys) are kept as they are.
+  - Usernames and key lines are validated. Key options such as C(command=) or C(from=) are refused unless named in
+    O(allowed_options). Malformed lines and files are skipped and reported in RV(rejected); the rest of the sync
+    proceeds.
+  - Fails closed. A listing that errors or is cut short, a download that fails, or a listing that is empty or
+    smaller than O(min_listing_ratio) of the last one changes nothing and fails with the cause.
+  - Change detection uses the ETag and Size of each object from the listing, kept in O(state_path); an unchanged
+    bucket costs one ListObjectsV2 request per 1,000 keys and no downloads.
+  - The same code runs on the host from the C(fleetkeeper.aws.bastion_keys) role's timer.
+author:
+  - fleetkeeper maintainers
+options:
+  bucket:
+    description: S3 bucket holding the key files.
+    type: str
+    required: true
+  prefix:
+    description: Key prefix (folder) in O(bucket); a trailing C(/) is added when missing.
+    type: str
+    default: keys/
+  mode:
+    description:
+      - V(per_user) creates one account per key file; V(shared_user) writes every key into O(shared_user)'s file.
+    type: str
+    choices: [per_user, shared_user]
+    default: per_user
+  shared_user:
+    description: Existing account whose authorized_keys O(mode=shared_user) manages below the marker.
+    type: str
+  marker_group:
+    description: Group that marks the accounts this sync owns. Only its members are ever locked or removed.
+    type: str
+    default: fleetkeeper-keys
+  sudo_group:
+    description: Extra group for synced users (for example V(sudo)); it must exist.
+    type: str
+  admin_users:
+    description: The host's own admin accounts; never synced, locked or removed (the break-glass accounts).
+    type: list
+    elements: str
+    default: []
+  deny_users:
+    description: More usernames to refuse, on top of root, system accounts and common image users.
+    type: list
+    elements: str
+    default: []
+  uid_min:
+    description: Lowest UID for synced users.
+    type: int
+    default: 20000
+  uid_max:
+    description: Highest UID for synced users.
+    type: int
+    default: 59999
+  system_uid_max:
+    description: Accounts with a UID up to this are system accounts and never synced or touched.
+    type: int
+    default: 999
+  shell:
+    description: Login shell of synced users.
+    type: str
+    default: /bin/bash
+  home_base:
+    description: Directory holding the homes of created users.
+    type: path
+    default: /home
+  authorized_keys_dir:
+    description:
+      - When set, keys are written root-owned to C(DIR/<user>) (for C(AuthorizedKeysFile /etc/ssh/authorized_keys/%u)),
+        so users cannot edit their own keys. When unset, to C(~/.ssh/authorized_keys).
+    type: path
+  allowed_options:
+    description: Key options admitted in key files (for example V(no-pty)); any other option refuses the line.
+    type: list
+    elements: str
+    default: []
+  prepend_options:
+    description: Flag options put in front of every synced key, for example V(restrict), V(port-forwarding).
+    type: list
+    elements: str
+    default: []
+  max_object_size:
+    description: Objects larger than this many bytes (from the listed Size) are refused without download.
+    type: int
+    default: 16384
+  max_keys_per_user:
+    description: At most this many keys per file; further lines are rejected.
+    type: int
+    default: 16
+  removal:
+    description:
+      - What happens to a marked user whose key file is gone. V(lock) empties its keys and expires the account,
+        V(remove) deletes the account and its home, V(keep) only empties its keys.
+    type: str
+    choices: [lock, remove, keep]
+    default: lock
+  remove_after_runs:
+    description: Lock or remove a user only after its key file has been missing for this many runs in a row.
+    type: int
+    default: 1
+  min_listing_ratio:
+    description:
+      - Refuse a listing holding fewer valid key files than this fraction of the last run's (or of the managed
+        users present). V(0) turns the check off.
+    type: float
+    default: 0.5
+  allow_empty:
+    description: Accept an empty listing (locks or removes every synced user). Off so an outage cannot do it.
+    type: bool
+    default: false
+  state_path:
+    description: State file with the ETag and Size of every object seen; shared with the host-side timer.
+    type: path
+    default: /var/lib/fleetkeeper-keysync/state.json
+  lock_path:
+    description: Lock file that keeps two runs from overlapping.
+    type: path
+    default: /run/lock/fleetkeeper-keysync.lock
+  lock_timeout:
+    description: Seconds to wait for a running sync to finish.
+    type: int
+    default: 300
+  root:
+    description:
+      - Directory all paths are taken below. Only with O(user_backend=directory).
+    type: path
+    default: /
+  user_backend:
+    description:
+      - V(system) manages the host's accounts with C(groupadd), C(useradd), C(usermod) and C(userdel).
+      - V(directory) keeps accounts in C(ROOT/etc/fleetkeeper-users.json) and writes every file below O(root),
+        for rendering a key tree without touching the host's accounts (image staging, tests).
+    type: str
+    choices: [system, directory]
+    default: system
+  download_workers:
+    description: Parallel downloads of changed key files.
+    type: int
+    default: 8
+extends_documentation_fragment:
+  - amazon.aws.common.modules
+  - amazon.aws.region.modules
+  - amazon.aws.boto3
+attributes:
+  check_mode:
+    support: full
+    description: Lists and downloads, then reports what would change without writing anything.
+  diff_mode:
+    support: full
+    description: Shows the keys of every affected user before and after.
+  idempotent:
+    support: full
+    description: A second run with the same bucket changes nothing.
+notes:
+  - Needs root on the target for O(user_backend=system).
+  - The IAM policy the sync needs is in C(docs/iam/keysync.json) of the collection.
+seealso:
+  - name: Bastion keys guide
+    description: How the module, the role and the timer fit together.
+    link: https://github.com/fleetkeeper/aws/blob/main/docs/bastion_keys.md
+"""
+
+EXAMPLES = r"""
+- name: Sync one account per key file, keys root-owned, restricted but usable as a jump host
+  fleetkeeper.aws.s3_authorized_keys:
+    bucket: example-bastion-keys
+    prefix: keys/
+    admin_users: [admin]
+    authorized_keys_dir: /etc/ssh/authorized_keys
+    prepend_options: [restrict, port-forwarding, pty]
+
+- name: The old recipe done safely - every key into ec2-user below the marker
+  fleetkeeper.aws.s3_authorized_keys:
+    bucket: example-bastion-keys
+    mode: shared_user
+    shared_user: ec2-user
+
+- name: Preview against a local tree, touching no account
+  fleetkeeper.aws.s3_authorized_keys:
+    bucket: example-bastion-keys
+    user_backend: directory
+    root: /srv/keytree
+  check_mode: true
+  diff: true
+"""
+
+RETURN = r"""
+users_created:
+  description: Users created.
+  returned: always
+  type: list
+  elements: str
+  sample: [alice]
+users_unlocked:
+  description: Locked users whose key file came back.
+  returned: always
+  type: list
+  elements: str
+users_groups_added:
+  description: Users added to O(marker_group) or O(sudo_group).
+  returned: always
+  type: list
+  elements: dict
+users_locked:
+  description: Users locked because their key file is gone.
+  returned: always
+  type: list
+  elements: str
+users_removed:
+  description: Users removed because their key file is gone.
+  returned: always
+  type: list
+  elements: str
+users_pending_removal:
+  description: Users whose key file is missing, with the number of runs so far (below O(remove_after_runs)).
+  returned: always
+  type: dict
+keys_added:
+  description: Keys added, as user and C(type fingerprint comment).
+  returned: always
+  type: list
+  elements: dict
+  sample: [{"user": "alice", "key": "ssh-ed25519 SHA256:3b1f... alice@laptop"}]
+keys_removed:
+  description: Keys removed, as user and C(type fingerprint comment).
+  returned: always
+  type: list
+  elements: dict
+files_written:
+  description: Users whose authorized_keys file was written.
+  returned: always
+  type: list
+  elements: str
+rejected:
+  description: Objects, users and key lines refused, each with the reason; the rest of the sync proceeded.
+  returned: always
+  type: list
+  elements: dict
+  sample: [{"object": "keys/root.pub", "user": "root", "line": null, "reason": "username 'root' is reserved"}]
+objects:
+  description: Objects listed, valid candidates, downloaded and reused from the state file.
+  returned: always
+  type: dict
+  sample: {"listed": 3, "candidates": 2, "downloaded": 0, "reused": 2}
+requests:
+  description: S3 requests made (ListObjectsV2 pages and GetObject calls).
+  returned: always
+  type: dict
+  sample: {"list": 1, "get": 0}
+"""
+
+from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
+from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
+
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import KeySyncConfig
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import KeySyncError
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_s3 import sync
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_store import make_backend
+
+OPTION_NAMES = [
+    "bucket", "prefix", "mode", "shared_user", "marker_group", "sudo_group", "admin_users", "deny_users",
+    "uid_min", "uid_max", "system_uid_max", "shell", "home_base", "authorized_keys_dir", "allowed_options",
+    "prepend_options", "max_object_size", "max_keys_per_user", "removal", "remove_after_runs",
+    "min_listing_ratio", "allow_empty", "state_path", "lock_path", "lock_timeout", "root", "user_backend",
+    "download_workers",
+]
+
+
+def main():
+    argument_spec = dict(
+        bucket=dict(type="str", required=True),
+        prefix=dict(type="str", default="keys/"),
+        mode=dict(type="str", default="per_user", choices=["per_user", "shared_user"]),
+        shared_user=dict(type="str"),
+        marker_group=dict(type="str", default="fleetkeeper-keys"),
+        sudo_group=dict(type="str"),
+        admin_users=dict(type="list", elements="str", default=[]),
+        deny_users=dict(type="list", elements="str", default=[]),
+        uid_min=dict(type="int", default=20000),
+        uid_max=dict(type="int", default=59999),
+        system_uid_max=dict(type="int", default=999),
+        shell=dict(type="str", default="/bin/bash"),
+        home_base=dict(type="path", default="/home"),
+        authorized_keys_dir=dict(type="path"),
+        allowed_options=dict(type="list", elements="str", default=[]),
+        prepend_options=dict(type="list", elements="str", default=[]),
+        max_object_size=dict(type="int", default=16384),
+        max_keys_per_user=dict(type="int", default=16),
+        removal=dict(type="str", default="lock", choices=["lock", "remove", "keep"]),
+        remove_after_runs=dict(type="int", default=1),
+        min_listing_ratio=dict(type="float", default=0.5),
+        allow_empty=dict(type="bool", default=False),
+        state_path=dict(type="path", default="/var/lib/fleetkeeper-keysync/state.json"),
+        lock_path=dict(type="path", default="/run/lock/fleetkeeper-keysync.lock"),
+        lock_timeout=dict(type="int", default=300),
+        root=dict(type="path", default="/"),
+        user_backend=dict(type="str", default="system", choices=["system", "directory"]),
+        download_workers=dict(type="int", default=8),
+    )
+    module = AnsibleAWSModule(
+        argument_spec=argument_spec,
+        required_if=[("mode", "shared_user", ["shared_user"])],
+        supports_check_mode=True,
+    )
+    try:
+        config = KeySyncConfig(**dict((name, module.params[name]) for name in OPTION_NAMES))
+        s3 = module.client("s3", retry_decorator=AWSRetry.jittered_backoff())
+        result = sync(config, s3, make_backend(config), check_mode=module.check_mode,
+                      call_kwargs={"aws_retry": True})
+    except KeySyncError as exc:
+        module.fail_json(msg=str(exc), error_type=type(exc).__name__)
+    diff = result.pop("diff")
+    for item in result["rejected"]:
+        where = item["object"] + (":%s" % item["line"] if item["line"] else "")
+        module.warn("%s: %s" % (where, item["reason"]))
+    if module._diff:  # pylint: disable=protected-access
+        result["diff"] = diff
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
