@@ -97,6 +97,8 @@ VALUE_OPTIONS = frozenset([
     "command", "environment", "expiry-time", "from", "permitlisten", "permitopen", "principals",
 ])
 
+# sshd separates fields with spaces and tabs only (not other Unicode white space).
+_WS = re.compile(r"[ \t]+")
 MAX_LINE_LENGTH = 8192
 MAX_BLOB_BYTES = 4096
 MAX_CERT_BLOB_BYTES = 16384
@@ -393,10 +395,10 @@ def parse_key_line(line, allowed_options=()):
     """Parse and validate one authorized_keys line; raise KeyLineError with the reason."""
     if len(line) > MAX_LINE_LENGTH:
         raise KeyLineError("line is %d characters, more than %d" % (len(line), MAX_LINE_LENGTH))
-    if any(ord(c) < 32 and c != "\t" for c in line) or "\x7f" in line:
+    if any((ord(c) < 32 and c != "\t") or 0x7f <= ord(c) <= 0x9f for c in line):
         raise KeyLineError("line contains control characters")
     line = line.strip(" \t")
-    first = line.split(None, 1)[0] if line else ""
+    first = _WS.split(line, 1)[0] if line else ""
     options = []
     if first in KEY_TYPES or first in REFUSED_KEY_TYPES:
         rest = line
@@ -404,11 +406,13 @@ def parse_key_line(line, allowed_options=()):
         options, rest = _split_options(line)
         if not rest:
             raise KeyLineError("no key type found (expected one of %s)" % ", ".join(sorted(KEY_TYPES)))
-    fields = rest.split(None, 2)
+    fields = _WS.split(rest, 2)
     key_type = fields[0]
     if key_type in REFUSED_KEY_TYPES:
         raise KeyLineError(REFUSED_KEY_TYPES[key_type])
     if key_type not in KEY_TYPES:
+        if len(options) == 1 and "=" not in options[0]:
+            key_type = options[0]  # 'ssh-foo AAAA': the first word was meant as the type
         raise KeyLineError("unknown key type %r" % key_type[:64])
     if len(fields) < 2:
         raise KeyLineError("key data missing after %s" % key_type)
@@ -434,7 +438,7 @@ def parse_key_line(line, allowed_options=()):
         elif "=" in option:
             raise KeyLineError("key option %r takes no value" % name)
         cleaned.append(option)
-    comment = fields[2].strip() if len(fields) > 2 else ""
+    comment = fields[2].strip(" \t") if len(fields) > 2 else ""
     return PublicKey(cleaned, key_type, blob, comment)
 
 
@@ -444,7 +448,7 @@ def parse_key_file(text, allowed_options=(), max_keys=16):
     rejected = []
     seen = set()
     for number, raw in enumerate(text.splitlines(), 1):
-        stripped = raw.strip()
+        stripped = raw.strip(" \t")
         if not stripped or stripped.startswith("#"):
             continue
         try:
@@ -521,7 +525,9 @@ def deterministic_uid(name, uid_min, uid_max, taken=()):
 
 def check_listing_size(valid_count, previous_count, config):
     """Raise FailClosedError when the listing is empty or far smaller than before."""
-    if valid_count == 0 and not config.allow_empty:
+    if valid_count == 0 and config.allow_empty:
+        return
+    if valid_count == 0:
         raise FailClosedError(
             "the listing of s3://%s/%s holds no valid key files; refusing to lock or remove every user "
             "(set allow_empty to sync an empty bucket on purpose)" % (config.bucket, config.prefix))

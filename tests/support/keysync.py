@@ -1,0 +1,83 @@
+# Copyright: fleetkeeper.aws contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Key material and a directory-backed key tree for the key sync tests and benchmark."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+
+def ssh_string(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def openssh_line(public_key, comment: str = "") -> str:
+    text = public_key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    return f"{text} {comment}".rstrip()
+
+
+def ed25519_line(comment: str = "") -> str:
+    return openssh_line(ed25519.Ed25519PrivateKey.generate().public_key(), comment)
+
+
+def rsa_line(bits: int = 2048, comment: str = "") -> str:
+    return openssh_line(rsa.generate_private_key(public_exponent=65537, key_size=bits).public_key(), comment)
+
+
+def ecdsa_line(comment: str = "") -> str:
+    return openssh_line(ec.generate_private_key(ec.SECP256R1()).public_key(), comment)
+
+
+def blob_line(key_type: str, *fields: bytes, comment: str = "") -> str:
+    blob = ssh_string(key_type.encode()) + b"".join(ssh_string(f) for f in fields)
+    return f"{key_type} {base64.b64encode(blob).decode()} {comment}".rstrip(" ")
+
+
+def sk_ed25519_line(comment: str = "") -> str:
+    return blob_line("sk-ssh-ed25519@openssh.com", os.urandom(32), b"ssh:", comment=comment)
+
+
+def ed25519_cert_line(comment: str = "") -> str:
+    # type, nonce, public key, then the rest of the certificate (not checked by the parser)
+    return blob_line("ssh-ed25519-cert-v01@openssh.com", os.urandom(32), os.urandom(32), b"\x00" * 8, comment=comment)
+
+
+def directory_users(root) -> dict:
+    path = os.path.join(str(root), "etc", "fleetkeeper-users.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def seed_directory_user(root, name: str, uid: int, groups=(), home: str | None = None) -> None:
+    """An account that exists before the sync runs (for no-takeover tests)."""
+    path = os.path.join(str(root), "etc", "fleetkeeper-users.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    db = directory_users(root) or {"users": {}, "groups": [], "operations": []}
+    home = home or f"/home/{name}"
+    db["users"][name] = {"uid": uid, "gid": uid, "home": home, "shell": "/bin/bash",
+                         "groups": sorted(set(groups) | {name}), "locked": False}
+    for group in groups:
+        if group not in db["groups"]:
+            db["groups"].append(group)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(db, handle)
+    os.makedirs(os.path.join(str(root), home.lstrip("/")), exist_ok=True)
+
+
+def authorized_keys(root, name: str, keys_dir: str | None = None) -> str | None:
+    if keys_dir:
+        path = os.path.join(str(root), keys_dir.lstrip("/"), name)
+    else:
+        path = os.path.join(str(root), "home", name, ".ssh", "authorized_keys")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()

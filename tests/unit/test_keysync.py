@@ -1,0 +1,289 @@
+# Copyright: fleetkeeper.aws contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Pure key sync logic: parser, validation, fail-closed rules, planning, rendering."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import (
+    KEY_TYPES,
+    MARKER_LINE,
+    ConfigError,
+    FailClosedError,
+    KeyLineError,
+    KeySyncConfig,
+    UserInfo,
+    check_listing_size,
+    decode_object,
+    deterministic_uid,
+    parse_key_file,
+    parse_key_line,
+    plan_per_user,
+    plan_shared_user,
+    render_shared,
+    username_from_key,
+    validate_username,
+)
+from tests.support.keysync import (
+    blob_line,
+    ecdsa_line,
+    ed25519_cert_line,
+    ed25519_line,
+    rsa_line,
+    sk_ed25519_line,
+)
+
+ED = ed25519_line("alice@laptop")
+ED_TYPE, ED_B64 = ED.split()[:2]
+
+
+def config(**overrides):
+    options = {"bucket": "keys-bucket", "admin_users": ["admin"]}
+    options.update(overrides)
+    return KeySyncConfig(**options)
+
+
+# --- parser ----------------------------------------------------------------
+
+@pytest.mark.parametrize("line", [
+    ED, ecdsa_line("e"), rsa_line(2048, "r"), sk_ed25519_line("yubikey"), ed25519_cert_line("cert"),
+    "  " + ED + "  ",
+])
+def test_known_key_types_parse(line):
+    key = parse_key_line(line)
+    assert key.key_type in KEY_TYPES
+    assert key.fingerprint.startswith("SHA256:")
+    assert parse_key_line(key.line()).line() == key.line()
+
+
+@pytest.mark.parametrize("line,reason", [
+    ("ssh-dss AAAAB3NzaC1kc3M= x", "DSA"),
+    ("ssh-foo AAAA x", "unknown key type 'ssh-foo'"),
+    ("ssh-ed25519", "key data missing"),
+    ("ssh-ed25519 !!!notbase64 x", "not valid base64"),
+    (f"ssh-rsa {ED_B64} x", "says 'ssh-ed25519' but the line says 'ssh-rsa'"),
+    (blob_line("ssh-ed25519", b"short"), "not 32"),
+    (blob_line("ssh-ed25519", b"\x00" * 32, b"extra"), "trailing"),
+    (rsa_line(1024), "fewer than the 2048"),
+    (f'command="/bin/sh" {ED}', "'command' is not allowed"),
+    (f'from="10.0.0.0/8" {ED}', "'from' is not allowed"),
+    (f"bogus-option {ED}", "unknown key option"),
+    (f'command="unterminated {ED}', "unterminated quote"),
+    (ED + "\x00", "control characters"),
+    ("ssh-ed25519 " + "A" * 9000, "more than 8192"),
+])
+def test_bad_lines_are_refused_with_a_reason(line, reason):
+    with pytest.raises(KeyLineError) as info:
+        parse_key_line(line)
+    assert reason in str(info.value)
+
+
+def test_allowed_options_pass_and_keep_their_values():
+    key = parse_key_line(f'no-pty,from="10.0.0.0/8,192.168.1.1" {ED}', allowed_options=["no-pty", "from"])
+    assert key.options == ("no-pty", 'from="10.0.0.0/8,192.168.1.1"')
+    assert key.line().startswith('no-pty,from="10.0.0.0/8,192.168.1.1" ssh-ed25519 ')
+    with pytest.raises(KeyLineError, match="takes no value"):
+        parse_key_line(f'no-pty="x" {ED}', allowed_options=["no-pty"])
+    with pytest.raises(KeyLineError, match="double-quoted"):
+        parse_key_line(f"from=10.0.0.1 {ED}", allowed_options=["from"])
+
+
+def test_prepend_options_once():
+    key = parse_key_line(ED)
+    assert key.line(["restrict", "port-forwarding"]).startswith("restrict,port-forwarding ssh-ed25519 ")
+    restricted = parse_key_line("restrict " + ED, allowed_options=["restrict"])
+    assert restricted.line(["restrict"]).count("restrict") == 1
+
+
+def test_key_file_skips_comments_blank_and_duplicates_and_caps_count():
+    other = ed25519_line("b")
+    text = "\n".join(["# a comment", "", ED, ED, "garbage", other, ed25519_line("c")])
+    keys, rejected = parse_key_file(text, max_keys=2)
+    assert [k.comment for k in keys] == ["alice@laptop", "b"]
+    reasons = dict(rejected)
+    assert "duplicate" in reasons[4] and "no key type" in reasons[5] and "more than 2 keys" in reasons[7]
+
+
+def test_binary_and_non_utf8_objects_are_refused():
+    with pytest.raises(KeyLineError, match="binary"):
+        decode_object(b"ssh-ed25519 \x00")
+    with pytest.raises(KeyLineError, match="UTF-8"):
+        decode_object(b"\xff\xfe")
+    assert decode_object(("\ufeff" + ED).encode()) == ED
+
+
+# --- property-based --------------------------------------------------------
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(max_size=300))
+def test_parser_never_crashes_on_arbitrary_text(text):
+    try:
+        key = parse_key_line(text, allowed_options=["from", "command", "no-pty", "restrict"])
+    except KeyLineError:
+        return
+    # Anything accepted is a known type whose blob names that type, and re-parses to itself.
+    assert key.key_type in KEY_TYPES
+    assert parse_key_line(key.line(), allowed_options=["from", "command", "no-pty", "restrict"]).line() == key.line()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200), st.sampled_from(sorted(KEY_TYPES)))
+def test_parser_never_crashes_on_arbitrary_blobs(blob, key_type):
+    line = f"{key_type} {base64.b64encode(blob).decode()}"
+    try:
+        key = parse_key_line(line)
+    except KeyLineError:
+        return
+    assert key.blob == blob
+
+
+comment_text = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=0x2FFF, blacklist_categories=("Cc", "Cs")),
+                       min_size=1, max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=32, max_size=32), comment_text)
+def test_valid_ed25519_lines_round_trip(point, comment):
+    line = blob_line("ssh-ed25519", point, comment=comment)
+    key = parse_key_line(line)
+    assert key.line() == line
+    assert key.comment == comment
+
+
+option_names = st.sampled_from(["command", "from", "environment", "permitopen", "agent-forwarding", "no-pty",
+                                "x11-forwarding", "cert-authority", "restrict"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(option_names, min_size=1, max_size=4), st.lists(option_names, max_size=4))
+def test_options_outside_the_allow_list_always_refuse_the_line(used, allowed):
+    from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import VALUE_OPTIONS
+
+    options = ",".join(f'{name}="x,y z"' if name in VALUE_OPTIONS else name for name in used)
+    line = f"{options} {ED}"
+    if set(used) <= set(allowed):
+        assert parse_key_line(line, allowed_options=allowed).options
+    else:
+        with pytest.raises(KeyLineError, match="not allowed"):
+            parse_key_line(line, allowed_options=allowed)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40))
+def test_accepted_usernames_are_safe(name):
+    if validate_username(name, config()) is None:
+        assert "/" not in name and not name.startswith("-") and not name.startswith(".")
+        assert 0 < len(name) <= 32 and name not in ("root", "admin")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"),
+                        max_size=30), max_size=8),
+       st.lists(st.sampled_from([ED, ed25519_line("x")]), max_size=3))
+def test_shared_render_keeps_lines_above_the_marker_and_is_idempotent(above, managed):
+    above = [line for line in above if line.strip() != MARKER_LINE]
+    existing = "\n".join(above + [MARKER_LINE, "old managed line"]) + "\n"
+    once = render_shared(existing, managed)
+    kept = once.split(MARKER_LINE)[0].splitlines()
+    stripped = list(above)
+    while stripped and not stripped[-1].strip():
+        stripped.pop()
+    assert kept == stripped
+    assert render_shared(once, managed) == once
+    assert "old managed line" not in once
+
+
+# --- names, uids, listing checks ------------------------------------------
+
+@pytest.mark.parametrize("name", ["root", "admin", "-oProxyCommand", "../x", "Alice", "a" * 33, "", "sshd", "bad$"])
+def test_refused_usernames(name):
+    assert validate_username(name, config()) is not None
+
+
+@pytest.mark.parametrize("key,expected", [
+    ("keys/alice.pub", ("alice", None)),
+    ("keys/", (None, None)),
+    ("keys/team/alice.pub", (None, "nested objects are not read (expected keys/<username>.pub)")),
+    ("keys/README.md", (None, "not a .pub object")),
+])
+def test_username_from_object_key(key, expected):
+    assert username_from_key(key, "keys/") == expected
+
+
+def test_deterministic_uids_are_stable_and_probe_past_taken():
+    first = deterministic_uid("alice", 20000, 59999)
+    assert first == deterministic_uid("alice", 20000, 59999)
+    assert 20000 <= first <= 59999
+    assert deterministic_uid("alice", 20000, 59999, taken={first}) == first + 1 or first == 59999
+
+
+def test_empty_and_far_smaller_listings_fail_closed():
+    cfg = config()
+    with pytest.raises(FailClosedError, match="no valid key files"):
+        check_listing_size(0, 10, cfg)
+    with pytest.raises(FailClosedError, match="fewer than 50%"):
+        check_listing_size(4, 10, cfg)
+    check_listing_size(5, 10, cfg)
+    check_listing_size(1, 10, config(min_listing_ratio=0))
+    check_listing_size(0, 10, config(allow_empty=True))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"bucket": None}, "bucket is required"),
+    ({"mode": "shared_user"}, "needs shared_user"),
+    ({"uid_min": 500}, "must lie above"),
+    ({"allowed_options": ["rm-rf"]}, "unknown authorized_keys option"),
+    ({"prepend_options": ["command"]}, "not a flag option"),
+    ({"min_listing_ratio": 2}, "between 0 and 1"),
+    ({"state_path": "relative"}, "absolute path"),
+    ({"nonsense": 1}, "unknown keysync option"),
+])
+def test_bad_configuration_says_what_to_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config(**overrides)
+
+
+# --- planning --------------------------------------------------------------
+
+def users(*infos):
+    return dict((u.name, u) for u in infos)
+
+
+def test_plan_creates_new_users_and_never_takes_over_or_touches_admins():
+    cfg = config(sudo_group="sudo")
+    key = parse_key_line(ED)
+    existing = users(
+        UserInfo("admin", 1000, 1000, "/home/admin", "/bin/bash", ["sudo", "fleetkeeper-keys"]),
+        UserInfo("bob", 1001, 1001, "/home/bob", "/bin/bash", ["bob"]),
+        UserInfo("daemonish", 500, 500, "/", "/bin/false", ["fleetkeeper-keys"]),
+        UserInfo("carol", 30000, 30000, "/home/carol", "/bin/bash", ["fleetkeeper-keys"], locked=True),
+        UserInfo("dave", 30001, 30001, "/home/dave", "/bin/bash", ["fleetkeeper-keys"]),
+    )
+    plan = plan_per_user({"alice": [key], "bob": [key], "carol": [key], "daemonish": [key]}, existing, cfg)
+    assert [name for name, _ in plan.create] == ["alice"]
+    assert plan.unlock == ["carol"] and plan.add_groups == [("carol", ["sudo"])]
+    assert plan.lock == ["dave"] and plan.keys["dave"] == []
+    reasons = dict((r["user"], r["reason"]) for r in plan.rejected)
+    assert "never taken over" in reasons["bob"] and "system account" in reasons["daemonish"]
+    assert "admin" not in plan.keys and "admin" not in plan.lock  # marked admin account is left alone
+
+
+def test_removal_waits_for_n_missing_runs_then_removes():
+    cfg = config(removal="remove", remove_after_runs=3)
+    existing = users(UserInfo("dave", 30001, 30001, "/home/dave", "/bin/bash", ["fleetkeeper-keys"]))
+    plan = plan_per_user({}, existing, cfg, missing_before={"dave": 1})
+    assert plan.pending_removal == {"dave": 2} and not plan.remove
+    plan = plan_per_user({}, existing, cfg, missing_before={"dave": 2})
+    assert plan.remove == ["dave"]
+
+
+def test_shared_mode_collects_every_valid_key():
+    cfg = config(mode="shared_user", shared_user="ec2-user", prepend_options=["restrict"])
+    plan = plan_shared_user({"alice": [parse_key_line(ED)], "root": [parse_key_line(ED)]}, cfg)
+    assert plan.keys["ec2-user"] == ["restrict " + parse_key_line(ED).line()]
+    assert plan.rejected[0]["user"] == "root"
