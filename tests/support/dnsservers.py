@@ -1,0 +1,262 @@
+# Copyright: fleetkeeper.aws contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Real DNS servers (BIND 9, unbound, dnsmasq) for tests and the dns_cache benchmark.
+
+Nothing here installs a service on the controller. The servers' Debian packages
+are fetched with ``apt-get download`` and unpacked with ``dpkg -x`` under
+``$FK_CACHE/dns-servers`` (default /var/cache/fleetkeeper), so a fresh machine
+does the same on first use. Servers run only inside network namespaces made
+here (``ip netns add fk-dns-...``) and bound to loopback or to a veth pair
+between two such namespaces; every namespace is deleted when its owner closes.
+
+Needs root (network namespaces), ``ip`` and ``apt-get``.
+
+    python -m tests.support.dnsservers fetch     # download and unpack the servers
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+CACHE = os.environ.get("FK_CACHE", "/var/cache/fleetkeeper")
+SERVER_ROOT = os.path.join(CACHE, "dns-servers", "root")
+DEB_DIR = os.path.join(CACHE, "debs", "dns-servers")
+# Server packages plus the libraries they need that the controller's own
+# packages (bind9-utils pulls bind9-libs) do not bring.
+PACKAGES = ("bind9", "unbound", "dnsmasq-base", "libnetfilter-conntrack3", "libnfnetlink0")
+LIB_DIR = os.path.join(SERVER_ROOT, "usr", "lib", "x86_64-linux-gnu")
+
+_counter = itertools.count()
+
+
+class DnsServerError(RuntimeError):
+    pass
+
+
+def _stamp() -> str:
+    return " ".join(PACKAGES)
+
+
+def fetch_servers(force: bool = False) -> str:
+    """Download and unpack the server packages once; return the unpacked root."""
+    stamp_path = os.path.join(SERVER_ROOT, ".fk-stamp")
+    if not force and os.path.exists(stamp_path):
+        with open(stamp_path, encoding="utf-8") as handle:
+            if handle.read().strip() == _stamp():
+                return SERVER_ROOT
+    os.makedirs(DEB_DIR, exist_ok=True)
+    os.chmod(DEB_DIR, 0o755)
+    proc = subprocess.run(["apt-get", "download", *PACKAGES], cwd=DEB_DIR, capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise DnsServerError("apt-get download %s failed (run apt-get update first?):\n%s"
+                             % (" ".join(PACKAGES), proc.stderr))
+    shutil.rmtree(SERVER_ROOT, ignore_errors=True)
+    os.makedirs(SERVER_ROOT)
+    for package in PACKAGES:
+        debs = sorted(glob.glob(os.path.join(DEB_DIR, package + "_*.deb")), key=os.path.getmtime)
+        if not debs:
+            raise DnsServerError("no .deb for %s in %s" % (package, DEB_DIR))
+        subprocess.run(["dpkg", "-x", debs[-1], SERVER_ROOT], check=True)
+    for binary in ("named", "unbound", "dnsmasq"):
+        ldd = subprocess.run(["ldd", binary_path(binary)], capture_output=True, text=True, check=False,
+                             env=server_env())
+        if "not found" in ldd.stdout:
+            raise DnsServerError("%s misses libraries:\n%s" % (binary, ldd.stdout))
+    with open(stamp_path, "w", encoding="utf-8") as handle:
+        handle.write(_stamp() + "\n")
+    return SERVER_ROOT
+
+
+def binary_path(name: str) -> str:
+    return os.path.join(SERVER_ROOT, "usr", "sbin", name)
+
+
+def server_env() -> dict:
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = LIB_DIR + (":" + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
+    return env
+
+
+def named_version() -> str:
+    out = subprocess.run([binary_path("named"), "-v"], capture_output=True, text=True, check=True,
+                         env=server_env()).stdout
+    return out.split()[1]
+
+
+def have_netns() -> bool:
+    return os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+class Netns:
+    """A network namespace with loopback up; deleted (with its processes) by close()."""
+
+    def __init__(self, tag: str = "t"):
+        self.name = "fk-dns-%s-%d-%d" % (tag, os.getpid(), next(_counter))
+        self.procs: list = []
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        try:
+            self.run(["ip", "link", "set", "lo", "up"])
+        except Exception:
+            self.close()
+            raise
+
+    def cmd(self, argv: list) -> list:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def run(self, argv: list, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("text", True)
+        proc = subprocess.run(self.cmd(argv), check=False, **kwargs)
+        if check and proc.returncode != 0:
+            raise DnsServerError("%s in %s failed (%s):\n%s%s" % (" ".join(argv), self.name, proc.returncode,
+                                                                 proc.stdout or "", proc.stderr or ""))
+        return proc
+
+    def popen(self, argv: list, **kwargs) -> subprocess.Popen:
+        kwargs.setdefault("env", server_env())
+        proc = subprocess.Popen(self.cmd(argv), **kwargs)  # pylint: disable=consider-using-with
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen, timeout: float = 10) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def close(self) -> None:
+        for proc in self.procs:
+            self.stop(proc)
+        self.procs = []
+        subprocess.run(["ip", "netns", "del", self.name], check=False, capture_output=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def veth_link(left: Netns, right: Netns, left_addr: str, right_addr: str, prefix: int = 30) -> None:
+    """Connect two namespaces with a veth pair (addresses exist only inside them)."""
+    base = "fkd%d%d" % (os.getpid() % 100000, next(_counter))
+    a, b = base + "a", base + "b"
+    subprocess.run(["ip", "link", "add", a, "netns", left.name, "type", "veth", "peer", "name", b,
+                    "netns", right.name], check=True)
+    left.run(["ip", "addr", "add", "%s/%d" % (left_addr, prefix), "dev", a])
+    right.run(["ip", "addr", "add", "%s/%d" % (right_addr, prefix), "dev", b])
+    left.run(["ip", "link", "set", a, "up"])
+    right.run(["ip", "link", "set", b, "up"])
+
+
+def wait_udp_dns(ns: Netns, server: str, port: int, name: str = "localhost.", timeout: float = 20) -> None:
+    """Wait until a DNS server answers anything (even REFUSED) on server:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc = ns.run(["dig", "+tries=1", "+time=1", "-p", str(port), "@" + server, name], check=False)
+        if "status:" in proc.stdout:
+            return
+        time.sleep(0.2)
+    raise DnsServerError("no DNS server answered on %s port %s in %s" % (server, port, ns.name))
+
+
+def dig(ns: Netns, server: str, port: int, name: str, rtype: str = "A", extra: tuple = ()) -> str:
+    """The status and answer section of one query, from inside ns."""
+    proc = ns.run(["dig", "+tries=1", "+time=2", "-p", str(port), "@" + server, name, rtype, *extra],
+                  check=False)
+    return proc.stdout
+
+
+def dig_status(output: str) -> str:
+    for line in output.splitlines():
+        if "status:" in line:
+            return line.split("status:")[1].split(",")[0].strip()
+    return "TIMEOUT"
+
+
+def zone_text(origin: str, records: dict, ttl: int = 300, serial: int = 1) -> str:
+    """A zone file: records maps a relative name to (ttl, address)."""
+    lines = [
+        "$ORIGIN %s" % origin,
+        "$TTL %d" % ttl,
+        "@ IN SOA ns.%s hostmaster.%s %d 3600 600 86400 60" % (origin, origin, serial),
+        "@ IN NS ns.%s" % origin,
+        "ns IN A 127.0.0.1",
+    ]
+    for name, (rttl, address) in sorted(records.items()):
+        lines.append("%s %d IN A %s" % (name, rttl, address))
+    return "\n".join(lines) + "\n"
+
+
+class AuthServer:
+    """BIND 9 as an authoritative-only server for one zone (the tests' stand-in upstream)."""
+
+    def __init__(self, ns: Netns, address: str, zone: str, records: dict, port: int = 53,
+                 workdir: str | None = None, threads: int = 1):
+        self.ns, self.address, self.port, self.zone = ns, address, port, zone.rstrip(".") + "."
+        self.dir = workdir or tempfile.mkdtemp(prefix="fk-dns-auth-")
+        os.makedirs(self.dir, exist_ok=True)
+        if address.startswith("127.") and address != "127.0.0.1":
+            # BIND listens on interface addresses only: give lo this one too.
+            ns.run(["ip", "addr", "add", address + "/32", "dev", "lo"])
+        with open(os.path.join(self.dir, "zone.db"), "w", encoding="utf-8") as handle:
+            handle.write(zone_text(self.zone, records))
+        conf = os.path.join(self.dir, "named.conf")
+        with open(conf, "w", encoding="utf-8") as handle:
+            handle.write(
+                'options {\n  directory "%s";\n  pid-file none;\n  listen-on port %d { %s; };\n'
+                '  listen-on-v6 { none; };\n  recursion no;\n  allow-query { any; };\n'
+                '  minimal-responses yes;\n  notify no;\n  dnssec-validation no;\n};\n'
+                'controls { };\n'
+                'statistics-channels { inet 127.0.0.1 port 8053 allow { any; }; };\n'
+                'zone "%s" { type primary; file "%s/zone.db"; };\n'
+                % (self.dir, port, address, self.zone, self.dir))
+        self.proc = ns.popen([binary_path("named"), "-g", "-n", str(threads), "-c", conf],
+                             stdout=open(os.path.join(self.dir, "named.log"), "w", encoding="utf-8"),  # noqa: SIM115
+                             stderr=subprocess.STDOUT)
+        wait_udp_dns(ns, address, port, "ns." + self.zone)
+
+    def query_count(self) -> int:
+        """Queries this server received (nsstat Requestv4 + Requestv6), from its JSON statistics."""
+        raw = fetch_in_ns(self.ns, "http://127.0.0.1:8053/json/v1/server")
+        nsstats = json.loads(raw).get("nsstats", {})
+        return int(nsstats.get("Requestv4", 0)) + int(nsstats.get("Requestv6", 0))
+
+    def stop(self) -> None:
+        self.ns.stop(self.proc)
+
+
+def fetch_in_ns(ns: Netns, url: str) -> str:
+    """GET a URL from inside a namespace (python in the namespace; no curl needed)."""
+    code = "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
+    return ns.run([sys.executable, "-c", code, url]).stdout
+
+
+def main(argv: list) -> int:
+    if argv[:1] == ["fetch"]:
+        print(fetch_servers(force="--force" in argv))
+        print(named_version())
+        return 0
+    print(__doc__)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+
+
+__all__ = ["AuthServer", "DnsServerError", "Netns", "dig", "dig_status", "fetch_servers", "fetch_in_ns",
+           "have_netns", "named_version", "server_env", "veth_link", "wait_udp_dns", "zone_text"]
