@@ -22,9 +22,24 @@ stage_sanity() {
   local dest=${FK_SANITY_DIR:-$FK_BUILD/sanity}/ansible_collections/fleetkeeper/aws
   rm -rf "$dest" && mkdir -p "$dest"
   git ls-files -z --cached --others --exclude-standard | rsync -a --from0 --files-from=- ./ "$dest/" 2>/dev/null || true
-  local py
+  # ansible-test lists files with git: give the copy a repository of its own,
+  # or it finds this checkout's, where .build/ is ignored.
+  (cd "$dest" && git init -q && git add -A)
+  # Dependencies must sit beside the collection for ansible-test to load their doc fragments and module_utils.
+  local dep site
+  site=$(python -c 'import ansible_collections.amazon.aws as m, os; print(os.path.dirname(os.path.dirname(list(m.__path__)[0])))')
+  for dep in amazon/aws; do
+    mkdir -p "$(dirname "$dest")/../$dep"
+    rsync -a --delete "$site/$dep/" "$(dirname "$dest")/../$dep/"
+  done
+  local py pip_version
   py=$(python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-  (cd "$dest" && ansible-test sanity --venv --python "$py" --color no --exclude benchmarks/results/ ${FK_SANITY_ARGS:-})
+  # ansible-test's pip bootstrap comes from a host that is not reachable: use ours.
+  pip_version=$(sed -n "s/^ *pip='\([0-9.]*\)',.*/\1/p" \
+    "$(python -c 'import ansible_test, os; print(os.path.dirname(ansible_test.__file__))')/_internal/python_requirements.py")
+  mkdir -p ~/.ansible/test/cache
+  cp scripts/ansible-test-get-pip.py ~/.ansible/test/cache/get_pip_${pip_version//./_}.py
+  (cd "$dest" && ansible-test sanity --venv --python "$py" --color no ${FK_SANITY_ARGS:-})
 }
 
 stage_lint() { ansible-lint --profile production --offline -q; }
