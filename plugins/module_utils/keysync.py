@@ -170,6 +170,8 @@ class KeySyncConfig:
         "root": "/",
         "user_backend": "system",
         "download_workers": 8,
+        # host-side entry point only: botocore's standard-mode attempts per request
+        "max_attempts": 5,
     }
 
     def __init__(self, **options):
@@ -199,7 +201,7 @@ class KeySyncConfig:
         if self.removal not in REMOVAL_ACTIONS:
             raise ConfigError("removal must be one of %s, not %r" % (", ".join(REMOVAL_ACTIONS), self.removal))
         for name in ("uid_min", "uid_max", "system_uid_max", "max_object_size", "max_keys_per_user",
-                     "remove_after_runs", "lock_timeout", "download_workers"):
+                     "remove_after_runs", "lock_timeout", "download_workers", "max_attempts"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError("%s must be a non-negative integer, not %r" % (name, value))
@@ -208,8 +210,8 @@ class KeySyncConfig:
                               % (self.uid_min, self.uid_max, self.system_uid_max))
         if self.remove_after_runs < 1:
             raise ConfigError("remove_after_runs must be at least 1")
-        if self.download_workers < 1:
-            raise ConfigError("download_workers must be at least 1")
+        if self.download_workers < 1 or self.max_attempts < 1:
+            raise ConfigError("download_workers and max_attempts must be at least 1")
         try:
             self.min_listing_ratio = float(self.min_listing_ratio)
         except (TypeError, ValueError):

@@ -52,7 +52,7 @@ def make_s3_client(config):
         "s3",
         region_name=config.region,
         endpoint_url=config.endpoint_url,
-        config=Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=5, read_timeout=20),
+        config=Config(retries={"mode": "standard", "max_attempts": config.max_attempts}, connect_timeout=5, read_timeout=20),
     )
 
 
