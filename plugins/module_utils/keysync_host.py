@@ -66,7 +66,8 @@ def load_config(path):
         raise ConfigError("%s is not valid JSON: %s" % (path, exc))
     if not isinstance(data, dict):
         raise ConfigError("%s must hold a JSON object" % path)
-    return KeySyncConfig(**data)
+    # Keys starting with "_" are notes (the role writes "_managed"), not options.
+    return KeySyncConfig(**dict((k, v) for k, v in data.items() if not k.startswith("_")))
 
 
 def _say(stream, message):
@@ -101,10 +102,15 @@ def main(argv=None, s3_factory=make_s3_client, stdout=None, stderr=None):
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="JSON configuration (default: %(default)s)")
     parser.add_argument("--check", action="store_true", help="report what would change, change nothing")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
+    parser.add_argument("--validate-config", action="store_true",
+                        help="only check the configuration file (used by the role before installing it)")
     args = parser.parse_args(argv)
     start = time.monotonic()
     try:
         config = load_config(args.config)
+        if args.validate_config:
+            _say(stdout, "configuration %s is valid" % args.config)
+            return 0
         backend = make_backend(config)
         result = sync(config, s3_factory(config), backend, check_mode=args.check,
                       log=lambda message: _say(stdout, message))
