@@ -1,0 +1,111 @@
+# Copyright: fleetkeeper.aws contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Fleets for the instance profile tests, the Molecule scenario and the benchmark.
+
+Builds on tests/support/fleet.py: IAM roles and instance profiles, groups on a
+mixed instances policy or a launch configuration, instances already carrying
+another profile, and readers that report what EC2 holds afterwards.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+
+from tests.support import fleet as fleet_support
+
+EC2_TRUST = {
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}],
+}
+WRITE_PREFIXES = ("Associate", "Replace", "Disassociate", "Create", "Modify", "Update", "Start", "Put", "Delete",
+                  "Add", "Remove", "Attach", "Detach", "Tag", "Untag")
+
+
+def create_profile(iam, name, role=True):
+    """An instance profile (with a role of the same name) and its ARN."""
+    if role:
+        iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(EC2_TRUST))
+    profile = iam.create_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+    if role:
+        iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name)
+    return profile["Arn"]
+
+
+def create_mixed_group(ec2, autoscaling, fleet, name, size, version="$Default"):
+    """An ASG on a mixed instances policy whose template has no profile."""
+    template = ec2.create_launch_template(LaunchTemplateName=f"{name}-lt",
+                                          LaunchTemplateData={"ImageId": fleet_support.AMI_ID,
+                                                              "InstanceType": "t3.small"})
+    template_id = template["LaunchTemplate"]["LaunchTemplateId"]
+    fleet.launch_templates[f"{name}-lt"] = template_id
+    autoscaling.create_auto_scaling_group(
+        AutoScalingGroupName=name,
+        MixedInstancesPolicy={
+            "LaunchTemplate": {
+                "LaunchTemplateSpecification": {"LaunchTemplateId": template_id, "Version": version},
+                "Overrides": [{"InstanceType": "t3.small"}, {"InstanceType": "t3.medium"}],
+            },
+        },
+        MinSize=0, MaxSize=max(size, 1) * 2, DesiredCapacity=size,
+        VPCZoneIdentifier=fleet.private_subnet,
+    )
+    described = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]
+    fleet.groups[name] = [i["InstanceId"] for i in described["Instances"]]
+    return fleet.groups[name]
+
+
+def create_launch_configuration_group(autoscaling, fleet, name):
+    autoscaling.create_launch_configuration(LaunchConfigurationName=f"{name}-lc", ImageId=fleet_support.AMI_ID,
+                                            InstanceType="t3.small")
+    autoscaling.create_auto_scaling_group(AutoScalingGroupName=name, LaunchConfigurationName=f"{name}-lc",
+                                          MinSize=0, MaxSize=2, DesiredCapacity=1,
+                                          VPCZoneIdentifier=fleet.private_subnet)
+
+
+def pin_group(autoscaling, name, template_id, version):
+    autoscaling.update_auto_scaling_group(AutoScalingGroupName=name,
+                                          LaunchTemplate={"LaunchTemplateId": template_id, "Version": version})
+
+
+def profile_of_instances(ec2, instance_ids):
+    """{instance id: profile ARN or None} from DescribeIamInstanceProfileAssociations (live associations)."""
+    found = {i: None for i in instance_ids}
+    paginator = ec2.get_paginator("describe_iam_instance_profile_associations")
+    for page in paginator.paginate(Filters=[{"Name": "instance-id", "Values": list(instance_ids)}]):
+        for record in page["IamInstanceProfileAssociations"]:
+            if record["State"] in ("associating", "associated"):
+                found[record["InstanceId"]] = record["IamInstanceProfile"]["Arn"]
+    return found
+
+
+def group_template(ec2, autoscaling, name):
+    """(template id, the group's Version spec, the IamInstanceProfile of the version it resolves to)."""
+    group = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]
+    spec = group.get("LaunchTemplate") or group["MixedInstancesPolicy"]["LaunchTemplate"]["LaunchTemplateSpecification"]
+    version = spec.get("Version") or "$Default"
+    record = ec2.describe_launch_template_versions(LaunchTemplateId=spec["LaunchTemplateId"],
+                                                   Versions=[version])["LaunchTemplateVersions"][0]
+    return spec["LaunchTemplateId"], spec.get("Version"), record["LaunchTemplateData"].get("IamInstanceProfile")
+
+
+def write_calls(proxy):
+    """Calls through the proxy that change something (by operation name)."""
+    return [c for c in proxy.calls() if c.operation.startswith(WRITE_PREFIXES)]
+
+
+def policy_allows(policy, action):
+    """True if an Allow statement of ``policy`` names ``action`` (wildcards as IAM reads them)."""
+    for statement in policy["Statement"]:
+        if statement.get("Effect") != "Allow":
+            continue
+        actions = statement.get("Action", [])
+        actions = [actions] if isinstance(actions, str) else actions
+        if any(fnmatch.fnmatchcase(action.lower(), pattern.lower()) for pattern in actions):
+            return True
+    return False
+
+
+def iam_actions(proxy):
+    """IAM action names (service:Operation) for every call the proxy saw, excluding test set-up."""
+    return sorted({f"{c.service}:{c.operation}" for c in proxy.calls()})
