@@ -2,26 +2,23 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Render the dns_cache role's BIND templates as the role does, and check them.
 
-``render_named_conf`` runs one ansible-playbook on localhost that applies the
-role's own templates (``ansible.builtin.template``, so ``ansible_managed``,
-filters and tests behave exactly as on a host) with the role's defaults, the
-OS family's vars file and overrides, into a staging tree laid out like the
+``render_named_conf`` runs one ansible-playbook on localhost that renders the
+role's own templates with Ansible's template engine (so ``ansible_managed``,
+filters and tests behave as on a host) with the role's defaults, the OS
+family's vars file and overrides, into a staging tree laid out like the
 target's file system. ``checkconf`` runs ``named-checkconf -t STAGE`` on it,
 which is the check the role itself runs before installing.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-import sys
-import tempfile
 
 import yaml
 
-from tests.support.ansiblerun import BIN_DIR, REPO_ROOT, ansible_env
+from tests.support.ansiblerun import REPO_ROOT, run_playbook
 
 ROLE = os.path.join(REPO_ROOT, "roles", "dns_cache")
 
@@ -42,42 +39,41 @@ def render_named_conf(cases: dict, workdir: str) -> dict:
     """Render named.conf and its options file for each case.
 
     ``cases`` maps a case name to ``{"family": ..., "overrides": {...}, "version": ..., "absolute": bool}``.
-    Returns case name -> (stage root, main config path inside the stage, variables).
+    All cases render in one ansible-playbook run through the ``template`` lookup (the
+    engine the template module uses, with ``ansible_managed``); the texts are
+    then written into the stage. Returns case name -> (stage root, main config
+    path inside the stage, variables).
     """
-    tasks = []
+    items = []
     staged = {}
     for name, case in cases.items():
         values = role_vars(case.get("family", "Debian"), case.get("overrides"), case.get("version", "9.18.49"))
         # "absolute": the case's paths are real (temporary) paths: write there, no stage prefix.
         stage = "" if case.get("absolute") else os.path.join(workdir, name)
-        for key in ("__dns_cache_conf_file", "__dns_cache_options_file"):
-            os.makedirs(os.path.dirname(stage + values[key]), exist_ok=True)
         # named-checkconf changes into the working directories: they exist on a host.
         for key in ("__dns_cache_directory", "__dns_cache_managed_keys_directory"):
             if values.get(key):
                 os.makedirs(stage + values[key], exist_ok=True)
         for template, key in (("named.conf.j2", "__dns_cache_conf_file"),
                               ("named.conf.options.j2", "__dns_cache_options_file")):
-            tasks.append({
-                "name": "render %s %s" % (name, template),
-                "ansible.builtin.template": {"src": os.path.join(ROLE, "templates", template),
-                                             "dest": stage + values[key], "mode": "0644"},
-                "vars": values,
-            })
+            items.append({"src": os.path.join(ROLE, "templates", template), "dest": stage + values[key],
+                          "vars": values})
         staged[name] = (stage, values["__dns_cache_conf_file"], values)
-    play = [{"hosts": "localhost", "gather_facts": False, "tasks": tasks}]
-    with tempfile.TemporaryDirectory(prefix="fk-dns-render-") as tmp:
-        path = os.path.join(tmp, "render.yml")
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(play, handle)
-        inventory = os.path.join(tmp, "inventory")
-        with open(inventory, "w", encoding="utf-8") as handle:
-            handle.write("localhost ansible_connection=local ansible_python_interpreter=%s\n" % sys.executable)
-        env = ansible_env({"ANSIBLE_STDOUT_CALLBACK": "default"})
-        proc = subprocess.run([os.path.join(BIN_DIR, "ansible-playbook"), "-i", inventory, path],
-                              env=env, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise AssertionError("rendering failed:\n%s\n%s" % (proc.stdout, proc.stderr))
+    play = [{"hosts": "localhost", "gather_facts": False, "tasks": [{
+        "name": "render",
+        "ansible.builtin.debug": {
+            "msg": "{{ lookup('ansible.builtin.template', item.src, template_vars=item.vars) }}"},
+        "loop": items,
+        "loop_control": {"label": "{{ item.dest }}"},
+    }]}]
+    run = run_playbook(play)
+    if run.returncode != 0:
+        raise AssertionError("rendering failed:\n%s\n%s" % (run.stdout, run.stderr))
+    results = run.task("render")["results"]
+    for item, result in zip(items, results):
+        os.makedirs(os.path.dirname(item["dest"]), exist_ok=True)
+        with open(item["dest"], "w", encoding="utf-8") as handle:
+            handle.write(result["msg"])
     return staged
 
 

@@ -1,0 +1,147 @@
+# Copyright: fleetkeeper.aws contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The dns_cache role's BIND templates, rendered by Ansible per OS family and checked by named-checkconf.
+
+The check is the one the role runs on a host: the files are staged in a tree
+laid out like the host's file system and ``named-checkconf -t STAGE MAIN`` reads
+the main file with every include resolved inside the stage (Debian's
+/etc/bind layout and RHEL's /etc/named.conf + /etc/named/ layout).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+
+from tests.support.dnscache import checkconf, read_staged, render_named_conf
+
+pytestmark = pytest.mark.skipif(shutil.which("named-checkconf") is None,
+                                reason="named-checkconf (bind9-utils, in FK_DEBS) is not installed")
+
+CASES = {
+    "debian": {"family": "Debian"},
+    "redhat": {"family": "RedHat"},
+    "al2_bind911": {"family": "RedHat", "version": "9.11.4"},
+    "bind916": {"family": "Debian", "version": "9.16.48"},
+    "vpc_upstreams_no_ipv6": {"family": "Debian", "overrides": {
+        "dns_cache_upstreams": [{"address": "10.0.0.2"}, {"address": "fd00:ec2::253", "port": 53}],
+        "dns_cache_listen_ipv6": [], "dns_cache_port": 5353, "dns_cache_stats_port": 8954,
+        "dns_cache_worker_threads": 2}},
+    "validating": {"family": "RedHat", "overrides": {
+        "dns_cache_dnssec_validation": "auto", "dns_cache_validate_except": ["corp.internal", "example.test"],
+        "dns_cache_serve_stale": False, "dns_cache_prefetch_trigger": 0, "dns_cache_query_log": True,
+        "dns_cache_stats_enabled": False, "dns_cache_extra_options": ["max-udp-size 1232;"]}},
+    "validating_bind911": {"family": "RedHat", "version": "9.11.36", "overrides": {
+        "dns_cache_dnssec_validation": "auto", "dns_cache_validate_except": ["corp.internal"]}},
+    "bad_upstream": {"family": "Debian", "overrides": {"dns_cache_upstreams": [{"address": "10.0.0.300"}]}},
+    "bad_cache_size": {"family": "RedHat", "overrides": {"dns_cache_max_cache_size": "lots"}},
+    "bad_extra_option": {"family": "Debian", "overrides": {"dns_cache_extra_options": ["no-such-option yes;"]}},
+}
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    return render_named_conf(CASES, str(tmp_path_factory.mktemp("named")))
+
+
+def options_text(rendered, case):
+    stage, _main, values = rendered[case]
+    return read_staged(stage, values["__dns_cache_options_file"])
+
+
+def statements(text):
+    """Config lines without comments, whitespace-normalised."""
+    return [" ".join(line.split()) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.startswith("bad_")])
+def test_named_checkconf_accepts(rendered, case):
+    stage, main, _values = rendered[case]
+    result = checkconf(stage, main)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("case,error", [
+    ("bad_upstream", "expected IP address near '10.0.0.300'"),
+    ("bad_cache_size", "lots"),
+    ("bad_extra_option", "unknown option 'no-such-option'"),
+])
+def test_named_checkconf_rejects_bad_variables(rendered, case, error):
+    stage, main, _values = rendered[case]
+    result = checkconf(stage, main)
+    assert result.returncode != 0
+    assert error in result.stdout + result.stderr
+
+
+def test_os_family_layouts(rendered):
+    deb_stage, deb_main, _ = rendered["debian"]
+    rh_stage, rh_main, _ = rendered["redhat"]
+    assert deb_main == "/etc/bind/named.conf" and rh_main == "/etc/named.conf"
+    assert 'include "/etc/bind/named.conf.options";' in read_staged(deb_stage, deb_main)
+    assert 'include "/etc/named/dns_cache.options.conf";' in read_staged(rh_stage, rh_main)
+    assert 'directory "/var/cache/bind";' in statements(options_text(rendered, "debian"))
+    rh = statements(options_text(rendered, "redhat"))
+    assert 'directory "/var/named";' in rh and 'managed-keys-directory "/var/named/dynamic";' in rh
+
+
+def test_starts_with_ansible_managed(rendered):
+    stage, main, values = rendered["debian"]
+    for path in (main, values["__dns_cache_options_file"]):
+        assert read_staged(stage, path).startswith("#\n# Ansible managed")
+
+
+def test_caching_only_on_loopback_forward_only(rendered):
+    lines = statements(options_text(rendered, "debian"))
+    assert "listen-on port 53 { 127.0.0.1; };" in lines
+    assert "listen-on-v6 port 53 { ::1; };" in lines
+    assert 'acl "dns_cache_clients" { 127.0.0.0/8; ::1/128; };' in lines
+    for statement in ("allow-query", "allow-query-cache", "allow-recursion"):
+        assert "%s { dns_cache_clients; };" % statement in lines
+    assert "forward only;" in lines and "forward first;" not in lines
+    assert "169.254.169.253 port 53;" in lines
+    assert "max-cache-size 128M;" in lines
+    assert "dnssec-validation no;" in lines
+    assert "querylog no;" in lines
+    assert "statistics-channels {" in lines
+    assert "inet 127.0.0.1 port 954 allow { 127.0.0.1; };" in lines
+
+
+def test_serve_stale_on_918(rendered):
+    lines = statements(options_text(rendered, "debian"))
+    for statement in ("stale-answer-enable yes;", "stale-cache-enable yes;", "max-stale-ttl 86400;",
+                      "stale-answer-ttl 30;", "stale-refresh-time 30;", "prefetch 2 9;"):
+        assert statement in lines
+
+
+def test_bind_911_gets_no_options_it_does_not_know(rendered):
+    text = options_text(rendered, "al2_bind911")
+    assert "stale-" not in text and "validate-except" not in text
+    assert "Written for BIND 9.11.4" in text
+    text = options_text(rendered, "validating_bind911")
+    assert "validate-except" not in text and "dnssec-validation auto;" in text
+
+
+def test_bind_916_has_serve_stale(rendered):
+    lines = statements(options_text(rendered, "bind916"))
+    assert "stale-cache-enable yes;" in lines and "stale-answer-enable yes;" in lines
+
+
+def test_variables_reach_the_config(rendered):
+    lines = statements(options_text(rendered, "vpc_upstreams_no_ipv6"))
+    assert "10.0.0.2 port 53;" in lines and "fd00:ec2::253 port 53;" in lines
+    assert "listen-on-v6 { none; };" in lines
+    assert "listen-on port 5353 { 127.0.0.1; };" in lines
+    assert "inet 127.0.0.1 port 8954 allow { 127.0.0.1; };" in lines
+    lines = statements(options_text(rendered, "validating"))
+    assert 'validate-except { "corp.internal"; "example.test"; };' in lines
+    assert "stale-answer-enable no;" in lines and "stale-cache-enable no;" in lines
+    assert not [line for line in lines if line.startswith(("max-stale-ttl", "stale-refresh-time"))]
+    assert "prefetch 0;" in lines and "querylog yes;" in lines and "max-udp-size 1232;" in lines
+    assert "statistics-channels {" not in lines
+
+
+def test_no_empty_or_stray_lines_in_blocks(rendered):
+    text = options_text(rendered, "debian")
+    assert not re.search(r"\n\s*;\s*\n", text)
