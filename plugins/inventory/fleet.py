@@ -1,0 +1,697 @@
+# -*- coding: utf-8 -*-
+
+# Copyright: fleetkeeper.aws contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+name: fleet
+short_description: EC2 Auto Scaling fleets as an Ansible inventory
+version_added: 0.1.0
+author:
+  - fleetkeeper maintainers
+description:
+  - Reads Auto Scaling groups (C(DescribeAutoScalingGroups), paginated, 100 per page) and their instances
+    (C(DescribeInstances), up to 1,000 instance ids per call), optionally plus stand-alone instances selected
+    by EC2 filters (one paginated call per filter set), in several regions at once.
+  - Every host joins a group per Auto Scaling group (O(asg_group_prefix) plus the sanitised name), per
+    availability zone (C(az_*)), per region (C(region_*)) and per lifecycle state (C(lifecycle_*)); hosts whose
+    launch template version is not the one their group now launches also join C(launch_template_drift).
+  - Host variables carry the ASG name, lifecycle and health status, availability zone, subnet, VPC, private
+    and public addresses and DNS names, instance type, launch template id, name and version, the version the
+    ASG now launches and whether they differ (C(launch_template_drift)), the instance profile ARN and the tags
+    (C(ec2_tags)).
+  - Failures never yield a partial inventory silently. Missing permissions, a region name AWS does not know,
+    an endpoint that cannot be reached and a malformed file each raise an error naming the problem. With
+    O(skip_failed_regions) a failed region is left out with one warning per region instead, and such a
+    result is not cached.
+  - ansible-core turns an inventory plugin's error into a warning and carries on with an empty inventory
+    unless C([inventory] unparsed_is_failed = true) (or E(ANSIBLE_INVENTORY_UNPARSED_FAILED=true)) is set;
+    set it so that a failed source fails the run. AWX sets it for inventory updates.
+  - The inventory file must end with C(.fleet.yml) or C(.fleet.yaml).
+notes:
+  - The default cache TTL is O(cache_timeout) (3600 seconds). The cache key covers the file path, every
+    effective option and the caller's identity (access key id or assumed role ARN, profile, endpoint), so
+    changed options or credentials never read another configuration's cache. A cache hit makes no AWS call
+    at all, not even O(assume_role_arn)'s C(AssumeRole).
+  - When C(autoscaling:DescribeAutoScalingGroups) is denied and O(asg_tag_fallback) is on, instances are
+    selected and grouped by their C(aws:autoscaling:groupName) tag, with a warning; lifecycle state, health
+    and drift are then unknown (V(null)).
+  - The least-privilege IAM policy is C(docs/iam/inventory.json) in the collection.
+extends_documentation_fragment:
+  - inventory_cache
+  - constructed
+  - amazon.aws.boto3
+  - amazon.aws.common.plugins
+  - amazon.aws.region.plugins
+  - amazon.aws.assume_role.plugins
+options:
+  plugin:
+    description: Marks the file as this plugin's configuration.
+    required: true
+    type: str
+    choices: [fleetkeeper.aws.fleet]
+  regions:
+    description:
+      - Regions to read, concurrently.
+      - When empty, the single region from O(region) (or E(AWS_REGION) / the profile) is read.
+    type: list
+    elements: str
+    default: []
+  asg_names:
+    description: Only these Auto Scaling groups (exact names). Empty means every group.
+    type: list
+    elements: str
+    default: []
+  asg_tags:
+    description:
+      - Only Auto Scaling groups carrying these tags, as a mapping of tag name to a value or a list of values.
+    type: dict
+    default: {}
+  lifecycle_states:
+    description:
+      - ASG lifecycle states whose instances become hosts, for example V(InService), V(Standby),
+        V(Pending:Wait), V(Terminating:Wait), V(Detaching).
+      - V(all) keeps every instance whatever its state (terminated instances included).
+    type: list
+    elements: str
+    default: [InService]
+  instance_filters:
+    description:
+      - Also read stand-alone instances (in no selected ASG) matching EC2 DescribeInstances filters.
+      - Each entry is a mapping of filters and costs one paginated call per region; an instance matching
+        several entries is listed once. Without an C(instance-state-name) filter, pending, running, stopping
+        and stopped instances are kept.
+      - Such hosts join the C(standalone) group unless they carry an C(aws:autoscaling:groupName) tag.
+    type: list
+    elements: dict
+    default: []
+  hostnames:
+    description:
+      - Preference list for the inventory host name. Entries are V(dns-name) (public DNS name),
+        V(ip-address) (public IP), V(private-ip-address), V(private-dns-name), V(instance-id) or
+        V(tag:NAME).
+      - The first entry with a value that no other host already has wins; when none does, the private IP
+        address and then the instance id are used, so no host ever disappears for lack of a name.
+    type: list
+    elements: str
+    default: [dns-name, private-ip-address, instance-id]
+  asg_group_prefix:
+    description: Prefix of the group made for each Auto Scaling group.
+    type: str
+    default: asg_
+  bastion:
+    description:
+      - A bastion (jump host). Hosts without a public IP address get C(ansible_ssh_common_args) with
+        C(-o ProxyJump=USER@BASTION); the bastion itself joins the C(bastion) group.
+      - Name it by exactly one of O(bastion.tag), O(bastion.instance_id) or O(bastion.address).
+    type: dict
+    suboptions:
+      tag:
+        description:
+          - C(KEY=VALUE) (or C(KEY)) of the running bastion instance. When several match, the first by
+            instance id is used and all join the C(bastion) group.
+        type: str
+      instance_id:
+        description: Instance id of the bastion.
+        type: str
+      address:
+        description: Address (IP or DNS name) of a bastion outside this inventory.
+        type: str
+      user:
+        description: SSH user on the bastion.
+        type: str
+      port:
+        description: SSH port of the bastion.
+        type: int
+      region:
+        description: Region of the bastion instance (default the first of O(regions)).
+        type: str
+      ssh_args:
+        description: More SSH options appended to C(ansible_ssh_common_args).
+        type: str
+  max_concurrency:
+    description: Threads for concurrent regions and concurrent C(DescribeInstances) batches.
+    type: int
+    default: 8
+  retry_max_attempts:
+    description:
+      - Attempts per API call (the first one included) on throttling, server errors and dropped
+        connections, with botocore's exponential backoff and jitter.
+    type: int
+    default: 10
+  retry_mode:
+    description: botocore retry mode; V(adaptive) also rate-limits the client after throttling.
+    type: str
+    choices: [standard, adaptive]
+    default: standard
+  connect_timeout:
+    description: Seconds to wait for a connection to the endpoint.
+    type: float
+    default: 10
+  read_timeout:
+    description: Seconds to wait for an answer.
+    type: float
+    default: 60
+  skip_failed_regions:
+    description:
+      - When a region cannot be read (for example an opt-in region the account has not enabled), leave it
+        out with one warning per region instead of failing. The result is then not cached.
+    type: bool
+    default: false
+  asg_tag_fallback:
+    description:
+      - When C(DescribeAutoScalingGroups) is denied, select instances by their C(aws:autoscaling:groupName)
+        tag instead (with a warning). When off, the denial is an error.
+    type: bool
+    default: true
+  fast_parser:
+    description:
+      - Read the large C(DescribeInstances) and C(DescribeAutoScalingGroups) answers with a small
+        ElementTree reader that keeps only the fields this plugin uses, instead of botocore's generic parser
+        (about 2 ms of CPU per instance). Error answers and anything unexpected still go to botocore.
+      - Turn off to compare, or if an answer ever looks wrong.
+    type: bool
+    default: true
+  fast_host_vars:
+    description:
+      - On ansible-core 2.19 and later, store each new host's variables at once instead of through the
+        per-variable C(set_variable) wrapper, which tags every string with its origin (the inventory file)
+        and costs most of the plugin's CPU time at 10,000 hosts. The values are the same untrusted strings.
+      - Turn off to keep origin tags on every variable.
+    type: bool
+    default: true
+  resolve_launch_template_versions:
+    description:
+      - Resolve C($Latest) and C($Default) launch template versions with C(DescribeLaunchTemplates)
+        (one call per 200 templates and region) to report drift. When off, drift is only known for groups
+        that pin a version number.
+    type: bool
+    default: true
+"""
+
+EXAMPLES = r"""
+# fleet.fleet.yml: every InService instance of every ASG in two regions, cached for ten minutes.
+plugin: fleetkeeper.aws.fleet
+regions: [eu-west-1, eu-central-1]
+cache: true
+cache_plugin: ansible.builtin.jsonfile
+cache_connection: ~/.cache/ansible/fleet
+cache_timeout: 600
+
+---
+# Only the web fleet, Standby instances too, private hosts reached through a bastion found by tag.
+plugin: fleetkeeper.aws.fleet
+regions: [us-east-1]
+asg_tags:
+  fleetkeeper:fleet: web
+lifecycle_states: [InService, Standby]
+hostnames: [tag:Name, private-ip-address]
+bastion:
+  tag: fleetkeeper:role=bastion
+  user: admin
+keyed_groups:
+  - key: ec2_tags.Environment | default('none')
+    prefix: env
+groups:
+  outdated: launch_template_drift
+compose:
+  ansible_user: "'admin'"
+
+---
+# Assume a role, tune retries, keep going when an opt-in region is not enabled.
+plugin: fleetkeeper.aws.fleet
+regions: [us-east-1, ap-east-1]
+assume_role_arn: arn:aws:iam::123456789012:role/inventory-reader
+retry_max_attempts: 15
+retry_mode: adaptive
+skip_failed_regions: true
+instance_filters:
+  - tag:fleetkeeper:role: bastion
+"""
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from xml.etree import ElementTree
+
+try:
+    import boto3
+    import botocore.config
+    import botocore.exceptions
+except ImportError:
+    pass  # reported by AWSInventoryBase.require_aws_sdk
+
+from ansible.errors import AnsibleParserError
+from ansible.module_utils.common.text.converters import to_native
+
+from ansible_collections.amazon.aws.plugins.plugin_utils.botocore import get_aws_connection_info
+from ansible_collections.amazon.aws.plugins.plugin_utils.inventory import AWSInventoryBase
+
+from ansible_collections.fleetkeeper.aws.plugins.module_utils import fleet as logic
+
+# Options that shape the query or the result: all of them are part of the cache key.
+KEYED_OPTIONS = (
+    "regions", "region", "asg_names", "asg_tags", "lifecycle_states", "instance_filters", "hostnames",
+    "asg_group_prefix", "bastion", "asg_tag_fallback", "resolve_launch_template_versions", "fast_parser", "compose",
+    "groups", "keyed_groups", "strict", "leading_separator", "use_extra_vars", "endpoint_url",
+)
+
+
+def _fast_parse(operation_model=None, response_dict=None, customized_response_dict=None, **kwargs):
+    """botocore "before-parse" hook: read the few fields the inventory needs from a large answer."""
+    entry = logic.FAST_PARSERS.get(getattr(operation_model, "name", None))
+    if entry is None or customized_response_dict is None or (response_dict or {}).get("status_code") != 200:
+        return
+    parse, empty_answer = entry
+    try:
+        parsed = parse(response_dict["body"], ElementTree)
+    except (ElementTree.ParseError, KeyError, TypeError, ValueError):
+        return
+    if parsed is not None:
+        customized_response_dict.update(parsed)
+        response_dict["body"] = empty_answer
+
+
+class _RegionResult:
+    __slots__ = ("region", "records", "warnings", "calls", "error", "fallback")
+
+    def __init__(self, region):
+        self.region = region
+        self.records = []
+        self.warnings = []
+        self.error = None
+        self.fallback = False
+
+
+class InventoryModule(AWSInventoryBase):
+    NAME = "fleetkeeper.aws.fleet"
+    INVENTORY_FILE_SUFFIXES = (".fleet.yml", ".fleet.yaml")
+
+    def __init__(self):
+        super().__init__()
+        self._session = None
+        self._session_lock = threading.Lock()
+        self._credentials_frozen = False
+
+    # --- configuration --------------------------------------------------------------------
+    def verify_file(self, path):
+        if not super(AWSInventoryBase, self).verify_file(path):  # pylint: disable=bad-super-call
+            return False
+        name = os.path.basename(path)
+        return name.endswith(self.INVENTORY_FILE_SUFFIXES) or name in ("fleet.yml", "fleet.yaml")
+
+    @staticmethod
+    def _sanitize_group_name(name):
+        # keyed_groups and groups from Constructable: always transform, never warn.
+        return logic.safe_group_name(name)
+
+    def _set_frozen_credentials(self):
+        # Deferred: AssumeRole is called only when AWS is actually queried, never on a cache hit.
+        return None
+
+    def _freeze_credentials_once(self):
+        if not self._credentials_frozen:
+            self._credentials_frozen = True
+            role = self.get_option("assume_role_arn")
+            if role:
+                self._freeze_iam_role(role)
+
+    def _settings(self):
+        try:
+            regions = self.get_option("regions") or ([self.region] if self.region else [])
+            settings = {
+                "regions": logic.validate_regions(regions, self._known_regions()),
+                "hostnames": logic.validate_hostnames(self.get_option("hostnames")),
+                "lifecycle_states": logic.validate_lifecycle_states(self.get_option("lifecycle_states")),
+                "bastion": logic.parse_bastion(self.get_option("bastion")),
+                "asg_request": logic.asg_request(self.get_option("asg_names"), self.get_option("asg_tags")),
+                "instance_filters": [logic.ec2_filter_list(f) for f in self.get_option("instance_filters") or []],
+            }
+            if settings["bastion"] and settings["bastion"]["region"]:
+                logic.validate_regions([settings["bastion"]["region"]], self._known_regions())
+        except logic.FleetConfigError as exc:
+            raise AnsibleParserError(f"{self.NAME}: {exc}") from None
+        for name in ("max_concurrency", "retry_max_attempts"):
+            if int(self.get_option(name)) < 1:
+                raise AnsibleParserError(f"{self.NAME}: '{name}' must be at least 1")
+        return settings
+
+    def _boto_session(self):
+        """One boto3 session for the whole run: its loader reads each service model once."""
+        if self._session is None:
+            try:
+                self._session = boto3.session.Session(profile_name=self.get_option("profile"))
+            except botocore.exceptions.BotoCoreError as exc:
+                raise AnsibleParserError(f"{self.NAME}: cannot use AWS profile {self.get_option('profile')!r}: {exc}") from None
+        return self._session
+
+    def _known_regions(self):
+        try:
+            session = self._boto_session()
+            known = set()
+            for partition in session.get_available_partitions():
+                known.update(session.get_available_regions("ec2", partition_name=partition))
+            return known
+        except Exception:  # pylint: disable=broad-exception-caught
+            return set()
+
+    def _identity(self):
+        """Who is asking, without an API call: the access key id or the role to assume, plus profile."""
+        identity = {"profile": self.get_option("profile"), "role": self.get_option("assume_role_arn")}
+        if not identity["role"]:
+            access_key = self.get_option("access_key")
+            if not access_key:
+                try:
+                    credentials = self._boto_session().get_credentials()
+                    access_key = credentials.access_key if credentials else None
+                except botocore.exceptions.BotoCoreError:
+                    access_key = None
+            identity["access_key"] = access_key
+        return identity
+
+    def _cache_key(self, path):
+        options = {name: self.get_option(name) for name in KEYED_OPTIONS}
+        return logic.cache_key(self.NAME, os.path.realpath(path), options, self._identity())
+
+    # --- AWS clients ------------------------------------------------------------------------
+    def _clients(self, services, regions):
+        """Clients for every (service, region), built from one boto3 session (models load once)."""
+        self._freeze_credentials_once()
+        _region, endpoint_url, params = get_aws_connection_info(self)
+        params = dict(params)
+        params.update(self._frozen_credentials)
+        params.pop("profile_name", None)  # the session below already uses it
+        config = botocore.config.Config(
+            retries={"max_attempts": int(self.get_option("retry_max_attempts")), "mode": self.get_option("retry_mode")},
+            connect_timeout=float(self.get_option("connect_timeout")),
+            read_timeout=float(self.get_option("read_timeout")),
+            max_pool_connections=max(10, int(self.get_option("max_concurrency")) * 2),
+            user_agent_extra="fleetkeeper.aws.fleet",
+        )
+        for name in ("aws_config", "config"):
+            extra = params.pop(name, None)
+            if extra is not None:
+                config = config.merge(extra)
+        try:
+            session = self._boto_session()
+            clients = {
+                (service, region): session.client(service, region_name=region, endpoint_url=endpoint_url,
+                                                  config=config, **params)
+                for service in services for region in regions
+            }
+        except (botocore.exceptions.BotoCoreError, ValueError) as exc:
+            raise AnsibleParserError(f"{self.NAME}: cannot set up AWS clients: {to_native(exc)}") from None
+        if self.get_option("fast_parser"):
+            for client in clients.values():
+                client.meta.events.register("before-parse", _fast_parse)
+        return clients
+
+    # --- fetching ---------------------------------------------------------------------------
+    @staticmethod
+    def _failure(region, action, exc):
+        if isinstance(exc, botocore.exceptions.ClientError):
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", "Unknown"))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            kind = logic.classify_error(code, status)
+            return logic.FleetRegionError(region, logic.error_message(kind, region, action, code, error.get("Message", "")), kind)
+        if isinstance(exc, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionError,
+                            botocore.exceptions.ConnectionClosedError)):
+            return logic.FleetRegionError(region, logic.error_message("unreachable", region, action, "", to_native(exc)), "unreachable")
+        if isinstance(exc, botocore.exceptions.NoCredentialsError):
+            return logic.FleetRegionError(
+                region, f"no AWS credentials found: set 'profile', 'access_key'/'secret_key' or the AWS_* environment ({exc})",
+                "credentials")
+        return logic.FleetRegionError(region, logic.error_message("error", region, action, type(exc).__name__, to_native(exc)))
+
+    @staticmethod
+    def _reservations_to_instances(page, into):
+        for reservation in page.get("Reservations", ()):
+            into.extend(reservation.get("Instances", ()))
+
+    def _describe_by_filters(self, ec2, filters):
+        instances = []
+        request = {"Filters": filters, "MaxResults": logic.INSTANCE_PAGE_SIZE}
+        while True:
+            page = ec2.describe_instances(**request)
+            self._reservations_to_instances(page, instances)
+            token = page.get("NextToken")
+            if not token:
+                return instances
+            request["NextToken"] = token
+
+    def _describe_by_ids(self, ec2, ids):
+        remaining = list(ids)
+        while remaining:
+            instances = []
+            request = {"InstanceIds": remaining}
+            try:
+                while True:
+                    page = ec2.describe_instances(**request)
+                    self._reservations_to_instances(page, instances)
+                    token = page.get("NextToken")
+                    if not token:
+                        return instances
+                    request["NextToken"] = token
+            except botocore.exceptions.ClientError as exc:
+                # An ASG may list an instance EC2 has already forgotten: drop those ids and ask again.
+                if exc.response.get("Error", {}).get("Code") != "InvalidInstanceID.NotFound":
+                    raise
+                missing = logic.missing_instance_ids(exc.response["Error"].get("Message"))
+                if not missing & set(remaining):
+                    raise
+                remaining = [i for i in remaining if i not in missing]
+        return []
+
+    def _describe_groups(self, autoscaling, request):
+        groups = []
+        request = dict(request)
+        while True:
+            page = autoscaling.describe_auto_scaling_groups(**request)
+            groups.extend(logic.asg_summary(g) for g in page.get("AutoScalingGroups", ()))
+            token = page.get("NextToken")
+            if not token:
+                return groups
+            request["NextToken"] = token
+
+    def _describe_templates(self, ec2, ids):
+        entries = []
+        for batch in logic.batches(ids, logic.TEMPLATE_BATCH_SIZE):
+            request = {"LaunchTemplateIds": batch}
+            while True:
+                page = ec2.describe_launch_templates(**request)
+                entries.extend(page.get("LaunchTemplates", ()))
+                token = page.get("NextToken")
+                if not token:
+                    break
+                request["NextToken"] = token
+        return logic.template_versions(entries)
+
+    def _fetch_region(self, region, clients, settings, pool):
+        result = _RegionResult(region)
+        ec2 = clients[("ec2", region)]
+        action = "ec2:DescribeInstances"
+        try:
+            standalone = [pool.submit(self._describe_by_filters, ec2, f) for f in settings["instance_filters"]]
+            try:
+                action = "autoscaling:DescribeAutoScalingGroups"
+                groups = self._describe_groups(clients[("autoscaling", region)], settings["asg_request"])
+            except botocore.exceptions.ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if logic.classify_error(code, exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")) != "denied" \
+                        or not self.get_option("asg_tag_fallback"):
+                    raise
+                groups = None
+                result.fallback = True
+                result.warnings.append(
+                    f"{self.NAME}: region {region}: autoscaling:DescribeAutoScalingGroups is denied ({code}); "
+                    f"selecting instances by their {logic.ASG_TAG} tag instead, so lifecycle state, health and "
+                    "launch template drift are unknown. Grant the permission (docs/iam/inventory.json) to get them."
+                )
+            action = "ec2:DescribeInstances"
+            if groups is None:
+                request = settings["asg_request"]
+                fallback_filters = logic.fallback_instance_filters(
+                    request.get("AutoScalingGroupNames"),
+                    {f["Name"][4:]: f["Values"] for f in request.get("Filters", ())},
+                )
+                for instance in self._describe_by_filters(ec2, fallback_filters):
+                    result.records.append(logic.instance_record(instance, region))
+            else:
+                members = {}
+                for group in groups:
+                    for instance_id, member in group["instances"].items():
+                        members[instance_id] = (group, member)
+                batches = [pool.submit(self._describe_by_ids, ec2, batch)
+                           for batch in logic.batches(sorted(members), logic.INSTANCE_BATCH_SIZE)]
+                versions = {}
+                template_ids = logic.templates_to_resolve(groups)
+                if template_ids and self.get_option("resolve_launch_template_versions"):
+                    action = "ec2:DescribeLaunchTemplates"
+                    versions = self._describe_templates(ec2, template_ids)
+                action = "ec2:DescribeInstances"
+                for future in batches:
+                    for instance in future.result():
+                        group, member = members[instance["InstanceId"]]
+                        result.records.append(logic.instance_record(instance, region, group, member, versions))
+            seen = {r["instance_id"] for r in result.records}
+            for future in standalone:
+                for instance in future.result():
+                    if instance["InstanceId"] not in seen:
+                        seen.add(instance["InstanceId"])
+                        result.records.append(logic.instance_record(instance, region))
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            result.error = self._failure(region, action, exc)
+        return result
+
+    def _fetch_bastion(self, ec2, region, bastion):
+        try:
+            instances = self._describe_by_filters(ec2, logic.bastion_filters(bastion))
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._failure(region, "ec2:DescribeInstances (bastion)", exc) from None
+        return sorted((logic.instance_record(i, region) for i in instances), key=lambda r: r["instance_id"])
+
+    def _fetch(self, settings):
+        regions = settings["regions"]
+        bastion = settings["bastion"]
+        bastion_region = (bastion or {}).get("region") or regions[0]
+        client_regions = list(regions) + ([bastion_region] if bastion_region not in regions else [])
+        clients = self._clients(("autoscaling", "ec2"), client_regions)
+        workers = int(self.get_option("max_concurrency"))
+        data = {"format": logic.CACHE_FORMAT, "regions": {}, "warnings": [], "bastion": None, "complete": True}
+        failures = []
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleet-call") as calls, \
+                ThreadPoolExecutor(max_workers=min(workers, len(regions) + 1), thread_name_prefix="fleet-region") as pool:
+            bastion_future = None
+            if bastion and not bastion["address"]:
+                bastion_future = pool.submit(self._fetch_bastion, clients[("ec2", bastion_region)], bastion_region, bastion)
+            futures = [pool.submit(self._fetch_region, region, clients, settings, calls) for region in regions]
+            for future in futures:
+                result = future.result()
+                if result.error is not None:
+                    failures.append(result.error)
+                    continue
+                data["regions"][result.region] = result.records
+                data["warnings"].extend(result.warnings)
+            if bastion_future is not None:
+                try:
+                    data["bastion"] = bastion_future.result()
+                except logic.FleetRegionError as exc:
+                    failures.append(exc)
+        if failures and not self.get_option("skip_failed_regions"):
+            raise AnsibleParserError(f"{self.NAME}: " + "; ".join(str(f) for f in failures))
+        for failure in failures:
+            data["complete"] = False
+            self.warn(f"{self.NAME}: skipping region {failure.region}: {failure}")
+        if bastion and not bastion["address"] and not data["bastion"] and not any(f.region == bastion_region for f in failures):
+            what = f"instance {bastion['instance_id']}" if bastion["instance_id"] else "tag " + "=".join(
+                v for v in bastion["tag"] if v is not None)
+            raise AnsibleParserError(f"{self.NAME}: bastion {what} matches no running instance in {bastion_region}")
+        return data
+
+    # --- inventory --------------------------------------------------------------------------
+    def _populate(self, data, settings):
+        inventory = self.inventory
+        hostnames = settings["hostnames"]
+        states = settings["lifecycle_states"]
+        prefix = self.get_option("asg_group_prefix")
+        compose = self.get_option("compose")
+        composed_groups = self.get_option("groups")
+        keyed_groups = self.get_option("keyed_groups")
+        strict = self.get_option("strict")
+        constructed = bool(compose or composed_groups or keyed_groups)
+        bastion = settings["bastion"]
+        bastion_args = None
+        bastion_records = []
+        if bastion:
+            if bastion["address"]:
+                address = bastion["address"]
+            else:
+                bastion_records = data.get("bastion") or []
+                address = logic.bastion_address(bastion_records[0]) if bastion_records else None
+            if address:
+                bastion_args = logic.proxy_jump_args(address, bastion["user"], bastion["port"], bastion["ssh_args"])
+        bastion_ids = {r["instance_id"] for r in bastion_records}
+
+        direct = hasattr(inventory, "__wrapped__") and self.get_option("fast_host_vars")
+        known_groups = set(inventory.groups)
+        taken = set()
+        names = {}
+
+        def ensure_group(group):
+            if group not in known_groups:
+                inventory.add_group(group)
+                known_groups.add(group)
+
+        def add(record, groups, connect_args):
+            name = names.get(record["instance_id"])
+            new = name is None
+            if new:
+                name = logic.choose_hostname(record, hostnames, taken)
+                taken.add(name)
+                names[record["instance_id"]] = name
+                inventory.add_host(name)
+            for group in groups:
+                ensure_group(group)
+                inventory.add_child(group, name)
+            if not new:
+                return
+            variables = logic.host_vars(record, connect_args)
+            if direct:
+                # ansible-core 2.19+ wraps the inventory so that every set_variable() walks the value and
+                # tags each string with its origin: about 30 us a variable, most of this plugin's CPU at
+                # 10,000 hosts. The values are plain, untrusted strings from AWS (never templated either
+                # way), so they go into the new host's vars as set_variable() would put them.
+                inventory.get_host(name).vars.update(variables)
+            else:
+                for key, value in variables.items():
+                    inventory.set_variable(name, key, value)
+            if constructed:
+                self._set_composite_vars(compose, variables, name, strict=strict)
+                self._add_host_to_composed_groups(composed_groups, variables, name, strict=strict)
+                self._add_host_to_keyed_groups(keyed_groups, variables, name, strict=strict)
+
+        for record in bastion_records:
+            add(record, ["bastion"], None)
+        for region in sorted(data["regions"]):
+            for record in sorted(data["regions"][region], key=lambda r: (r.get("asg_name") or "", r["instance_id"])):
+                if not logic.keep_record(record, states):
+                    continue
+                groups = logic.builtin_groups(record, prefix)
+                if record["instance_id"] in bastion_ids:
+                    groups.append("bastion")
+                add(record, groups, None if record["instance_id"] in bastion_ids else bastion_args)
+
+    def parse(self, inventory, loader, path, cache=True):
+        started = time.monotonic(), time.process_time()
+        super().parse(inventory, loader, path, cache=cache)
+        settings = self._settings()
+        use_cache = bool(self.get_option("cache"))
+        key = self._cache_key(path) if use_cache else None
+        data = None
+        if use_cache and cache:
+            try:
+                data = self._cache[key]
+            except KeyError:
+                data = None
+            if not isinstance(data, dict) or data.get("format") != logic.CACHE_FORMAT:
+                data = None
+        fetched = data is None
+        if fetched:
+            data = self._fetch(settings)
+        read = time.monotonic(), time.process_time()
+        for warning in data.get("warnings", ()):
+            self.warn(warning)
+        self._populate(data, settings)
+        if use_cache and fetched and data["complete"]:
+            self._cache[key] = data
+        done = time.monotonic(), time.process_time()
+        self.display.vvv(
+            f"{self.NAME}: {sum(len(r) for r in data['regions'].values())} instances "
+            f"{'read from AWS' if fetched else 'from cache'} in {read[0] - started[0]:.2f}s "
+            f"(CPU {read[1] - started[1]:.2f}s), inventory built in {done[0] - read[0]:.2f}s (CPU {done[1] - read[1]:.2f}s)"
+        )

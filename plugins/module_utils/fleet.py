@@ -1,0 +1,654 @@
+# -*- coding: utf-8 -*-
+
+# Copyright: fleetkeeper.aws contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""Pure logic of the ``fleetkeeper.aws.fleet`` inventory plugin.
+
+Nothing here talks to AWS or to Ansible: functions take the plain dictionaries
+botocore returns and the plugin's options, and return plain, JSON-serialisable
+values. The plugin (plugins/inventory/fleet.py) makes the API calls, caches the
+records built here and hands them to Ansible's inventory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+
+# Hard limits of the two APIs the plugin pages through.
+ASG_PAGE_SIZE = 100  # DescribeAutoScalingGroups MaxRecords maximum
+INSTANCE_BATCH_SIZE = 1000  # instance ids per DescribeInstances call
+INSTANCE_PAGE_SIZE = 1000  # DescribeInstances MaxResults maximum (filter calls)
+TEMPLATE_BATCH_SIZE = 200  # launch template ids per DescribeLaunchTemplates call
+
+ASG_TAG = "aws:autoscaling:groupName"
+IN_SERVICE = "InService"
+ALL_STATES = "all"
+# Instance states kept when stand-alone instances are selected by filters without a state filter.
+DEFAULT_INSTANCE_STATES = ["pending", "running", "stopping", "stopped"]
+
+DEFAULT_HOSTNAMES = ["dns-name", "private-ip-address", "instance-id"]
+# Hostname preferences and the record field each reads.
+HOSTNAME_FIELDS = {
+    "instance-id": "instance_id",
+    "private-ip-address": "private_ip_address",
+    "ip-address": "public_ip_address",
+    "public-ip-address": "public_ip_address",
+    "dns-name": "public_dns_name",
+    "public-dns-name": "public_dns_name",
+    "private-dns-name": "private_dns_name",
+}
+# What every host falls back to when no preference gives a (free) name.
+FALLBACK_HOSTNAMES = ("private-ip-address", "instance-id")
+
+CACHE_FORMAT = 1
+
+_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+_UNSAFE_GROUP_CHARS = re.compile(r"[^A-Za-z0-9_]")
+_INSTANCE_ID_RE = re.compile(r"\bi-[0-9a-f]{8,17}\b")
+
+# Error codes, by what the user has to do about them.
+DENIED_CODES = frozenset((
+    "AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "UnauthorizedAccess",
+    "Forbidden", "403",
+))
+CREDENTIAL_CODES = frozenset((
+    "AuthFailure", "OptInRequired", "InvalidClientTokenId", "UnrecognizedClientException",
+    "SignatureDoesNotMatch", "ExpiredToken", "ExpiredTokenException", "RequestExpired",
+    "InvalidAccessKeyId",
+))
+
+
+class FleetError(Exception):
+    """Base class: the message says what went wrong and what to change."""
+
+
+class FleetConfigError(FleetError):
+    """The inventory file asks for something impossible or malformed."""
+
+
+class FleetRegionError(FleetError):
+    """A region could not be read completely; ``region`` names it."""
+
+    def __init__(self, region, message, kind="error"):
+        super().__init__(message)
+        self.region = region
+        self.kind = kind
+
+
+# --- configuration -------------------------------------------------------------
+
+def validate_regions(regions, known=None):
+    """Return ``regions`` without duplicates, or raise FleetConfigError naming the bad ones.
+
+    ``known`` is the set of region names botocore knows (all partitions); a name
+    it does not know is accepted only when it has the shape of a region name and
+    ``known`` is empty (an unknown list).
+    """
+    if not regions:
+        raise FleetConfigError(
+            "no region to query: set 'regions' (a list) or 'region' in the inventory file, or AWS_REGION"
+        )
+    if not isinstance(regions, (list, tuple)):
+        raise FleetConfigError(f"'regions' must be a list of region names, not {type(regions).__name__}")
+    seen = []
+    bad = []
+    for region in regions:
+        if not isinstance(region, str) or not _REGION_RE.match(region):
+            bad.append(repr(region))
+        elif known and region not in known:
+            bad.append(repr(region))
+        elif region not in seen:
+            seen.append(region)
+    if bad:
+        raise FleetConfigError(
+            f"unknown AWS region name(s) {', '.join(bad)} in 'regions': use names such as 'us-east-1' "
+            "(if a region is new, upgrade botocore)"
+        )
+    return seen
+
+
+def validate_hostnames(hostnames):
+    """Check the ``hostnames`` preference list; returns it (or the default when empty)."""
+    if not hostnames:
+        return list(DEFAULT_HOSTNAMES)
+    if not isinstance(hostnames, (list, tuple)):
+        raise FleetConfigError("'hostnames' must be a list such as [dns-name, private-ip-address, instance-id]")
+    for preference in hostnames:
+        if not isinstance(preference, str):
+            raise FleetConfigError(f"'hostnames' entries must be strings, not {preference!r}")
+        if preference.startswith("tag:") and len(preference) > 4:
+            continue
+        if preference not in HOSTNAME_FIELDS:
+            raise FleetConfigError(
+                f"unknown hostnames entry {preference!r}: use tag:NAME or one of {', '.join(sorted(HOSTNAME_FIELDS))}"
+            )
+    return list(hostnames)
+
+
+def validate_lifecycle_states(states):
+    if not states:
+        raise FleetConfigError("'lifecycle_states' must list at least one state (or 'all')")
+    if not isinstance(states, (list, tuple)) or not all(isinstance(s, str) for s in states):
+        raise FleetConfigError("'lifecycle_states' must be a list of strings such as [InService, Standby]")
+    return None if ALL_STATES in states else frozenset(states)
+
+
+def parse_bastion(bastion):
+    """Normalise the ``bastion`` option into a dict, or None when not set."""
+    if not bastion:
+        return None
+    if not isinstance(bastion, dict):
+        raise FleetConfigError("'bastion' must be a mapping with one of tag, instance_id or address")
+    selectors = [key for key in ("tag", "instance_id", "address") if bastion.get(key)]
+    if len(selectors) != 1:
+        raise FleetConfigError(
+            "'bastion' needs exactly one of tag (KEY=VALUE), instance_id or address; got "
+            + (", ".join(selectors) or "none")
+        )
+    result = {
+        "tag": None, "instance_id": None, "address": None,
+        "user": bastion.get("user"), "port": bastion.get("port"), "region": bastion.get("region"),
+        "ssh_args": bastion.get("ssh_args") or "",
+    }
+    if bastion.get("tag"):
+        tag = str(bastion["tag"])
+        key, sep, value = tag.partition("=")
+        if not key:
+            raise FleetConfigError(f"bastion tag {tag!r} must look like KEY=VALUE or KEY")
+        result["tag"] = (key, value if sep else None)
+    elif bastion.get("instance_id"):
+        if not _INSTANCE_ID_RE.fullmatch(str(bastion["instance_id"])):
+            raise FleetConfigError(f"bastion instance_id {bastion['instance_id']!r} is not an instance id (i-...)")
+        result["instance_id"] = str(bastion["instance_id"])
+    else:
+        result["address"] = str(bastion["address"])
+    if result["port"] is not None:
+        try:
+            result["port"] = int(result["port"])
+        except (TypeError, ValueError):
+            raise FleetConfigError(f"bastion port {bastion.get('port')!r} is not a number") from None
+        if not 0 < result["port"] < 65536:
+            raise FleetConfigError(f"bastion port {result['port']} is out of range")
+    return result
+
+
+def bastion_filters(bastion):
+    """EC2 filters that find the bastion named by tag or instance id (running only)."""
+    filters = [{"Name": "instance-state-name", "Values": ["running"]}]
+    if bastion["instance_id"]:
+        filters.append({"Name": "instance-id", "Values": [bastion["instance_id"]]})
+    else:
+        key, value = bastion["tag"]
+        if value is None:
+            filters.append({"Name": "tag-key", "Values": [key]})
+        else:
+            filters.append({"Name": f"tag:{key}", "Values": [value]})
+    return filters
+
+
+def ec2_filter_list(filters):
+    """An inventory-file filter mapping ({name: value or [values]}) as the EC2 API wants it."""
+    if not isinstance(filters, dict):
+        raise FleetConfigError(f"each entry of 'instance_filters' must be a mapping of EC2 filters, not {filters!r}")
+    result = []
+    for name, value in filters.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        result.append({"Name": str(name), "Values": [str(v) for v in values]})
+    if not any(f["Name"] == "instance-state-name" for f in result):
+        result.append({"Name": "instance-state-name", "Values": list(DEFAULT_INSTANCE_STATES)})
+    return result
+
+
+def asg_request(names, tags):
+    """Keyword arguments of DescribeAutoScalingGroups for the selected ASG names and tags."""
+    request = {"MaxRecords": ASG_PAGE_SIZE}
+    if names:
+        request["AutoScalingGroupNames"] = list(names)
+    if tags:
+        if not isinstance(tags, dict):
+            raise FleetConfigError("'asg_tags' must be a mapping of tag names to a value or a list of values")
+        request["Filters"] = [
+            {"Name": f"tag:{key}", "Values": [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]}
+            for key, value in tags.items()
+        ]
+    return request
+
+
+def fallback_instance_filters(names, tags):
+    """EC2 filters that stand in for DescribeAutoScalingGroups when it is denied.
+
+    ASG tags propagate to instances only when PropagateAtLaunch is set, so tag
+    filters are the closest approximation, and the plugin says so in a warning.
+    """
+    filters = [{"Name": "instance-state-name", "Values": list(DEFAULT_INSTANCE_STATES)}]
+    if names:
+        filters.append({"Name": f"tag:{ASG_TAG}", "Values": list(names)})
+    else:
+        filters.append({"Name": "tag-key", "Values": [ASG_TAG]})
+    for key, value in (tags or {}).items():
+        filters.append({"Name": f"tag:{key}", "Values": [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]})
+    return filters
+
+
+# --- API call planning -----------------------------------------------------------
+
+def batches(items, size):
+    """Consecutive slices of at most ``size`` items."""
+    items = list(items)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def call_budget(instances, groups, templates=0, standalone_filters=0, bastion_lookup=False):
+    """Most API calls one region may take: the figure the benchmark holds the plugin to."""
+    return (
+        max(1, math.ceil(groups / ASG_PAGE_SIZE))
+        + math.ceil(instances / INSTANCE_BATCH_SIZE)
+        + math.ceil(templates / TEMPLATE_BATCH_SIZE)
+        + standalone_filters
+        + (1 if bastion_lookup else 0)
+    )
+
+
+def missing_instance_ids(message):
+    """Instance ids an InvalidInstanceID.NotFound message names."""
+    return set(_INSTANCE_ID_RE.findall(message or ""))
+
+
+def classify_error(code, status=None):
+    """``denied`` (missing permission), ``credentials`` (refused or opt-in region) or ``error``."""
+    if code in DENIED_CODES or status == 403 and code not in CREDENTIAL_CODES:
+        return "denied"
+    if code in CREDENTIAL_CODES:
+        return "credentials"
+    return "error"
+
+
+def error_message(kind, region, action, code, detail):
+    if kind == "denied":
+        return (
+            f"region {region}: the credentials in use may not call {action} ({code}: {detail}). "
+            "Grant it (the least-privilege policy is in docs/iam/inventory.json) or use other credentials."
+        )
+    if kind == "credentials":
+        return (
+            f"region {region}: AWS refused the credentials for {action} ({code}: {detail}). "
+            "Check the credentials; if the region is an opt-in region this account has not enabled, "
+            "remove it from 'regions' or set 'skip_failed_regions: true'."
+        )
+    if kind == "unreachable":
+        return (
+            f"region {region}: cannot reach the endpoint for {action} ({detail}). "
+            "Check 'endpoint_url', the network and any proxy settings."
+        )
+    return f"region {region}: {action} failed ({code}: {detail})"
+
+
+# --- records -------------------------------------------------------------------------
+
+def tag_dict(tags):
+    return {t["Key"]: t.get("Value", "") for t in tags or ()}
+
+
+def _iso(value):
+    if value is None:
+        return None
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+def asg_summary(group):
+    """What the plugin keeps of one DescribeAutoScalingGroups entry."""
+    spec = group.get("LaunchTemplate")
+    if not spec:
+        spec = (((group.get("MixedInstancesPolicy") or {}).get("LaunchTemplate") or {})
+                .get("LaunchTemplateSpecification"))
+    template = None
+    if spec:
+        template = {
+            "id": spec.get("LaunchTemplateId"),
+            "name": spec.get("LaunchTemplateName"),
+            "version": spec.get("Version") or "$Default",
+        }
+    return {
+        "name": group["AutoScalingGroupName"],
+        "launch_template": template,
+        "launch_configuration": group.get("LaunchConfigurationName"),
+        "instances": {
+            i["InstanceId"]: {
+                "lifecycle_state": i.get("LifecycleState"),
+                "health_status": i.get("HealthStatus"),
+                "launch_template": i.get("LaunchTemplate"),
+                "launch_configuration": i.get("LaunchConfigurationName"),
+                "protected_from_scale_in": i.get("ProtectedFromScaleIn"),
+            }
+            for i in group.get("Instances") or ()
+        },
+    }
+
+
+def templates_to_resolve(groups):
+    """Launch template ids whose version an ASG names as $Latest or $Default."""
+    ids = set()
+    for group in groups:
+        template = group["launch_template"]
+        if template and template["id"] and not str(template["version"]).isdigit():
+            ids.add(template["id"])
+    return sorted(ids)
+
+
+def template_versions(describe_launch_templates_entries):
+    """{template id: {"latest": n, "default": n}} from DescribeLaunchTemplates entries."""
+    return {
+        t["LaunchTemplateId"]: {"latest": t.get("LatestVersionNumber"), "default": t.get("DefaultVersionNumber")}
+        for t in describe_launch_templates_entries
+    }
+
+
+def target_version(template, versions):
+    """The version number an ASG launches new instances with, or None if unknown."""
+    if not template:
+        return None
+    version = str(template.get("version") or "$Default")
+    if version.isdigit():
+        return int(version)
+    known = versions.get(template.get("id")) or {}
+    number = known.get("latest" if version == "$Latest" else "default")
+    return int(number) if number is not None else None
+
+
+def drift(group, member, target):
+    """Whether an instance runs something else than its ASG now launches (None: cannot tell)."""
+    if group is None or member is None:
+        return None
+    template = group["launch_template"]
+    if template:
+        used = member.get("launch_template")
+        if not used or target is None:
+            return None
+        if template.get("id") and used.get("LaunchTemplateId") and used["LaunchTemplateId"] != template["id"]:
+            return True
+        version = str(used.get("Version", ""))
+        return not version.isdigit() or int(version) != target
+    if group["launch_configuration"]:
+        return member.get("launch_configuration") != group["launch_configuration"]
+    return None
+
+
+def instance_record(instance, region, group=None, member=None, versions=None):
+    """The cached, JSON-serialisable facts about one instance; host vars are built from it."""
+    tags = tag_dict(instance.get("Tags"))
+    placement = instance.get("Placement") or {}
+    profile = instance.get("IamInstanceProfile") or {}
+    template = (group or {}).get("launch_template")
+    used = (member or {}).get("launch_template") or {}
+    target = target_version(template, versions or {}) if template else None
+    state = (instance.get("State") or {}).get("Name")
+    record = {
+        "instance_id": instance["InstanceId"],
+        "region": region,
+        "asg_name": group["name"] if group else tags.get(ASG_TAG),
+        "lifecycle_state": (member or {}).get("lifecycle_state"),
+        "health_status": (member or {}).get("health_status"),
+        "instance_state": state,
+        "availability_zone": placement.get("AvailabilityZone"),
+        "subnet_id": instance.get("SubnetId"),
+        "vpc_id": instance.get("VpcId"),
+        "private_ip_address": instance.get("PrivateIpAddress") or None,
+        "public_ip_address": instance.get("PublicIpAddress") or None,
+        "private_dns_name": instance.get("PrivateDnsName") or None,
+        "public_dns_name": instance.get("PublicDnsName") or None,
+        "instance_type": instance.get("InstanceType"),
+        "image_id": instance.get("ImageId"),
+        "launch_time": _iso(instance.get("LaunchTime")),
+        "launch_template_id": used.get("LaunchTemplateId") or (template or {}).get("id"),
+        "launch_template_name": used.get("LaunchTemplateName") or (template or {}).get("name"),
+        "launch_template_version": int(used["Version"]) if str(used.get("Version", "")).isdigit() else None,
+        "launch_template_target_version": target,
+        "launch_template_drift": drift(group, member, target),
+        "launch_configuration_name": (member or {}).get("launch_configuration"),
+        "instance_profile_arn": profile.get("Arn"),
+        "ec2_tags": tags,
+    }
+    if group is None and record["asg_name"] is None:
+        record["standalone"] = True
+    return record
+
+
+def keep_record(record, lifecycle_states):
+    """Whether a host belongs in the inventory under the lifecycle selection (None: all)."""
+    if record.get("instance_state") in ("terminated", "shutting-down"):
+        return lifecycle_states is None
+    if lifecycle_states is None or record.get("standalone"):
+        return True
+    state = record.get("lifecycle_state")
+    if state is None:  # tag fallback: lifecycle unknown, keep running instances
+        return record.get("instance_state") == "running"
+    return state in lifecycle_states
+
+
+# --- inventory shaping -----------------------------------------------------------------
+
+def safe_group_name(name):
+    """A group name Ansible accepts without a warning (letters, digits, underscores)."""
+    cleaned = _UNSAFE_GROUP_CHARS.sub("_", str(name))
+    if not cleaned or cleaned[0].isdigit():
+        cleaned = "_" + cleaned
+    return cleaned
+
+
+def builtin_groups(record, asg_prefix="asg_"):
+    """Groups a host joins without any constructed options: ASG, AZ, region, lifecycle, drift."""
+    groups = []
+    if record.get("asg_name"):
+        groups.append(safe_group_name(asg_prefix + record["asg_name"]))
+    elif record.get("standalone"):
+        groups.append("standalone")
+    if record.get("availability_zone"):
+        groups.append(safe_group_name("az_" + record["availability_zone"]))
+    groups.append(safe_group_name("region_" + record["region"]))
+    if record.get("lifecycle_state"):
+        groups.append(safe_group_name("lifecycle_" + record["lifecycle_state"].replace(":", "_").lower()))
+    if record.get("launch_template_drift"):
+        groups.append("launch_template_drift")
+    return groups
+
+
+def _preferred(record, preference):
+    if preference.startswith("tag:"):
+        return (record.get("ec2_tags") or {}).get(preference[4:]) or None
+    return record.get(HOSTNAME_FIELDS[preference])
+
+
+def choose_hostname(record, preferences, taken=()):
+    """The first preference with a value no other host has, then private IP, then instance id."""
+    for preference in list(preferences) + list(FALLBACK_HOSTNAMES):
+        value = _preferred(record, preference)
+        if value and value not in taken:
+            return str(value)
+    return record["instance_id"]
+
+
+def bastion_address(record):
+    return record.get("public_ip_address") or record.get("public_dns_name") or record.get("private_ip_address")
+
+
+def proxy_jump_args(address, user=None, port=None, extra=""):
+    """``ansible_ssh_common_args`` that reach a host through the bastion."""
+    target = address if not user else f"{user}@{address}"
+    if port and int(port) != 22:
+        target = f"{target}:{int(port)}"
+    args = f"-o ProxyJump={target}"
+    return f"{args} {extra}".strip() if extra else args
+
+
+def host_vars(record, bastion_args=None):
+    """Host variables of one record (the record minus bookkeeping, plus connection vars)."""
+    variables = {k: v for k, v in record.items() if k != "standalone"}
+    variables["ansible_host"] = record.get("public_ip_address") or record.get("private_ip_address") or record.get("instance_id")
+    if bastion_args and not record.get("public_ip_address"):
+        variables["ansible_ssh_common_args"] = bastion_args
+    return variables
+
+
+# --- cache ----------------------------------------------------------------------------
+
+def cache_key(plugin_name, path, options, identity):
+    """A cache key that changes with the inventory file, any effective option and the caller's identity."""
+    blob = json.dumps([CACHE_FORMAT, path, options, identity], sort_keys=True, default=str)
+    digest = hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
+    return f"{plugin_name.replace('.', '_')}_{digest}"
+
+
+# --- fast answers ------------------------------------------------------------------------
+# botocore's generic XML parser spends about 2 ms of CPU on each DescribeInstances item
+# (4-5 KB of XML, four dateutil timestamps); the plugin needs a dozen fields of it. These
+# functions read just those fields with ElementTree (C), in the shape botocore would give.
+# The plugin hands them botocore's "before-parse" event; anything unexpected makes them
+# return None and botocore parses the page as usual.
+
+_INSTANCE_TEXT_FIELDS = {
+    "instanceId": "InstanceId", "subnetId": "SubnetId", "vpcId": "VpcId",
+    "privateIpAddress": "PrivateIpAddress", "ipAddress": "PublicIpAddress",
+    "privateDnsName": "PrivateDnsName", "dnsName": "PublicDnsName", "instanceType": "InstanceType",
+    "imageId": "ImageId", "launchTime": "LaunchTime",
+}
+
+
+def _namespace(root):
+    return root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+
+
+def _local(tag, cut):
+    return tag[cut:]  # the tag without its namespace
+
+
+# Sub-trees of an instance item the inventory never reads, cut out before ElementTree builds
+# elements for them (they hold about half of an item's XML). None of them nests inside itself,
+# and XML text cannot contain "<", so the first closing tag after an opening one ends it.
+_UNUSED_SUBTREES = re.compile(
+    rb"<(networkInterfaceSet|blockDeviceMapping|groupSet|metadataOptions|privateDnsNameOptions|cpuOptions"
+    rb"|capacityReservationSpecification|hibernationOptions|enclaveOptions|maintenanceOptions"
+    rb"|networkPerformanceOptions|operator|monitoring|stateReason|productCodes|elasticGpuAssociationSet"
+    rb"|elasticInferenceAcceleratorAssociationSet|licenseSet|ipv6AddressesSet)>.*?</\1>",
+    re.S,
+)
+
+
+def parse_describe_instances(body, element_tree):
+    """{"Reservations": [{"Instances": [...]}], "NextToken": ...} from a DescribeInstances answer."""
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    root = element_tree.fromstring(_UNUSED_SUBTREES.sub(b"", body))
+    ns = _namespace(root)
+    cut = len(ns)
+    if _local(root.tag, cut) != "DescribeInstancesResponse":
+        return None
+    reservations = []
+    result = {"Reservations": reservations}
+    token = root.find(ns + "nextToken")
+    if token is not None and token.text:
+        result["NextToken"] = token.text
+    reservation_set = root.find(ns + "reservationSet")
+    if reservation_set is None:
+        return result
+    text_fields = {ns + name: field for name, field in _INSTANCE_TEXT_FIELDS.items()}
+    instances_set_tag = ns + "instancesSet"
+    state_tag, placement_tag = ns + "instanceState", ns + "placement"
+    profile_tag, tags_tag = ns + "iamInstanceProfile", ns + "tagSet"
+    name_tag, az_tag, arn_tag = ns + "name", ns + "availabilityZone", ns + "arn"
+    key_tag, value_tag = ns + "key", ns + "value"
+    for reservation in reservation_set:
+        instances = []
+        reservations.append({"Instances": instances})
+        instances_set = reservation.find(instances_set_tag)
+        if instances_set is None:
+            continue
+        for item in instances_set:
+            instance = {}
+            for child in item:
+                tag = child.tag
+                field = text_fields.get(tag)
+                if field is not None:
+                    if child.text:
+                        instance[field] = child.text
+                elif tag == state_tag:
+                    instance["State"] = {"Name": child.findtext(name_tag)}
+                elif tag == placement_tag:
+                    instance["Placement"] = {"AvailabilityZone": child.findtext(az_tag)}
+                elif tag == profile_tag:
+                    instance["IamInstanceProfile"] = {"Arn": child.findtext(arn_tag)}
+                elif tag == tags_tag:
+                    instance["Tags"] = [{"Key": t.findtext(key_tag), "Value": t.findtext(value_tag) or ""} for t in child]
+            if "InstanceId" not in instance:
+                return None
+            instances.append(instance)
+    return result
+
+
+def _template_spec(node, ns):
+    if node is None:
+        return None
+    return {
+        "LaunchTemplateId": node.findtext(ns + "LaunchTemplateId"),
+        "LaunchTemplateName": node.findtext(ns + "LaunchTemplateName"),
+        "Version": node.findtext(ns + "Version"),
+    }
+
+
+def parse_describe_auto_scaling_groups(body, element_tree):
+    """{"AutoScalingGroups": [...], "NextToken": ...} from a DescribeAutoScalingGroups answer."""
+    root = element_tree.fromstring(body)
+    ns = _namespace(root)
+    if _local(root.tag, len(ns)) != "DescribeAutoScalingGroupsResponse":
+        return None
+    answer = root.find(ns + "DescribeAutoScalingGroupsResult")
+    if answer is None:
+        return None
+    groups = []
+    result = {"AutoScalingGroups": groups}
+    token = answer.findtext(ns + "NextToken")
+    if token:
+        result["NextToken"] = token
+    container = answer.find(ns + "AutoScalingGroups")
+    for member in container if container is not None else ():
+        group = {
+            "AutoScalingGroupName": member.findtext(ns + "AutoScalingGroupName"),
+            "LaunchConfigurationName": member.findtext(ns + "LaunchConfigurationName"),
+            "LaunchTemplate": _template_spec(member.find(ns + "LaunchTemplate"), ns),
+        }
+        mixed = member.find(ns + "MixedInstancesPolicy")
+        if mixed is not None:
+            spec = _template_spec(mixed.find(f"{ns}LaunchTemplate/{ns}LaunchTemplateSpecification"), ns)
+            group["MixedInstancesPolicy"] = {"LaunchTemplate": {"LaunchTemplateSpecification": spec}}
+        instances = []
+        for node in member.find(ns + "Instances") if member.find(ns + "Instances") is not None else ():
+            instances.append({
+                "InstanceId": node.findtext(ns + "InstanceId"),
+                "LifecycleState": node.findtext(ns + "LifecycleState"),
+                "HealthStatus": node.findtext(ns + "HealthStatus"),
+                "LaunchConfigurationName": node.findtext(ns + "LaunchConfigurationName"),
+                "LaunchTemplate": _template_spec(node.find(ns + "LaunchTemplate"), ns),
+                "ProtectedFromScaleIn": node.findtext(ns + "ProtectedFromScaleIn") == "true",
+            })
+        group["Instances"] = instances
+        if not group["AutoScalingGroupName"]:
+            return None
+        groups.append(group)
+    return result
+
+
+FAST_PARSERS = {
+    "DescribeInstances": (
+        parse_describe_instances,
+        b'<DescribeInstancesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"></DescribeInstancesResponse>',
+    ),
+    "DescribeAutoScalingGroups": (
+        parse_describe_auto_scaling_groups,
+        b'<DescribeAutoScalingGroupsResponse xmlns="http://autoscaling.amazonaws.com/doc/2011-01-01/">'
+        b'<DescribeAutoScalingGroupsResult></DescribeAutoScalingGroupsResult></DescribeAutoScalingGroupsResponse>',
+    ),
+}
