@@ -86,3 +86,58 @@ def checkconf(stage: str, main_conf: str, checkconf_bin: str | None = None) -> s
 def read_staged(stage: str, path: str) -> str:
     with open(stage + path, encoding="utf-8") as handle:
         return handle.read()
+
+
+class CacheServer:
+    """named configured from the role's templates (Debian layout, paths moved into workdir), in a namespace."""
+
+    def __init__(self, ns, workdir: str, overrides: dict | None = None, threads: int = 1, port: int = 53):
+        from tests.support import dnsservers
+
+        self.ns, self.dir, self.port = ns, workdir, port
+        os.makedirs(os.path.join(workdir, "cache"), exist_ok=True)
+        values = {
+            "__dns_cache_conf_file": os.path.join(workdir, "named.conf"),
+            "__dns_cache_options_file": os.path.join(workdir, "named.conf.options"),
+            "__dns_cache_directory": os.path.join(workdir, "cache"),
+            "__dns_cache_pid_file": os.path.join(workdir, "cache", "named.pid"),
+            "__dns_cache_session_keyfile": os.path.join(workdir, "cache", "session.key"),
+            "dns_cache_port": port,
+        }
+        values.update(overrides or {})
+        version = dnsservers.named_version().split("-")[0]
+        staged = render_named_conf({"cache": {"family": "Debian", "overrides": values, "version": version,
+                                              "absolute": True}}, workdir)
+        _stage, self.conf, self.values = staged["cache"]
+        self.log = os.path.join(workdir, "named.log")
+        self.proc = ns.popen([dnsservers.binary_path("named"), "-g", "-n", str(threads), "-c", self.conf],
+                             stdout=open(self.log, "w", encoding="utf-8"),  # noqa: SIM115
+                             stderr=subprocess.STDOUT)
+        dnsservers.wait_udp_dns(ns, "127.0.0.1", port, "localhost.")
+
+    def stop(self) -> None:
+        self.ns.stop(self.proc)
+
+
+def run_playbook_in_netns(ns, play: list):
+    """ansible-playbook (json callback) on localhost inside a network namespace; returns a PlaybookRun."""
+    import json
+    import sys
+    import tempfile
+
+    from tests.support.ansiblerun import BIN_DIR, PlaybookRun, TaskResult, ansible_env
+
+    with tempfile.TemporaryDirectory(prefix="fk-dns-play-") as tmp:
+        path = os.path.join(tmp, "play.yml")
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(play, handle)
+        inventory = os.path.join(tmp, "inventory")
+        with open(inventory, "w", encoding="utf-8") as handle:
+            handle.write("localhost ansible_connection=local ansible_python_interpreter=%s\n" % sys.executable)
+        proc = subprocess.run(ns.cmd([os.path.join(BIN_DIR, "ansible-playbook"), "-i", inventory, path]),
+                              env=ansible_env(), capture_output=True, text=True, check=False)
+    report = json.loads(proc.stdout)
+    tasks = [TaskResult(task["task"]["name"], result)
+             for play_report in report.get("plays", []) for task in play_report.get("tasks", [])
+             for _host, result in task.get("hosts", {}).items()]
+    return PlaybookRun(proc.returncode, proc.stdout, proc.stderr, tasks)
