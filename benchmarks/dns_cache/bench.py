@@ -1,0 +1,400 @@
+#!/usr/bin/env python3
+# Copyright: fleetkeeper.aws contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""DNS cache benchmark: the role's BIND against unbound, dnsmasq and the rate-limited upstream itself.
+
+What it does (all on this machine, inside two network namespaces it makes and deletes):
+
+- ``upstream`` namespace: BIND authoritative for ``bench.example`` (5,000 names,
+  half with TTL 60 s, half 300 s), standing for the VPC resolver. An nftables
+  rule inside that namespace drops UDP/53 packets above 1,024 per second
+  (EC2's per-interface limit); nftables counters count what reaches the limit
+  and what it drops.
+- ``client`` namespace, linked to it by a veth pair (198.18.54.0/30, a
+  benchmarking range that exists only inside the two namespaces): dnsperf and
+  one cache at a time on 127.0.0.1:53, each with one worker thread: BIND 9.18
+  configured from the dns_cache role's own templates and defaults, unbound 1.17
+  and dnsmasq 2.90 (Debian packages unpacked by tests/support/dnsservers.py,
+  never installed as services), plus ``direct``: dnsperf straight to the
+  limited upstream.
+- Query mix: names drawn from a Zipf distribution (s=1.0) over the 5,000 names
+  plus 250 names that do not exist (NXDOMAIN), shuffled so popularity and TTL
+  are unrelated; the same file for every target.
+
+For each target: a warm-up from cold at 25,000 q/s (upstream queries it
+costs), saturation throughput (no rate limit), then fixed offered loads with
+per-query latencies (dnsperf -v) for p50/p99, failed queries (lost + SERVFAIL),
+upstream queries per second (nftables counter) and the cache hit ratio
+(BIND: statistics channel through dns_cache_stats' parser; unbound:
+unbound-control; dnsmasq: hits.bind/misses.bind).
+
+Run as root from the repository root (needs ip, nft, dnsperf, dig):
+
+    .venv/bin/python benchmarks/dns_cache/bench.py            # full run, ~8 min
+    .venv/bin/python benchmarks/dns_cache/bench.py --quick    # 2 s phases, for development
+
+Writes benchmarks/results/dns_cache.json and dns_cache.png (matplotlib from
+requirements-bench.txt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [ROOT, os.path.join(ROOT, ".build", "collections")]
+
+from tests.support import dnsservers  # noqa: E402
+from tests.support.dnscache import CacheServer  # noqa: E402
+
+from ansible_collections.fleetkeeper.aws.plugins.module_utils import dns_cache_stats  # noqa: E402
+
+ZONE = "bench.example"
+UP_ADDR, CLIENT_ADDR = "198.18.54.2", "198.18.54.1"
+LIMIT_PPS = 1024
+NAMES, NX_NAMES = 5000, 250
+
+
+def make_records():
+    return {"n%05d" % i: (60 if i % 2 == 0 else 300, "192.0.2.%d" % (i % 250 + 1)) for i in range(NAMES)}
+
+
+def make_queries(path: str, count: int, seed: int = 8) -> dict:
+    rng = random.Random(seed)
+    population = ["n%05d.%s" % (i, ZONE) for i in range(NAMES)] + ["nx%04d.%s" % (i, ZONE) for i in range(NX_NAMES)]
+    rng.shuffle(population)  # popularity independent of TTL and of existence
+    weights = [1.0 / (rank + 1) for rank in range(len(population))]
+    picks = rng.choices(population, weights=weights, k=count)
+    with open(path, "w", encoding="utf-8") as handle:
+        for name in picks:
+            handle.write("%s A\n" % name)
+    nx = sum(1 for name in picks if name.startswith("nx"))
+    return {"queries_in_file": count, "distinct_names": len(set(picks)), "nxdomain_share": round(nx / count, 4),
+            "population": len(population), "zipf_s": 1.0}
+
+
+def nft_setup(ns: dnsservers.Netns) -> None:
+    ns.run(["nft", "add table inet vpcdns; "
+                   "add chain inet vpcdns input { type filter hook input priority 0; policy accept; }; "
+                   "add rule inet vpcdns input udp dport 53 counter; "
+                   "add rule inet vpcdns input udp dport 53 limit rate over %d/second burst 100 packets counter drop"
+            % LIMIT_PPS])
+
+
+def nft_counters(ns: dnsservers.Netns) -> tuple:
+    out = json.loads(ns.run(["nft", "-j", "list", "table", "inet", "vpcdns"]).stdout)
+    counters = []
+    for item in out["nftables"]:
+        rule = item.get("rule")
+        if rule:
+            for expr in rule["expr"]:
+                if "counter" in expr:
+                    counters.append(expr["counter"]["packets"])
+    return counters[0], counters[1]  # offered to the upstream, dropped by the limit
+
+
+class Target:
+    name = ""
+    server = "127.0.0.1"
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+    def cache_counters(self):
+        """(hits, misses) so far, or None where there is no cache."""
+        return None
+
+
+class BindTarget(Target):
+    name = "bind"
+
+    def __init__(self, ns, work, overrides=None):
+        self.ns, self.work, self.overrides = ns, work, overrides or {}
+
+    def start(self):
+        self.server_proc = CacheServer(self.ns, os.path.join(self.work, "bind"),
+                                       dict({"dns_cache_upstreams": [{"address": UP_ADDR, "port": 53}]},
+                                            **self.overrides), threads=1)
+
+    def stop(self):
+        self.server_proc.stop()
+
+    def cache_counters(self):
+        raw = dnsservers.fetch_in_ns(self.ns, "http://127.0.0.1:954/json/v1/server")
+        summary = dns_cache_stats.summarize(dns_cache_stats.parse_json(raw))
+        return summary["cache_hits"], summary["cache_misses"]
+
+
+class UnboundTarget(Target):
+    name = "unbound"
+
+    def __init__(self, ns, work):
+        self.ns, self.dir = ns, os.path.join(work, "unbound")
+        os.makedirs(self.dir, exist_ok=True)
+        self.conf = os.path.join(self.dir, "unbound.conf")
+        with open(self.conf, "w", encoding="utf-8") as handle:
+            handle.write("""server:
+  interface: 127.0.0.1
+  port: 53
+  num-threads: 1
+  do-daemonize: no
+  username: ""
+  chroot: ""
+  directory: "%(dir)s"
+  pidfile: "%(dir)s/unbound.pid"
+  use-syslog: no
+  logfile: ""
+  verbosity: 0
+  do-ip6: no
+  access-control: 127.0.0.0/8 allow
+  module-config: "iterator"
+  msg-cache-size: 64m
+  rrset-cache-size: 128m
+  prefetch: yes
+  serve-expired: yes
+  serve-expired-client-timeout: 900
+  cache-max-negative-ttl: 300
+  minimal-responses: yes
+remote-control:
+  control-enable: yes
+  control-interface: 127.0.0.1
+  control-port: 8953
+  control-use-cert: no
+forward-zone:
+  name: "."
+  forward-addr: %(up)s@53
+""" % {"dir": self.dir, "up": UP_ADDR})
+
+    def start(self):
+        self.proc = self.ns.popen([dnsservers.binary_path("unbound"), "-d", "-c", self.conf],
+                                  stdout=open(os.path.join(self.dir, "log"), "w", encoding="utf-8"),  # noqa: SIM115
+                                  stderr=subprocess.STDOUT)
+        dnsservers.wait_udp_dns(self.ns, "127.0.0.1", 53)
+
+    def stop(self):
+        self.ns.stop(self.proc)
+
+    def cache_counters(self):
+        out = self.ns.run([dnsservers.binary_path("unbound-control"), "-c", self.conf, "stats_noreset"],
+                          env=dnsservers.server_env()).stdout
+        values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        hits = int(values.get("total.num.cachehits", 0))
+        return hits, int(values.get("total.num.cachemiss", 0))
+
+
+class DnsmasqTarget(Target):
+    name = "dnsmasq"
+
+    def __init__(self, ns, work):
+        self.ns, self.dir = ns, os.path.join(work, "dnsmasq")
+        os.makedirs(self.dir, exist_ok=True)
+
+    def start(self):
+        self.proc = self.ns.popen([dnsservers.binary_path("dnsmasq"), "-k", "--conf-file=/dev/null", "--no-resolv",
+                                   "--no-hosts", "--server=%s" % UP_ADDR, "--listen-address=127.0.0.1",
+                                   "--bind-interfaces", "--port=53", "--cache-size=10000", "--user=root",
+                                   "--pid-file=%s/pid" % self.dir],
+                                  stdout=open(os.path.join(self.dir, "log"), "w", encoding="utf-8"),  # noqa: SIM115
+                                  stderr=subprocess.STDOUT)
+        dnsservers.wait_udp_dns(self.ns, "127.0.0.1", 53)
+
+    def stop(self):
+        self.ns.stop(self.proc)
+
+    def cache_counters(self):
+        def chaos(name):
+            out = self.ns.run(["dig", "+short", "+tries=1", "+time=2", "@127.0.0.1", "CHAOS", "TXT", name]).stdout
+            return int(out.strip().strip('"') or 0)
+        return chaos("hits.bind"), chaos("misses.bind")
+
+
+class DirectTarget(Target):
+    name = "direct"
+    server = UP_ADDR
+
+
+LINE = re.compile(r"^> (\S+) .* ([0-9.]+)$")
+
+
+def dnsperf(ns, target, queries, duration, qps=None, verbose=False):
+    # At a fixed offered load the window must hold every query that goes unanswered
+    # for the 2 s timeout, or dnsperf stops offering (it waits for a free slot).
+    window = min(65000, max(500, int(qps * 2.2))) if qps else 500
+    argv = ["dnsperf", "-s", target.server, "-d", queries, "-l", str(duration), "-t", "2", "-q", str(window),
+            "-c", "4"]
+    if qps:
+        argv += ["-Q", str(qps)]
+    if verbose:
+        argv.append("-v")
+    proc = ns.run(argv, check=False)
+    text = proc.stdout
+    result = {}
+    for key, pattern in (("sent", r"Queries sent:\s+(\d+)"), ("completed", r"Queries completed:\s+(\d+)"),
+                         ("lost", r"Queries lost:\s+(\d+)"), ("qps", r"Queries per second:\s+([0-9.]+)"),
+                         ("avg_latency_s", r"Average Latency \(s\):\s+([0-9.]+)")):
+        match = re.search(pattern, text)
+        result[key] = float(match.group(1)) if match else 0.0
+    rcodes = dict((code, int(n)) for code, n in re.findall(r"([A-Z]+) (\d+) \(", text.split("Response codes:")[-1]
+                                                            .splitlines()[0])) if "Response codes:" in text else {}
+    result["rcodes"] = rcodes
+    result["failed"] = int(result["lost"]) + rcodes.get("SERVFAIL", 0)
+    if verbose:
+        latencies = sorted(float(m.group(2)) for m in map(LINE.match, text.splitlines()) if m)
+        if latencies:
+            result["p50_ms"] = round(latencies[len(latencies) // 2] * 1000, 3)
+            result["p99_ms"] = round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000, 3)
+    if proc.returncode != 0 and not result["sent"]:
+        raise RuntimeError("dnsperf failed: %s %s" % (text[-2000:], proc.stderr[-2000:]))
+    return result
+
+
+def measure(ns_client, ns_up, target, queries, args):
+    out = {"target": target.name}
+    target.start()
+    try:
+        def snapshot():
+            offered, dropped = nft_counters(ns_up)
+            return {"up_offered": offered, "up_dropped": dropped, "cache": target.cache_counters(),
+                    "t": time.monotonic()}
+
+        def delta(before, after, run):
+            seconds = after["t"] - before["t"]
+            item = dict(run)
+            item["upstream_qps"] = round((after["up_offered"] - before["up_offered"]) / seconds, 1)
+            item["upstream_dropped"] = after["up_dropped"] - before["up_dropped"]
+            item["upstream_share_of_offered"] = (round((after["up_offered"] - before["up_offered"]) / run["sent"], 5)
+                                                 if run["sent"] else None)
+            if before["cache"] is not None:
+                hits = after["cache"][0] - before["cache"][0]
+                misses = after["cache"][1] - before["cache"][1]
+                item["hit_ratio"] = round(hits / (hits + misses), 4) if hits + misses else None
+            return item
+
+        if target.name != "direct":
+            before = snapshot()
+            run = dnsperf(ns_client, target, queries, args.warmup, qps=25000)
+            out["cold_start"] = delta(before, snapshot(), run)
+        before = snapshot()
+        run = dnsperf(ns_client, target, queries, args.duration)
+        out["saturation"] = delta(before, snapshot(), run)
+        out["loads"] = []
+        for load in args.loads:
+            before = snapshot()
+            run = dnsperf(ns_client, target, queries, args.duration, qps=load, verbose=True)
+            item = delta(before, snapshot(), run)
+            item["offered_qps"] = load
+            out["loads"].append(item)
+            print("  %-8s %6d q/s offered: %8.0f done, p50 %s ms, p99 %s ms, failed %d, upstream %.0f q/s, hit %s"
+                  % (target.name, load, run["qps"], item.get("p50_ms"), item.get("p99_ms"), item["failed"],
+                     item["upstream_qps"], item.get("hit_ratio")), flush=True)
+    finally:
+        target.stop()
+    return out
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -r requirements-bench.txt): no plot")
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for res in results["targets"]:
+        loads = [item["offered_qps"] for item in res["loads"]]
+        ax1.plot(loads, [max(item["failed"] / max(item["sent"], 1) * 100, 0.001) for item in res["loads"]],
+                 marker="o", label=res["target"])
+        ax2.plot(loads, [max(item["upstream_qps"], 0.1) for item in res["loads"]], marker="o", label=res["target"])
+    for ax in (ax1, ax2):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("offered load (queries/s)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    ax1.set_ylabel("failed queries (% of sent; 0 drawn at 0.001)")
+    ax1.set_title("Failed queries (lost + SERVFAIL)")
+    ax2.axhline(LIMIT_PPS, color="grey", linestyle="--", label="upstream limit")
+    ax2.set_ylabel("queries/s reaching the upstream")
+    ax2.set_title("Upstream load (limit %d packets/s)" % LIMIT_PPS)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 s phases and fewer loads, for development")
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=15)
+    parser.add_argument("--loads", default="500,1000,2000,5000,10000,25000,50000")
+    parser.add_argument("--targets", default="bind,unbound,dnsmasq,direct")
+    parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "dns_cache.json"))
+    parser.add_argument("--bind-option", action="append", default=[],
+                        help="extra role variable for BIND as name=json-value (tuning experiments)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.warmup = 2, 3
+        args.loads = "1000,10000,50000"
+    args.loads = [int(x) for x in args.loads.split(",")]
+    if os.geteuid() != 0:
+        sys.exit("run as root (network namespaces)")
+    for tool in ("dnsperf", "nft", "dig", "ip"):
+        if not shutil.which(tool):
+            sys.exit("%s is missing (Debian packages dnsperf, nftables, bind9-dnsutils, iproute2)" % tool)
+    dnsservers.fetch_servers()
+    overrides = {}
+    for item in args.bind_option:
+        key, value = item.split("=", 1)
+        overrides[key] = json.loads(value)
+    work = tempfile.mkdtemp(prefix="fk-dns-bench-")
+    queries = os.path.join(work, "queries.txt")
+    mix = make_queries(queries, 1000000)
+    client = dnsservers.Netns("bc")
+    upstream_ns = dnsservers.Netns("bu")
+    results = {"tool": "dnsperf 2.10 (-c 4 -t 2; -q 500 at saturation, 2.2 x load at fixed loads)", "bind_version": dnsservers.named_version(),
+               "query_mix": mix, "upstream_limit_pps": LIMIT_PPS, "phase_seconds": args.duration,
+               "warmup_seconds": args.warmup, "worker_threads": 1, "bind_overrides": overrides,
+               "cpus": os.cpu_count(), "targets": []}
+    try:
+        dnsservers.veth_link(client, upstream_ns, CLIENT_ADDR, UP_ADDR)
+        upstream = dnsservers.AuthServer(upstream_ns, UP_ADDR, ZONE, make_records(), workdir=os.path.join(work, "up"),
+                                         threads=1)
+        nft_setup(upstream_ns)
+        makers = {"bind": lambda: BindTarget(client, work, overrides), "unbound": lambda: UnboundTarget(client, work),
+                  "dnsmasq": lambda: DnsmasqTarget(client, work), "direct": DirectTarget}
+        for name in args.targets.split(","):
+            print("== %s" % name, flush=True)
+            res = measure(client, upstream_ns, makers[name](), queries, args)
+            print("  saturation %.0f q/s" % res["saturation"]["qps"], flush=True)
+            results["targets"].append(res)
+        upstream.stop()
+    finally:
+        client.close()
+        upstream_ns.close()
+        shutil.rmtree(work, ignore_errors=True)
+    sat = {res["target"]: res["saturation"]["qps"] for res in results["targets"]}
+    peers = [sat[name] for name in ("unbound", "dnsmasq") if name in sat]
+    if "bind" in sat and peers:
+        results["bind_vs_best_peer_saturation"] = round(sat["bind"] / max(peers), 3)
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    plot(results, os.path.splitext(args.output)[0] + ".png")
+    print("wrote", args.output)
+
+
+if __name__ == "__main__":
+    main()
