@@ -386,7 +386,7 @@ class InventoryModule(AWSInventoryBase):
         params.update(self._frozen_credentials)
         params.pop("profile_name", None)  # the session below already uses it
         config = botocore.config.Config(
-            retries={"max_attempts": int(self.get_option("retry_max_attempts")), "mode": self.get_option("retry_mode")},
+            retries={"total_max_attempts": int(self.get_option("retry_max_attempts")), "mode": self.get_option("retry_mode")},
             connect_timeout=float(self.get_option("connect_timeout")),
             read_timeout=float(self.get_option("read_timeout")),
             max_pool_connections=max(10, int(self.get_option("max_concurrency")) * 2),
