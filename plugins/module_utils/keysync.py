@@ -99,6 +99,8 @@ VALUE_OPTIONS = frozenset([
 
 # sshd separates fields with spaces and tabs only (not other Unicode white space).
 _WS = re.compile(r"[ \t]+")
+# C0 controls except tab, DEL and C1 controls: never part of a key line.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 MAX_LINE_LENGTH = 8192
 MAX_BLOB_BYTES = 4096
 MAX_CERT_BLOB_BYTES = 16384
@@ -397,7 +399,7 @@ def parse_key_line(line, allowed_options=()):
     """Parse and validate one authorized_keys line; raise KeyLineError with the reason."""
     if len(line) > MAX_LINE_LENGTH:
         raise KeyLineError("line is %d characters, more than %d" % (len(line), MAX_LINE_LENGTH))
-    if any((ord(c) < 32 and c != "\t") or 0x7f <= ord(c) <= 0x9f for c in line):
+    if _CONTROL.search(line):
         raise KeyLineError("line contains control characters")
     line = line.strip(" \t")
     first = _WS.split(line, 1)[0] if line else ""

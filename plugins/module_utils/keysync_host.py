@@ -112,8 +112,10 @@ def main(argv=None, s3_factory=make_s3_client, stdout=None, stderr=None):
             _say(stdout, "configuration %s is valid" % args.config)
             return 0
         backend = make_backend(config)
+        # With --json, stdout carries only the result; progress goes to stderr.
+        progress = stderr if args.json else stdout
         result = sync(config, s3_factory(config), backend, check_mode=args.check,
-                      log=lambda message: _say(stdout, message))
+                      log=lambda message: _say(progress, message))
     except ConfigError as exc:
         _say(stderr, "configuration error: %s" % exc)
         return EXIT_CONFIG

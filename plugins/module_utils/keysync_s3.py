@@ -17,6 +17,7 @@ host tool relies on botocore's standard retry mode).
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import (
     PER_USER,
@@ -58,9 +59,16 @@ def _error_text(exc):
 
 
 class RequestCounter:
+    """S3 requests made, and the wall time spent waiting for them."""
+
     def __init__(self):
         self.list = 0
         self.get = 0
+        self.list_seconds = 0.0
+        self.download_seconds = 0.0
+
+    def timings(self):
+        return {"list_s": round(self.list_seconds, 3), "download_s": round(self.download_seconds, 3)}
 
     def as_dict(self):
         return {"list": self.list, "get": self.get}
@@ -76,11 +84,13 @@ def list_key_objects(s3, bucket, prefix, counter, call_kwargs=None):
         if token:
             params["ContinuationToken"] = token
         counter.list += 1
+        started = time.monotonic()
         try:
             page = s3.list_objects_v2(**dict(params, **call_kwargs))
         except Exception as exc:  # pylint: disable=broad-exception-caught
             raise ListingError("listing s3://%s/%s failed on page %d: %s; nothing was changed"
                                % (bucket, prefix, counter.list, _error_text(exc)))
+        counter.list_seconds += time.monotonic() - started
         contents = page.get("Contents", []) or []
         if "KeyCount" in page and page["KeyCount"] != len(contents) + len(page.get("CommonPrefixes", []) or []):
             raise ListingError("listing s3://%s/%s page %d says %s keys but carries %d; nothing was changed"
@@ -115,6 +125,7 @@ def download_objects(s3, bucket, wanted, counter, workers, call_kwargs=None):
     if not wanted:
         return results
     counter.get += len(wanted)
+    started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(workers, len(wanted))) as pool:
         futures = dict((pool.submit(fetch, key), key) for key in sorted(wanted))
         errors = []
@@ -126,6 +137,7 @@ def download_objects(s3, bucket, wanted, counter, workers, call_kwargs=None):
                 errors.append(str(exc))
             except Exception as exc:  # pylint: disable=broad-exception-caught
                 errors.append("s3://%s/%s: %s" % (bucket, key, _error_text(exc)))
+    counter.download_seconds += time.monotonic() - started
     if errors:
         raise DownloadError("%d download(s) failed; nothing was changed: %s" % (len(errors), "; ".join(sorted(errors)[:5])))
     return results
@@ -277,17 +289,18 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
         "check_mode": check_mode,
     }
     before, after = {}, {}
-    # Before: current managed lines of every user we may touch.
+    # Diff: only users whose managed lines change (an unchanged fleet costs no key parsing here).
     for name in sorted(set(plan.keys) | set(plan.remove)):
         info = users.get(name)
         current = _managed_lines(store.read(info), shared) if info is not None else []
-        if current or name in users:
+        wanted = plan.keys.get(name, [] if name in plan.remove else current)
+        if current == wanted and name not in plan.remove:
+            continue
+        if current or info is not None:
             before[name] = current
-        if name in plan.keys:
-            after[name] = plan.keys[name]
-        elif name not in plan.remove:
-            after[name] = current
-        old_set, new_set = set(current), set(after.get(name, []))
+        if name not in plan.remove:
+            after[name] = wanted
+        old_set, new_set = set(current), set(wanted)
         for item in key_summary(sorted(new_set - old_set)):
             result["keys_added"].append({"user": name, "key": item})
         for item in key_summary(sorted(old_set - new_set)):
@@ -296,12 +309,36 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
                       "before_header": "s3://%s/%s (host now)" % (config.bucket, config.prefix),
                       "after_header": "s3://%s/%s (after sync)" % (config.bucket, config.prefix)}
 
+    result["timings"] = counter.timings()
     if check_mode:
         result["changed"] = bool(plan.user_changes or result["keys_added"] or result["keys_removed"]
                                  or any(_needs_write(store, users.get(n), plan.keys[n], shared)
                                         for n in plan.keys if users.get(n) is not None))
         return result
 
+    try:
+        changed = _apply(config, plan, users, backend, store, shared, result, log)
+    finally:
+        backend.flush()
+        store.flush()
+    new_state = {
+        "version": 1,
+        "bucket": config.bucket,
+        "prefix": config.prefix,
+        "objects": new_objects,
+        "valid_count": len(desired),
+        "missing": plan.missing,
+    }
+    if new_state != state:
+        save_state(state_path, new_state)
+    result["changed"] = changed
+    result["requests"] = counter.as_dict()
+    result["timings"] = counter.timings()
+    return result
+
+
+def _apply(config, plan, users, backend, store, shared, result, log):
+    """Carry out the plan: accounts first, then key files, then locks and removals. True when anything changed."""
     changed = False
     wanted_groups = [config.marker_group] + ([config.sudo_group] if config.sudo_group else [])
     if plan.create or plan.add_groups:
@@ -347,19 +384,7 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
         store.delete(users[name])
         backend.remove_user(name)
         changed = True
-    new_state = {
-        "version": 1,
-        "bucket": config.bucket,
-        "prefix": config.prefix,
-        "objects": new_objects,
-        "valid_count": len(desired),
-        "missing": plan.missing,
-    }
-    if new_state != state:
-        save_state(state_path, new_state)
-    result["changed"] = changed
-    result["requests"] = counter.as_dict()
-    return result
+    return changed
 
 
 def _needs_write(store, info, lines, shared):

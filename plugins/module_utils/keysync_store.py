@@ -136,6 +136,9 @@ class SystemUserBackend:
     def remove_user(self, name):
         self._do(["userdel", "--remove", "--", name])
 
+    def flush(self):
+        """Every change is already applied by the command that made it."""
+
 
 class DirectoryUserBackend:
     """Accounts kept in ``ROOT/etc/fleetkeeper-users.json``; homes and keys written below ROOT."""
@@ -176,6 +179,13 @@ class DirectoryUserBackend:
     def _record(self, *operation):
         self.operations.append(list(operation))
         self._load()["operations"].append(list(operation))
+        self._dirty = True
+
+    def flush(self):
+        """Write the account file once per run (the sync calls this after its last change)."""
+        if getattr(self, "_dirty", False):
+            self._save()
+            self._dirty = False
 
     def list_users(self):
         users = {}
@@ -193,7 +203,6 @@ class DirectoryUserBackend:
             return False
         self._load()["groups"].append(name)
         self._record("groupadd", name)
-        self._save()
         return True
 
     def create_user(self, name, uid, groups, shell, home):
@@ -207,25 +216,21 @@ class DirectoryUserBackend:
             os.mkdir(path, 0o700)
             if os.geteuid() == 0:
                 os.lchown(path, uid, uid)
-        self._save()
 
     def add_groups(self, name, groups):
         entry = self._load()["users"][name]
         entry["groups"] = sorted(set(entry["groups"]) | set(groups))
         self._record("usermod-groups", name, sorted(groups))
-        self._save()
 
     def lock_user(self, name):
         self._load()["users"][name]["locked"] = True
         self._record("lock", name)
-        self._save()
 
     def unlock_user(self, name, shell):
         entry = self._load()["users"][name]
         entry["locked"] = False
         entry["shell"] = shell
         self._record("unlock", name)
-        self._save()
 
     def remove_user(self, name):
         entry = self._load()["users"].pop(name)
@@ -233,7 +238,6 @@ class DirectoryUserBackend:
         home = rooted(self.root, entry["home"])
         if os.path.isdir(home) and not os.path.islink(home):
             shutil.rmtree(home)
-        self._save()
 
 
 def make_backend(config, runner=None):
@@ -314,8 +318,11 @@ def read_in_dir(dir_fd, name):
         os.close(fd)
 
 
-def atomic_write_in_dir(dir_fd, name, text, owner, mode):
-    """Write ``name`` in the directory ``dir_fd`` via a temp file beside it, fsync and rename."""
+def atomic_write_in_dir(dir_fd, name, text, owner, mode, sync_dir=True):
+    """Write ``name`` in the directory ``dir_fd`` via a temp file beside it, fsync and rename.
+
+    With ``sync_dir=False`` the caller fsyncs the directory later (once for many files).
+    """
     tmp = ".%s.fk-%d" % (name, os.getpid())
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
@@ -339,7 +346,8 @@ def atomic_write_in_dir(dir_fd, name, text, owner, mode):
         raise
     os.close(fd)
     os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    os.fsync(dir_fd)
+    if sync_dir:
+        os.fsync(dir_fd)
 
 
 def restore_selinux_context(path):
@@ -367,6 +375,20 @@ class KeyFileStore:
     def __init__(self, config):
         self.config = config
         self.root = config.root
+        self._unsynced_dirs = set()
+
+    def flush(self):
+        """fsync every directory a file was renamed into (once each, not once per file)."""
+        for path in sorted(self._unsynced_dirs):
+            try:
+                fd = open_dir(path)
+            except ApplyError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._unsynced_dirs.clear()
 
     def target(self, info):
         """(directory path, file name, directory owner, directory mode, file owner, file mode)."""
@@ -429,7 +451,8 @@ class KeyFileStore:
                 same_owner = os.geteuid() != 0 or (uid, gid) == owner
                 if current == text and same_owner and current_mode == mode:
                     return False
-            atomic_write_in_dir(fd, name, text, owner, mode)
+            atomic_write_in_dir(fd, name, text, owner, mode, sync_dir=False)
+            self._unsynced_dirs.add(self.target(info)[0])
         finally:
             os.close(fd)
         restore_selinux_context(os.path.join(self.target(info)[0], name))

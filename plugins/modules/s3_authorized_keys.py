@@ -267,6 +267,11 @@ requests:
   returned: always
   type: dict
   sample: {"list": 1, "get": 0}
+timings:
+  description: Seconds spent waiting for the listing and for the downloads.
+  returned: always
+  type: dict
+  sample: {"list_s": 0.08, "download_s": 0.0}
 """
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
