@@ -14,6 +14,7 @@ records built here and hands them to Ansible's inventory.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -295,9 +296,17 @@ def tag_dict(tags):
 
 
 def _iso(value):
+    """A timestamp as ISO 8601 in UTC, whether botocore parsed it (datetime) or the fast reader kept the text."""
     if value is None:
         return None
-    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+    if isinstance(value, str):
+        try:
+            value = datetime.datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith("Z") else value)
+        except ValueError:
+            return value
+    if value.tzinfo is not None:
+        value = value.astimezone(datetime.timezone.utc)
+    return value.isoformat()
 
 
 def asg_summary(group):

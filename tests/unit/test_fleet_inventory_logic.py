@@ -1,0 +1,279 @@
+# Copyright: fleetkeeper.aws contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Pure logic of the fleet inventory: records, drift, hostnames, groups, bastion, filters, cache key, fast parsers."""
+
+from __future__ import annotations
+
+import datetime
+from xml.etree import ElementTree
+
+import botocore.session
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ansible_collections.fleetkeeper.aws.plugins.module_utils import fleet as logic
+from tests.support import replay
+
+KNOWN = {"us-east-1", "eu-west-1", "ap-southeast-2"}
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+def test_regions_are_validated_and_deduplicated():
+    assert logic.validate_regions(["us-east-1", "eu-west-1", "us-east-1"], KNOWN) == ["us-east-1", "eu-west-1"]
+    with pytest.raises(logic.FleetConfigError, match="'us-eest-1'"):
+        logic.validate_regions(["us-east-1", "us-eest-1"], KNOWN)
+    with pytest.raises(logic.FleetConfigError, match="no region"):
+        logic.validate_regions([], KNOWN)
+    with pytest.raises(logic.FleetConfigError, match="'US_EAST_1'"):
+        logic.validate_regions(["US_EAST_1"], set())
+    assert logic.validate_regions(["xx-new-9"], set()) == ["xx-new-9"]  # unknown list: shape only
+
+
+def test_hostnames_and_lifecycle_options():
+    assert logic.validate_hostnames([]) == logic.DEFAULT_HOSTNAMES
+    assert logic.validate_hostnames(["tag:Name", "instance-id"]) == ["tag:Name", "instance-id"]
+    for bad in (["bogus"], ["tag:"], [{"name": "x"}], "dns-name"):
+        with pytest.raises(logic.FleetConfigError):
+            logic.validate_hostnames(bad)
+    assert logic.validate_lifecycle_states(["InService"]) == frozenset({"InService"})
+    assert logic.validate_lifecycle_states(["InService", "all"]) is None
+    with pytest.raises(logic.FleetConfigError):
+        logic.validate_lifecycle_states([])
+
+
+def test_bastion_option():
+    assert logic.parse_bastion(None) is None
+    parsed = logic.parse_bastion({"tag": "fleetkeeper:role=bastion", "user": "admin", "port": "2222"})
+    assert parsed["tag"] == ("fleetkeeper:role", "bastion") and parsed["port"] == 2222
+    assert logic.parse_bastion({"tag": "bastion"})["tag"] == ("bastion", None)
+    assert logic.parse_bastion({"instance_id": "i-0123456789abcdef0"})["instance_id"] == "i-0123456789abcdef0"
+    for bad in ({"user": "admin"}, {"tag": "a=b", "address": "x"}, {"instance_id": "bastion-1"}, {"address": "x", "port": 0},
+                {"tag": "=x"}, "bastion.example.com"):
+        with pytest.raises(logic.FleetConfigError):
+            logic.parse_bastion(bad)
+    assert logic.bastion_filters(parsed)[1] == {"Name": "tag:fleetkeeper:role", "Values": ["bastion"]}
+    assert logic.bastion_filters(logic.parse_bastion({"tag": "bastion"}))[1] == {"Name": "tag-key", "Values": ["bastion"]}
+
+
+def test_filters_and_requests():
+    assert logic.ec2_filter_list({"tag:Role": ["a", "b"], "instance-type": "t3.micro"}) == [
+        {"Name": "tag:Role", "Values": ["a", "b"]},
+        {"Name": "instance-type", "Values": ["t3.micro"]},
+        {"Name": "instance-state-name", "Values": logic.DEFAULT_INSTANCE_STATES},
+    ]
+    assert logic.ec2_filter_list({"instance-state-name": "running"}) == [{"Name": "instance-state-name", "Values": ["running"]}]
+    with pytest.raises(logic.FleetConfigError):
+        logic.ec2_filter_list("tag:Role=a")
+    assert logic.asg_request([], {}) == {"MaxRecords": 100}
+    assert logic.asg_request(["web"], {"team": ["a", "b"]}) == {
+        "MaxRecords": 100, "AutoScalingGroupNames": ["web"], "Filters": [{"Name": "tag:team", "Values": ["a", "b"]}]}
+    assert logic.fallback_instance_filters(["web"], {"team": "a"})[1:] == [
+        {"Name": "tag:aws:autoscaling:groupName", "Values": ["web"]}, {"Name": "tag:team", "Values": ["a"]}]
+    assert logic.fallback_instance_filters([], {})[1] == {"Name": "tag-key", "Values": ["aws:autoscaling:groupName"]}
+
+
+def test_the_filters_the_plugin_builds_are_valid_botocore_requests():
+    model = botocore.session.get_session().get_service_model("ec2").operation_model("DescribeInstances")
+    names = {"Filters", "InstanceIds", "MaxResults", "NextToken", "DryRun"}
+    assert set(model.input_shape.members) >= names
+    asg = botocore.session.get_session().get_service_model("autoscaling").operation_model("DescribeAutoScalingGroups")
+    assert set(logic.asg_request(["a"], {"b": "c"})) <= set(asg.input_shape.members)
+
+
+# --- planning and errors ---------------------------------------------------------------------------
+
+@given(st.integers(min_value=0, max_value=5000), st.integers(min_value=1, max_value=1000))
+def test_batches_cover_everything_once(count, size):
+    items = list(range(count))
+    parts = logic.batches(items, size)
+    assert [i for part in parts for i in part] == items
+    assert all(0 < len(part) <= size for part in parts)
+
+
+def test_call_budget():
+    assert logic.call_budget(10000, 200) == 2 + 10
+    assert logic.call_budget(0, 0) == 1
+    assert logic.call_budget(50000, 1000, templates=1000) == 10 + 50 + 5
+
+
+def test_missing_ids_and_error_classes():
+    message = "The instance IDs 'i-0123456789abcdef0, i-00000000000000001' do not exist"
+    assert logic.missing_instance_ids(message) == {"i-0123456789abcdef0", "i-00000000000000001"}
+    assert logic.classify_error("UnauthorizedOperation") == "denied"
+    assert logic.classify_error("AccessDenied", 403) == "denied"
+    assert logic.classify_error("AuthFailure", 401) == "credentials"
+    assert logic.classify_error("OptInRequired", 403) == "credentials"
+    assert logic.classify_error("InternalError", 500) == "error"
+    text = logic.error_message("denied", "us-east-1", "ec2:DescribeInstances", "UnauthorizedOperation", "no")
+    assert "ec2:DescribeInstances" in text and "docs/iam/inventory.json" in text
+    assert "skip_failed_regions" in logic.error_message("credentials", "ap-east-1", "x", "AuthFailure", "")
+    assert "endpoint_url" in logic.error_message("unreachable", "us-east-1", "x", "", "refused")
+
+
+# --- records and drift ---------------------------------------------------------------------------
+
+def group(version="$Latest", instances=None):
+    return logic.asg_summary({
+        "AutoScalingGroupName": "web",
+        "LaunchTemplate": {"LaunchTemplateId": "lt-1", "LaunchTemplateName": "web-lt", "Version": version},
+        "Instances": instances or [
+            {"InstanceId": "i-00000000000000001", "LifecycleState": "InService", "HealthStatus": "Healthy",
+             "LaunchTemplate": {"LaunchTemplateId": "lt-1", "LaunchTemplateName": "web-lt", "Version": "3"}},
+        ],
+    })
+
+
+INSTANCE = {
+    "InstanceId": "i-00000000000000001", "State": {"Name": "running"},
+    "Placement": {"AvailabilityZone": "us-east-1a"}, "SubnetId": "subnet-1", "VpcId": "vpc-1",
+    "PrivateIpAddress": "10.0.0.5", "PrivateDnsName": "ip-10-0-0-5.ec2.internal", "PublicDnsName": "",
+    "InstanceType": "m7g.large", "ImageId": "ami-1",
+    "LaunchTime": datetime.datetime(2026, 11, 20, 8, 14, 3, tzinfo=datetime.timezone.utc),
+    "IamInstanceProfile": {"Arn": "arn:aws:iam::1:instance-profile/web"},
+    "Tags": [{"Key": "Name", "Value": "web"}, {"Key": "aws:autoscaling:groupName", "Value": "web"}],
+}
+
+
+def test_target_version_and_drift():
+    versions = {"lt-1": {"latest": 4, "default": 3}}
+    assert logic.target_version(group("$Latest")["launch_template"], versions) == 4
+    assert logic.target_version(group("$Default")["launch_template"], versions) == 3
+    assert logic.target_version(group("3")["launch_template"], {}) == 3
+    assert logic.target_version(group("$Latest")["launch_template"], {}) is None
+    g = group("$Latest")
+    member = g["instances"]["i-00000000000000001"]
+    assert logic.drift(g, member, 4) is True
+    assert logic.drift(g, member, 3) is False
+    assert logic.drift(g, member, None) is None
+    other = dict(member, launch_template={"LaunchTemplateId": "lt-2", "Version": "4"})
+    assert logic.drift(g, other, 4) is True  # another template altogether
+    legacy = logic.asg_summary({"AutoScalingGroupName": "old", "LaunchConfigurationName": "lc-2", "Instances": [
+        {"InstanceId": "i-1", "LifecycleState": "InService", "LaunchConfigurationName": "lc-1"}]})
+    assert logic.drift(legacy, legacy["instances"]["i-1"], None) is True
+    mixed = logic.asg_summary({"AutoScalingGroupName": "m", "MixedInstancesPolicy": {"LaunchTemplate": {
+        "LaunchTemplateSpecification": {"LaunchTemplateId": "lt-9", "Version": "2"}}}, "Instances": []})
+    assert mixed["launch_template"] == {"id": "lt-9", "name": None, "version": "2"}
+    assert logic.templates_to_resolve([group("$Latest"), group("7"), mixed]) == ["lt-1"]
+
+
+def test_instance_record_and_host_vars():
+    g = group("$Latest")
+    record = logic.instance_record(INSTANCE, "us-east-1", g, g["instances"]["i-00000000000000001"],
+                                   {"lt-1": {"latest": 4, "default": 4}})
+    assert record["asg_name"] == "web" and record["lifecycle_state"] == "InService"
+    assert record["launch_template_version"] == 3 and record["launch_template_target_version"] == 4
+    assert record["launch_template_drift"] is True
+    assert record["launch_time"] == "2026-11-20T08:14:03+00:00"
+    assert record["public_dns_name"] is None and record["public_ip_address"] is None
+    assert record["instance_profile_arn"] == "arn:aws:iam::1:instance-profile/web"
+    assert record["ec2_tags"] == {"Name": "web", "aws:autoscaling:groupName": "web"}
+    variables = logic.host_vars(record, "-o ProxyJump=admin@192.0.2.1")
+    assert variables["ansible_host"] == "10.0.0.5"
+    assert variables["ansible_ssh_common_args"] == "-o ProxyJump=admin@192.0.2.1"
+    public = dict(record, public_ip_address="198.51.100.7")
+    assert "ansible_ssh_common_args" not in logic.host_vars(public, "-o ProxyJump=x")
+    assert logic.host_vars(public)["ansible_host"] == "198.51.100.7"
+    standalone = logic.instance_record(dict(INSTANCE, Tags=[]), "us-east-1")
+    assert standalone["standalone"] is True and "standalone" not in logic.host_vars(standalone)
+
+
+def test_lifecycle_selection():
+    assert logic.keep_record({"lifecycle_state": "InService", "instance_state": "running"}, frozenset({"InService"}))
+    assert not logic.keep_record({"lifecycle_state": "Standby", "instance_state": "running"}, frozenset({"InService"}))
+    assert logic.keep_record({"lifecycle_state": "Standby"}, None)
+    assert not logic.keep_record({"lifecycle_state": "Terminating", "instance_state": "shutting-down"},
+                                 frozenset({"Terminating"}))
+    assert logic.keep_record({"lifecycle_state": None, "instance_state": "running"}, frozenset({"InService"}))
+    assert not logic.keep_record({"lifecycle_state": None, "instance_state": "stopped"}, frozenset({"InService"}))
+    assert logic.keep_record({"standalone": True, "instance_state": "stopped"}, frozenset({"InService"}))
+
+
+# --- inventory shaping ---------------------------------------------------------------------------
+
+@given(st.text(max_size=40))
+def test_group_names_are_always_valid(name):
+    cleaned = logic.safe_group_name(name)
+    assert cleaned and (cleaned[0].isalpha() or cleaned[0] == "_")
+    assert all(c.isascii() and (c.isalnum() or c == "_") for c in cleaned)
+
+
+def test_builtin_groups():
+    record = {"asg_name": "web-1", "availability_zone": "us-east-1a", "region": "us-east-1",
+              "lifecycle_state": "Pending:Wait", "launch_template_drift": True}
+    assert logic.builtin_groups(record) == ["asg_web_1", "az_us_east_1a", "region_us_east_1", "lifecycle_pending_wait",
+                                            "launch_template_drift"]
+    assert logic.builtin_groups({"standalone": True, "region": "eu-west-1"}, "fleet_") == ["standalone", "region_eu_west_1"]
+
+
+def test_hostname_preferences_and_fallbacks():
+    record = {"instance_id": "i-1", "private_ip_address": "10.0.0.5", "public_dns_name": None,
+              "ec2_tags": {"Name": "web"}}
+    assert logic.choose_hostname(record, logic.DEFAULT_HOSTNAMES) == "10.0.0.5"
+    assert logic.choose_hostname(record, ["tag:Name"]) == "web"
+    assert logic.choose_hostname(record, ["tag:Name"], taken={"web"}) == "10.0.0.5"
+    assert logic.choose_hostname(record, ["tag:Missing"], taken={"10.0.0.5"}) == "i-1"
+    assert logic.choose_hostname({"instance_id": "i-2"}, ["dns-name"]) == "i-2"
+
+
+def test_proxy_jump_args():
+    assert logic.proxy_jump_args("192.0.2.1") == "-o ProxyJump=192.0.2.1"
+    assert logic.proxy_jump_args("192.0.2.1", "admin", 22) == "-o ProxyJump=admin@192.0.2.1"
+    assert logic.proxy_jump_args("b.example.com", "ops", 2222, "-o ServerAliveInterval=30") == \
+        "-o ProxyJump=ops@b.example.com:2222 -o ServerAliveInterval=30"
+    assert logic.bastion_address({"public_ip_address": None, "public_dns_name": "b", "private_ip_address": "10.0.0.1"}) == "b"
+
+
+def test_cache_key_changes_with_path_options_and_identity():
+    base = logic.cache_key("fleetkeeper.aws.fleet", "/a.fleet.yml", {"regions": ["us-east-1"]}, {"access_key": "A"})
+    assert base.startswith("fleetkeeper_aws_fleet_")
+    assert base == logic.cache_key("fleetkeeper.aws.fleet", "/a.fleet.yml", {"regions": ["us-east-1"]}, {"access_key": "A"})
+    assert base != logic.cache_key("fleetkeeper.aws.fleet", "/b.fleet.yml", {"regions": ["us-east-1"]}, {"access_key": "A"})
+    assert base != logic.cache_key("fleetkeeper.aws.fleet", "/a.fleet.yml", {"regions": ["eu-west-1"]}, {"access_key": "A"})
+    assert base != logic.cache_key("fleetkeeper.aws.fleet", "/a.fleet.yml", {"regions": ["us-east-1"]}, {"access_key": "B"})
+
+
+# --- fast parsers agree with botocore ----------------------------------------------------------------
+
+def botocore_parse(operation, service, body):
+    from botocore.parsers import create_parser
+
+    model = botocore.session.get_session().get_service_model(service)
+    return create_parser(model.protocol).parse({"body": body, "headers": {}, "status_code": 200},
+                                               model.operation_model(operation).output_shape)
+
+
+def test_fast_describe_instances_matches_botocore():
+    fleet = replay.RegionFleet("us-east-1", 0, 5, 2)
+    body = replay.INSTANCES_PAGE.format(request_id="r", items="".join(i.xml for i in fleet.order),
+                                        next_token="<nextToken>5</nextToken>").encode()
+    fast = logic.parse_describe_instances(body, ElementTree)
+    slow = botocore_parse("DescribeInstances", "ec2", body)
+    assert fast["NextToken"] == slow["NextToken"] == "5"
+    fast_instances = [i for r in fast["Reservations"] for i in r["Instances"]]
+    slow_instances = [i for r in slow["Reservations"] for i in r["Instances"]]
+    assert len(fast_instances) == 5
+    for fast_one, slow_one in zip(fast_instances, slow_instances):
+        assert logic.instance_record(fast_one, "us-east-1") == logic.instance_record(slow_one, "us-east-1")
+        assert fast_one["PrivateIpAddress"] == slow_one["PrivateIpAddress"]  # not the interface's copy
+
+
+def test_fast_describe_auto_scaling_groups_matches_botocore():
+    fleet = replay.RegionFleet("us-east-1", 0, 6, 2)
+    body = replay.ASG_PAGE.format(groups="".join(fleet.group_xml.values()), next_token="<NextToken>2</NextToken>",
+                                  request_id="r").encode()
+    fast = logic.parse_describe_auto_scaling_groups(body, ElementTree)
+    slow = botocore_parse("DescribeAutoScalingGroups", "autoscaling", body)
+    assert fast["NextToken"] == slow["NextToken"] == "2"
+    assert [logic.asg_summary(g) for g in fast["AutoScalingGroups"]] == \
+        [logic.asg_summary(g) for g in slow["AutoScalingGroups"]]
+
+
+def test_fast_parsers_refuse_what_they_do_not_know():
+    assert logic.parse_describe_instances(b"<Other/>", ElementTree) is None
+    assert logic.parse_describe_auto_scaling_groups(b"<Other/>", ElementTree) is None
+    empty = logic.FAST_PARSERS["DescribeInstances"][1]
+    assert botocore_parse("DescribeInstances", "ec2", empty).get("Reservations", []) == []
+    empty = logic.FAST_PARSERS["DescribeAutoScalingGroups"][1]
+    assert botocore_parse("DescribeAutoScalingGroups", "autoscaling", empty).get("AutoScalingGroups", []) == []
