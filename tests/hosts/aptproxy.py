@@ -121,7 +121,8 @@ class AptProxyHandler(BaseHTTPRequestHandler):
 
     # --- upstream -------------------------------------------------------------------
     def _upstream(self, host: str) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection(host, 80, timeout=self.server.upstream_timeout)
+        address, port = self.server.upstreams.get(host, (host, 80))
+        return http.client.HTTPConnection(address, port, timeout=self.server.upstream_timeout)
 
     def _fetch_passthrough(self, host: str, path: str) -> None:
         try:
@@ -188,41 +189,59 @@ class AptProxyHandler(BaseHTTPRequestHandler):
         fd, temp = tempfile.mkstemp(prefix=".fk-", dir=os.path.dirname(target))
         received = 0
         client_ok = True
+
+        def send_headers():
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            if length is not None:
+                self.send_header("Content-Length", length)
+            else:
+                self.close_connection = True
+            if last_modified:
+                self.send_header("Last-Modified", last_modified)
+            self.send_header("X-Cache", outcome)
+            self.end_headers()
+
+        # The answer completes only once the file is in the cache (HEAD: headers
+        # after the download; GET: the last chunk held back), so a client that
+        # asks again right after its answer always hits.
         try:
             with os.fdopen(fd, "wb") as out:
-                self.send_response(200)
-                self.send_header("Content-Type", content_type)
-                if length is not None:
-                    self.send_header("Content-Length", length)
-                else:
-                    self.close_connection = True
-                if last_modified:
-                    self.send_header("Last-Modified", last_modified)
-                self.send_header("X-Cache", outcome)
-                self.end_headers()
+                if self.command != "HEAD":
+                    send_headers()
+                pending = b""
                 while True:
                     chunk = response.read(CHUNK)
                     if not chunk:
                         break
                     out.write(chunk)
                     received += len(chunk)
-                    if client_ok and self.command != "HEAD":
-                        try:
-                            self.wfile.write(chunk)
-                        except OSError:
-                            client_ok = False  # keep filling the cache for the next client
+                    client_ok = self._send_chunk(pending, client_ok)
+                    pending = chunk
             if length is not None and received != int(length):
                 raise OSError(f"upstream sent {received} of {length} bytes")
             _write_meta(target, {"last_modified": last_modified, "content_type": content_type})
             os.replace(temp, target)
             temp = None
             self._log(outcome, self.path, received)
+            if self.command == "HEAD":
+                send_headers()
+            self._send_chunk(pending, client_ok)
         except OSError:
             self.close_connection = True
             self._log("ERROR", self.path, received)
         finally:
             if temp and os.path.exists(temp):
                 os.unlink(temp)
+
+    def _send_chunk(self, chunk: bytes, client_ok: bool) -> bool:
+        if not chunk or not client_ok or self.command == "HEAD":
+            return client_ok
+        try:
+            self.wfile.write(chunk)
+            return True
+        except OSError:
+            return False  # keep filling the cache for the next client
 
     def _serve_file(self, target: str, outcome: str, url: str) -> None:
         meta = _read_meta(target)
@@ -239,10 +258,10 @@ class AptProxyHandler(BaseHTTPRequestHandler):
             last_modified = meta.get("last_modified") or email.utils.formatdate(os.path.getmtime(target), usegmt=True)
             self.send_header("Last-Modified", last_modified)
             self.send_header("X-Cache", outcome)
+            self._log(outcome, url, size)
             self.end_headers()
             if self.command != "HEAD":
                 shutil.copyfileobj(handle, self.wfile, CHUNK)
-        self._log(outcome, url, size)
 
 
 def _meta_path(target: str) -> str:
@@ -271,7 +290,7 @@ class AptProxy:
 
     def __init__(self, cache_root: str, host: str = "127.0.0.1", port: int = 0,
                  allowed_hosts=DEFAULT_ALLOWED_HOSTS, index_ttl: float = 3600.0,
-                 access_log: str | None = None, upstream_timeout: float = 60.0):
+                 access_log: str | None = None, upstream_timeout: float = 60.0, upstreams=None):
         self.server = ThreadingHTTPServer((host, port), AptProxyHandler)
         self.server.daemon_threads = True
         self.server.cache_root = cache_root
@@ -281,7 +300,10 @@ class AptProxy:
         self.server.log_lock = threading.Lock()
         self.server.stats = CacheStats()
         self.server.upstream_timeout = upstream_timeout
-        self.thread = threading.Thread(target=self.server.serve_forever, name="aptproxy", daemon=True)
+        # host -> (address, port) to connect to instead of host:80 (tests use a local archive)
+        self.server.upstreams = dict(upstreams or {})
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
+                                       name="aptproxy", daemon=True)
 
     @property
     def port(self) -> int:
