@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # Copyright: fleetkeeper.aws contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """DNS cache benchmark: the role's BIND against unbound, dnsmasq and the rate-limited upstream itself.
@@ -246,8 +245,10 @@ def dnsperf(ns, target, queries, duration, qps=None, verbose=False):
                          ("avg_latency_s", r"Average Latency \(s\):\s+([0-9.]+)")):
         match = re.search(pattern, text)
         result[key] = float(match.group(1)) if match else 0.0
-    rcodes = dict((code, int(n)) for code, n in re.findall(r"([A-Z]+) (\d+) \(", text.split("Response codes:")[-1]
-                                                            .splitlines()[0])) if "Response codes:" in text else {}
+    rcodes = {}
+    if "Response codes:" in text:
+        line = text.split("Response codes:")[-1].splitlines()[0]
+        rcodes = {code: int(n) for code, n in re.findall(r"([A-Z]+) (\d+) \(", line)}
     result["rcodes"] = rcodes
     result["failed"] = int(result["lost"]) + rcodes.get("SERVFAIL", 0)
     if verbose:
@@ -334,7 +335,7 @@ def plot(results, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", maxsplit=1)[0])
     parser.add_argument("--quick", action="store_true", help="2 s phases and fewer loads, for development")
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=15)

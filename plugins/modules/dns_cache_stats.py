@@ -22,7 +22,7 @@ description:
   - Reads JSON (C(/json/v1/server)) and falls back to XML (C(/xml/v3/server)) when BIND was built without JSON
     support.
 author:
-  - fleetkeeper maintainers
+  - fleetkeeper maintainers (@fleetkeeper)
 options:
   host:
     description:

@@ -54,7 +54,7 @@ def test_second_query_is_answered_from_cache(env):
     first = dnsservers.dig(ns, "127.0.0.1", 53, "www.fk.test")
     assert dnsservers.dig_status(first) == "NOERROR" and "192.0.2.10" in first
     after_first = upstream.query_count()
-    for _ in range(5):
+    for _attempt in range(5):
         again = dnsservers.dig(ns, "127.0.0.1", 53, "www.fk.test")
         assert "192.0.2.10" in again
     assert after_first - before == 1
@@ -66,7 +66,7 @@ def test_stats_module_sees_hits_and_upstream_queries(env):
     read = {"name": "read", "fleetkeeper.aws.dns_cache_stats": {}}
     before = run_playbook_in_netns(ns, [{"hosts": "localhost", "gather_facts": False, "tasks": [read]}])
     assert before.returncode == 0, before.stdout + before.stderr
-    for _ in range(4):
+    for _attempt in range(4):
         assert "192.0.2.11" in dnsservers.dig(ns, "127.0.0.1", 53, "api.fk.test")
     tasks = [dict(read, name="json"),
              {"name": "xml", "fleetkeeper.aws.dns_cache_stats": {"format": "xml"}}]

@@ -118,8 +118,8 @@ class Netns:
         kwargs.setdefault("text", True)
         proc = subprocess.run(self.cmd(argv), check=False, **kwargs)
         if check and proc.returncode != 0:
-            raise DnsServerError("%s in %s failed (%s):\n%s%s" % (" ".join(argv), self.name, proc.returncode,
-                                                                 proc.stdout or "", proc.stderr or ""))
+            raise DnsServerError("%s in %s failed (%s):\n%s%s"
+                                 % (" ".join(argv), self.name, proc.returncode, proc.stdout or "", proc.stderr or ""))
         return proc
 
     def popen(self, argv: list, **kwargs) -> subprocess.Popen:

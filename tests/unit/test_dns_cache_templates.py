@@ -76,8 +76,8 @@ def test_named_checkconf_rejects_bad_variables(rendered, case, error):
 
 
 def test_os_family_layouts(rendered):
-    deb_stage, deb_main, _ = rendered["debian"]
-    rh_stage, rh_main, _ = rendered["redhat"]
+    deb_stage, deb_main, _deb_values = rendered["debian"]
+    rh_stage, rh_main, _rh_values = rendered["redhat"]
     assert deb_main == "/etc/bind/named.conf" and rh_main == "/etc/named.conf"
     assert 'include "/etc/bind/named.conf.options";' in read_staged(deb_stage, deb_main)
     assert 'include "/etc/named/dns_cache.options.conf";' in read_staged(rh_stage, rh_main)
