@@ -217,7 +217,7 @@ class KeySyncConfig:
         try:
             self.min_listing_ratio = float(self.min_listing_ratio)
         except (TypeError, ValueError):
-            raise ConfigError("min_listing_ratio must be a number between 0 and 1")
+            raise ConfigError("min_listing_ratio must be a number between 0 and 1") from None
         if not 0.0 <= self.min_listing_ratio <= 1.0:
             raise ConfigError("min_listing_ratio must be between 0 and 1, not %r" % self.min_listing_ratio)
         self.allowed_options = [o.lower() for o in _as_list(self.allowed_options)]
@@ -362,7 +362,7 @@ def _check_blob(key_type, blob):
     try:
         inner = inner_type.decode("ascii")
     except UnicodeDecodeError:
-        raise KeyLineError("key data does not start with a key type")
+        raise KeyLineError("key data does not start with a key type") from None
     if inner != key_type:
         raise KeyLineError("key data says %r but the line says %r" % (inner, key_type))
     if is_cert:
@@ -423,7 +423,7 @@ def parse_key_line(line, allowed_options=()):
     try:
         blob = base64.b64decode(fields[1].encode("ascii"), validate=True)
     except (binascii.Error, ValueError, UnicodeEncodeError):
-        raise KeyLineError("key data is not valid base64")
+        raise KeyLineError("key data is not valid base64") from None
     if not blob:
         raise KeyLineError("key data is empty")
     _check_blob(key_type, blob)
@@ -478,7 +478,7 @@ def decode_object(data):
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise KeyLineError("object is not UTF-8 text")
+        raise KeyLineError("object is not UTF-8 text") from None
     return text.lstrip("\ufeff")
 
 

@@ -46,7 +46,7 @@ def make_s3_client(config):
         import boto3  # pylint: disable=import-outside-toplevel
         from botocore.config import Config  # pylint: disable=import-outside-toplevel
     except ImportError:
-        raise ConfigError("boto3 is not installed on this host (Debian: python3-boto3)")
+        raise ConfigError("boto3 is not installed on this host (Debian: python3-boto3)") from None
     session = boto3.session.Session()
     return session.client(
         "s3",
@@ -61,9 +61,9 @@ def load_config(path):
         with open(path, "r", encoding="utf-8") as handle:
             data = json.load(handle)
     except (IOError, OSError) as exc:
-        raise ConfigError("cannot read %s: %s" % (path, exc))
+        raise ConfigError("cannot read %s: %s" % (path, exc)) from exc
     except ValueError as exc:
-        raise ConfigError("%s is not valid JSON: %s" % (path, exc))
+        raise ConfigError("%s is not valid JSON: %s" % (path, exc)) from exc
     if not isinstance(data, dict):
         raise ConfigError("%s must hold a JSON object" % path)
     # Keys starting with "_" are notes (the role writes "_managed"), not options.

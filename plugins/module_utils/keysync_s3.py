@@ -30,6 +30,7 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import (
     decode_object,
     key_summary,
     parse_key_file,
+    parse_key_line,
     plan_per_user,
     plan_shared_user,
     render_shared,
@@ -89,7 +90,7 @@ def list_key_objects(s3, bucket, prefix, counter, call_kwargs=None):
             page = s3.list_objects_v2(**dict(params, **call_kwargs))
         except Exception as exc:  # pylint: disable=broad-exception-caught
             raise ListingError("listing s3://%s/%s failed on page %d: %s; nothing was changed"
-                               % (bucket, prefix, counter.list, _error_text(exc)))
+                               % (bucket, prefix, counter.list, _error_text(exc))) from exc
         counter.list_seconds += time.monotonic() - started
         contents = page.get("Contents", []) or []
         if "KeyCount" in page and page["KeyCount"] != len(contents) + len(page.get("CommonPrefixes", []) or []):
@@ -149,8 +150,6 @@ def _reject(rejected, obj, user, line, reason):
 
 def collect(s3, config, state, counter, call_kwargs=None):
     """List, download what changed, parse: (desired {user: [PublicKey]}, new object state, rejected, stats)."""
-    from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import parse_key_line  # noqa
-
     listing = list_key_objects(s3, config.bucket, config.prefix, counter, call_kwargs)
     same_source = state.get("bucket") == config.bucket and state.get("prefix") == config.prefix
     old_objects = state.get("objects", {}) if same_source else {}
