@@ -324,7 +324,8 @@ class InventoryModule(AWSInventoryBase):
         try:
             regions = self.get_option("regions") or ([self.region] if self.region else [])
             settings = {
-                "regions": logic.validate_regions(regions, self._known_regions()),
+                # The shape of each name now; botocore's list of regions is checked before any call (_fetch).
+                "regions": logic.validate_regions(regions),
                 "hostnames": logic.validate_hostnames(self.get_option("hostnames")),
                 "lifecycle_states": logic.validate_lifecycle_states(self.get_option("lifecycle_states")),
                 "bastion": logic.parse_bastion(self.get_option("bastion")),
@@ -332,7 +333,7 @@ class InventoryModule(AWSInventoryBase):
                 "instance_filters": [logic.ec2_filter_list(f) for f in self.get_option("instance_filters") or []],
             }
             if settings["bastion"] and settings["bastion"]["region"]:
-                logic.validate_regions([settings["bastion"]["region"]], self._known_regions())
+                logic.validate_regions([settings["bastion"]["region"]])
         except logic.FleetConfigError as exc:
             raise AnsibleParserError(f"{self.NAME}: {exc}") from None
         for name in ("max_concurrency", "retry_max_attempts"):
@@ -360,18 +361,12 @@ class InventoryModule(AWSInventoryBase):
             return set()
 
     def _identity(self):
-        """Who is asking, without an API call: the access key id or the role to assume, plus profile."""
-        identity = {"profile": self.get_option("profile"), "role": self.get_option("assume_role_arn")}
-        if not identity["role"]:
-            access_key = self.get_option("access_key")
-            if not access_key:
-                try:
-                    credentials = self._boto_session().get_credentials()
-                    access_key = credentials.access_key if credentials else None
-                except botocore.exceptions.BotoCoreError:
-                    access_key = None
-            identity["access_key"] = access_key
-        return identity
+        """Who is asking, without an API call or a boto3 session: role to assume, access key id, profile."""
+        return {
+            "role": self.get_option("assume_role_arn"),
+            "access_key": self.get_option("access_key") or os.environ.get("AWS_ACCESS_KEY_ID"),
+            "profile": self.get_option("profile") or os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE"),
+        }
 
     def _cache_key(self, path):
         options = {name: self.get_option(name) for name in KEYED_OPTIONS}
@@ -560,6 +555,10 @@ class InventoryModule(AWSInventoryBase):
         bastion = settings["bastion"]
         bastion_region = (bastion or {}).get("region") or regions[0]
         client_regions = list(regions) + ([bastion_region] if bastion_region not in regions else [])
+        try:
+            logic.validate_regions(client_regions, self._known_regions())
+        except logic.FleetConfigError as exc:
+            raise AnsibleParserError(f"{self.NAME}: {exc}") from None
         clients = self._clients(("autoscaling", "ec2"), client_regions)
         workers = int(self.get_option("max_concurrency"))
         data = {"format": logic.CACHE_FORMAT, "regions": {}, "warnings": [], "bastion": None, "complete": True}
@@ -618,6 +617,7 @@ class InventoryModule(AWSInventoryBase):
         bastion_ids = {r["instance_id"] for r in bastion_records}
 
         direct = hasattr(inventory, "__wrapped__") and self.get_option("fast_host_vars")
+        region_groups = len(data["regions"]) > 1
         known_groups = set(inventory.groups)
         taken = set()
         names = {}
@@ -661,7 +661,7 @@ class InventoryModule(AWSInventoryBase):
             for record in sorted(data["regions"][region], key=lambda r: (r.get("asg_name") or "", r["instance_id"])):
                 if not logic.keep_record(record, states):
                     continue
-                groups = logic.builtin_groups(record, prefix)
+                groups = logic.builtin_groups(record, prefix, region_groups)
                 if record["instance_id"] in bastion_ids:
                     groups.append("bastion")
                 add(record, groups, None if record["instance_id"] in bastion_ids else bastion_args)
@@ -675,10 +675,8 @@ class InventoryModule(AWSInventoryBase):
         data = None
         if use_cache and cache:
             try:
-                data = self._cache[key]
+                data = logic.unpack_cache(self._cache[key])
             except KeyError:
-                data = None
-            if not isinstance(data, dict) or data.get("format") != logic.CACHE_FORMAT:
                 data = None
         fetched = data is None
         if fetched:
@@ -688,7 +686,7 @@ class InventoryModule(AWSInventoryBase):
             self.warn(warning)
         self._populate(data, settings)
         if use_cache and fetched and data["complete"]:
-            self._cache[key] = data
+            self._cache[key] = logic.pack_cache(data)
         done = time.monotonic(), time.process_time()
         self.display.vvv(
             f"{self.NAME}: {sum(len(r) for r in data['regions'].values())} instances "

@@ -449,8 +449,8 @@ def safe_group_name(name):
     return cleaned
 
 
-def builtin_groups(record, asg_prefix="asg_"):
-    """Groups a host joins without any constructed options: ASG, AZ, region, lifecycle, drift."""
+def builtin_groups(record, asg_prefix="asg_", region_groups=True):
+    """Groups a host joins without any constructed options: ASG, AZ, region (when several), lifecycle, drift."""
     groups = []
     if record.get("asg_name"):
         groups.append(safe_group_name(asg_prefix + record["asg_name"]))
@@ -458,7 +458,8 @@ def builtin_groups(record, asg_prefix="asg_"):
         groups.append("standalone")
     if record.get("availability_zone"):
         groups.append(safe_group_name("az_" + record["availability_zone"]))
-    groups.append(safe_group_name("region_" + record["region"]))
+    if region_groups:
+        groups.append(safe_group_name("region_" + record["region"]))
     if record.get("lifecycle_state"):
         groups.append(safe_group_name("lifecycle_" + record["lifecycle_state"].replace(":", "_").lower()))
     if record.get("launch_template_drift"):
@@ -504,6 +505,26 @@ def host_vars(record, bastion_args=None):
 
 
 # --- cache ----------------------------------------------------------------------------
+
+def pack_cache(data):
+    """The cache entry: one JSON string, so that the cache plugin stores and loads one value.
+
+    ansible-core 2.19+'s cache plugins decode every string of a cached structure into a
+    tagged object: for 10,000 hosts that took longer than asking AWS. One string costs nothing.
+    """
+    return {"format": CACHE_FORMAT, "data": json.dumps(data, separators=(",", ":"))}
+
+
+def unpack_cache(entry):
+    """The data of a cache entry, or None when it is missing, of another format or damaged."""
+    if not isinstance(entry, dict) or entry.get("format") != CACHE_FORMAT:
+        return None
+    try:
+        data = json.loads(str(entry["data"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "regions" in data else None
+
 
 def cache_key(plugin_name, path, options, identity):
     """A cache key that changes with the inventory file, any effective option and the caller's identity."""

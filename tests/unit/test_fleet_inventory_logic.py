@@ -277,3 +277,14 @@ def test_fast_parsers_refuse_what_they_do_not_know():
     assert botocore_parse("DescribeInstances", "ec2", empty).get("Reservations", []) == []
     empty = logic.FAST_PARSERS["DescribeAutoScalingGroups"][1]
     assert botocore_parse("DescribeAutoScalingGroups", "autoscaling", empty).get("AutoScalingGroups", []) == []
+
+
+def test_cache_entries_round_trip_and_reject_damage():
+    data = {"format": logic.CACHE_FORMAT, "regions": {"us-east-1": [{"instance_id": "i-1"}]}, "warnings": [],
+            "bastion": None, "complete": True}
+    entry = logic.pack_cache(data)
+    assert isinstance(entry["data"], str)
+    assert logic.unpack_cache(entry) == data
+    assert logic.unpack_cache({"format": 0, "data": entry["data"]}) is None
+    assert logic.unpack_cache({"format": logic.CACHE_FORMAT, "data": "{not json"}) is None
+    assert logic.unpack_cache(None) is None
