@@ -155,6 +155,52 @@ def _is_mounted(path: str) -> bool:
         return any(line.split()[4] == real for line in handle)
 
 
+def cgroup_bases() -> list:
+    """The directories of this process's cgroups in the hierarchies systemd tracks
+    processes with: the unified one (cgroup2 at /sys/fs/cgroup or, hybrid,
+    /sys/fs/cgroup/unified) and the legacy ``name=systemd`` one, where mounted.
+
+    systemd-nspawn --keep-unit runs a container in its caller's cgroup and moves
+    the container into ``payload`` and itself into ``supervisor`` below it. Two
+    containers started from the same cgroup would share those, and their
+    systemds would remove each other's unit cgroups (units then fail with
+    219/CGROUP). So each container is started from a cgroup of its own."""
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as handle:
+            lines = [line.rstrip("\n").split(":", 2) for line in handle if line.count(":") >= 2]
+        with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+            mounts = [line.split() for line in handle]
+    except OSError:
+        return []
+    found = []
+    for controllers, fstype in (("", "cgroup2"), ("name=systemd", "cgroup")):
+        path = next((p for _, c, p in lines if c == controllers), None)
+        if path is None:
+            continue
+        for fields in mounts:
+            sep = fields.index("-")
+            if fields[sep + 1] != fstype:
+                continue
+            if fstype == "cgroup" and "name=systemd" not in fields[sep + 3].split(","):
+                continue
+            root, point = fields[3], fields[4]
+            if not path.startswith(root):
+                continue
+            found.append(os.path.normpath(os.path.join(point, os.path.relpath(path, root))))
+            break
+    return found
+
+
+def _remove_cgroup(path: str) -> bool:
+    """rmdir a cgroup and everything a container's systemd made below it (bottom-up)."""
+    if not os.path.isdir(path):
+        return True
+    for root, _dirs, _files in os.walk(path, topdown=False):
+        with contextlib.suppress(OSError):
+            os.rmdir(root)
+    return not os.path.isdir(path)
+
+
 def teardown(run_dir: str, st: dict, log=_log) -> list:
     """Remove everything ``st`` names. Best effort per item; returns the problems left."""
     problems = []
@@ -211,8 +257,12 @@ def teardown(run_dir: str, st: dict, log=_log) -> list:
     for link in st.get("root_links", []):
         if os.path.exists(f"/sys/class/net/{link}"):
             result = sh("ip", "link", "delete", link, check=False)
-            if result.returncode != 0:
+            # Deleting the switch namespace removes the peer, and with it this end, asynchronously.
+            if result.returncode != 0 and os.path.exists(f"/sys/class/net/{link}"):
                 problems.append(f"ip link delete {link}: {result.stderr.strip()}")
+    for cgroup in st.get("cgroups", []):
+        if not _remove_cgroup(cgroup):
+            problems.append(f"cgroup {cgroup} could not be removed")
     for machine in st.get("machines", []):
         propagate = f"/run/systemd/nspawn/propagate/{machine}"
         if os.path.isdir(propagate):
@@ -338,7 +388,8 @@ def _allocate(platforms, scenario: str, ephemeral_dir: str, cache: str | None, l
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "creator": runstate.process_identity(os.getpid()), "owner": runstate.find_molecule_owner(),
             "public_subnet": str(subnet) if topo.PUBLIC in topology.networks else None,
-            "namespaces": [], "root_links": [], "mounts": [], "machines": [], "hosts": {}, "timings": {},
+            "namespaces": [], "root_links": [], "mounts": [], "machines": [], "cgroups": [], "hosts": {},
+            "timings": {},
         }
         run.save()
     return run, topology
@@ -351,16 +402,17 @@ def _build_networks(run: Run, topology: topo.Topology) -> None:
         sh("ip", "netns", "add", ns)
         sh("ip", "-n", ns, "link", "set", "lo", "up")
         sh("ip", "-n", ns, "link", "add", "br0", "type", "bridge")
+        # The gateway lives on the bridge, in a namespace that forwards nothing;
+        # a host's default route therefore never leads anywhere.
+        sh("ip", "-n", ns, "addr", "add", f"{net.gateway}/{net.prefixlen}", "dev", "br0")
+        sh("ip", "-n", ns, "link", "set", "br0", "up")
         if net.public:
             link = topology.root_link(name)
             run.record("root_links", link)
             sh("ip", "link", "add", link, "type", "veth", "peer", "name", "up0", "netns", ns)
             sh("ip", "-n", ns, "link", "set", "up0", "master", "br0", "up")
-            sh("ip", "addr", "add", f"{net.gateway}/{net.prefixlen}", "dev", link)
+            sh("ip", "addr", "add", f"{net.controller_address}/{net.prefixlen}", "dev", link)
             sh("ip", "link", "set", link, "up")
-        else:
-            sh("ip", "-n", ns, "addr", "add", f"{net.gateway}/{net.prefixlen}", "dev", "br0")
-        sh("ip", "-n", ns, "link", "set", "br0", "up")
     for name, host in topology.hosts.items():
         ns = topology.host_ns(name)
         run.record("namespaces", ns)
@@ -394,11 +446,11 @@ def _wait_for_file(path: str, process: subprocess.Popen, timeout: float, what: s
     raise LaunchError(f"{what} not ready within {timeout:.0f}s")
 
 
-def _spawn(run: Run, argv, log_name: str) -> subprocess.Popen:
+def _spawn(run: Run, argv, log_name: str, env=None) -> subprocess.Popen:
     with open(run.path(log_name), "ab") as log:
         process = subprocess.Popen(  # pylint: disable=consider-using-with
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT,
-            start_new_session=True)
+            start_new_session=True, env=env)
     run.popen.append(process)
     return process
 
@@ -426,7 +478,7 @@ def _start_services(run: Run, topology: topo.Topology, aws_url: str | None) -> d
     if aws_url:
         targets["aws"] = int(aws_url.rsplit(":", 1)[1].split("/")[0])
     for name, net in topology.networks.items():
-        netns = None if net.public else topology.switch_ns(name)
+        netns = topology.switch_ns(name)
         listeners.append({"netns": netns, "address": str(net.gateway), "port": topo.APT_PROXY_PORT, "target": "apt"})
         if aws_url:
             listeners.append({"netns": netns, "address": str(net.gateway), "port": topo.AWS_ENDPOINT_PORT,
@@ -486,6 +538,14 @@ def _boot_host(run: Run, topology: topo.Topology, name: str) -> None:
     argv = ["systemd-nspawn", "--boot", f"--directory={root}", f"--machine={machine}", f"--hostname={name}",
             "--register=no", "--keep-unit", f"--network-namespace-path=/run/netns/{topology.host_ns(name)}",
             "--resolv-conf=off", "--timezone=off", "--link-journal=no", "--settings=no", "--console=read-only"]
+    cgroups = [os.path.join(base, f"fleetkeeper-{run.run_id}-{name}") for base in cgroup_bases()]
+    for cgroup in cgroups:
+        run.record("cgroups", cgroup)
+        os.mkdir(cgroup)
+    if cgroups:
+        # Enter the cgroups, then become systemd-nspawn (same PID, same start time).
+        script = " && ".join(f'echo $$ > "${i + 1}/cgroup.procs"' for i in range(len(cgroups)))
+        argv = ["sh", "-c", f'{script} && shift {len(cgroups)} && exec "$@"', "sh", *cgroups, *argv]
     process = _spawn(run, argv, f"hosts/{name}/console.log")
     run.state["hosts"][name]["nspawn"] = runstate.process_identity(process.pid)
     run.save()
@@ -510,9 +570,11 @@ def _wait_for_host(run: Run, topology: topo.Topology, name: str, key: str, known
         if result.returncode != 255 and status:
             if status[0] == "running":
                 return
-            raise LaunchError(f"host {name}: systemd is {status[0]!r}; failed units: "
-                              f"{' '.join(status[1:]) or 'none'} (console log: "
-                              f"{run.path('hosts', name, 'console.log')})")
+            units = [line.split()[0] for line in status[1:] if line.strip()]
+            detail = sh(*argv[:-1], "systemctl status --no-pager -l -n 20 " + " ".join(units), check=False,
+                        timeout=30).stdout
+            raise LaunchError(f"host {name}: systemd is {status[0]!r}; failed units: {' '.join(units) or 'none'}\n"
+                              f"{detail}")
         last = (result.stderr or "").strip()
         time.sleep(0.3)
     raise LaunchError(f"host {name}: no ssh login within {BOOT_TIMEOUT:.0f}s ({last})")

@@ -10,7 +10,9 @@ turns a :class:`Topology` into namespaces, veths and containers.
 Rules (also in docs/testhosts.md):
 
 * Every network is a /24 unless an address says otherwise (``10.0.2.10/25``).
-  Its gateway is the first usable address and belongs to the harness.
+  Its gateway is the first usable address and belongs to the harness (the
+  bridge in the network's switch namespace). On ``public`` the last usable
+  address is the controller's (the root namespace's end of its veth).
 * The network named ``public`` is the one the controller reaches. Its subnet is
   allocated per run from ``10.213.0.0/16`` so that concurrent runs never
   collide; a scenario's public address only gives the host part (``.10`` stays
@@ -59,6 +61,14 @@ class Network:
     @property
     def prefixlen(self) -> int:
         return self.subnet.prefixlen
+
+    @property
+    def controller_address(self) -> ipaddress.IPv4Address | None:
+        """The root namespace's address on the public network (the last usable one)."""
+        return self.subnet.broadcast_address - 1 if self.public else None
+
+    def reserved(self) -> set:
+        return {self.gateway} | ({self.controller_address} if self.public else set())
 
 
 @dataclass
@@ -267,7 +277,7 @@ def build_topology(platforms, run_id: str, public_subnet=None) -> Topology:
         laid_out[net] = Network(name=net, index=index, subnet=subnet, gateway=subnet.network_address + 1,
                                 public=(net == PUBLIC), scenario_subnet=scenario_subnet)
 
-    taken: dict = {net: {laid_out[net].gateway} for net in laid_out}
+    taken: dict = {net: set(laid_out[net].reserved()) for net in laid_out}
     for host, net, address, where in pending:
         network = laid_out[net]
         if address is not None and network.public:
@@ -277,9 +287,9 @@ def build_topology(platforms, run_id: str, public_subnet=None) -> Topology:
             continue
         if address in (network.subnet.network_address, network.subnet.broadcast_address):
             raise TopologyError(f"{where}: {address} is the network or broadcast address")
-        if address == network.gateway:
-            raise TopologyError(f"{where}: {address} is the gateway, which belongs to the harness; "
-                                f"use .2 or above")
+        if address in network.reserved():
+            raise TopologyError(f"{where}: {address} belongs to the harness (the gateway is the first "
+                                "usable address, the controller's the last on public)")
         if address in taken[net]:
             raise TopologyError(f"{where}: {address} is used twice on {net!r}")
         taken[net].add(address)
@@ -401,6 +411,7 @@ def testhosts_vars(topology: Topology, key: str, known_hosts: str, ssh_config: s
         "testhosts_networks": {
             n.name: {"subnet": str(n.subnet), "prefix": n.prefixlen, "gateway": str(n.gateway),
                      "public": n.public, "controller_reachable": n.public,
+                     "controller_address": str(n.controller_address) if n.public else None,
                      "namespace": topology.switch_ns(n.name)}
             for n in topology.networks.values()
         },

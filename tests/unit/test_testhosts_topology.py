@@ -31,6 +31,15 @@ def test_public_addresses_move_into_the_allocated_subnet_keeping_the_host_part()
     assert t.networks["public"].public
 
 
+def test_the_controller_takes_the_last_public_address_and_no_private_one():
+    t = smoke()
+    assert str(t.networks["public"].controller_address) == "10.213.77.254"
+    assert t.networks["private"].controller_address is None
+    variables = topo.testhosts_vars(t, KEY, KNOWN, "/x")
+    assert variables["testhosts_networks"]["public"]["controller_address"] == "10.213.77.254"
+    assert variables["testhosts_networks"]["private"]["controller_address"] is None
+
+
 def test_private_networks_keep_the_scenario_subnet():
     t = smoke()
     assert str(t.networks["private"].subnet) == "10.0.2.0/24"
@@ -88,7 +97,10 @@ def test_prefix_other_than_24_is_honoured():
     ([{"name": "a"}, {"name": "a"}], "listed twice"),
     ([{"name": "a", "networks": [{"name": "private", "address": "10.0.2.5"}]}], "not on the public network"),
     ([{"name": "a", "networks": [{"name": "private"}]}], "needs an address"),
-    ([{"name": "a", "networks": [{"name": "public", "address": "10.213.0.1"}]}], "gateway"),
+    ([{"name": "a", "networks": [{"name": "public", "address": "10.213.0.1"}]}], "belongs to the harness"),
+    ([{"name": "a", "networks": [{"name": "public", "address": "10.213.0.254"}]}], "belongs to the harness"),
+    ([{"name": "a", "networks": [{"name": "public"}]},
+      {"name": "b", "networks": [{"name": "x", "address": "10.9.0.1"}], "proxy_jump": "a"}], "belongs to the harness"),
     ([{"name": "a", "networks": [{"name": "public", "address": "10.213.0.255"}]}], "broadcast"),
     ([{"name": "a", "networks": [{"name": "public", "address": "not-an-ip"}]}], "not an IPv4 address"),
     ([{"name": "a", "networks": [{"name": "public", "address": "fd00::5"}]}], "IPv4"),
