@@ -3,7 +3,7 @@
 """TCP relays from test networks to services on the controller's loopback.
 
 A listening socket keeps the network namespace it was created in. So the relay
-enters a switch namespace (``os.setns``, this thread only), opens a socket on
+enters a switch namespace (``setns(2)``, this thread only), opens a socket on
 the network's gateway address there, and comes back; connections accepted on it
 are then forwarded by connecting out from the root namespace to
 ``127.0.0.1:<target>``. Hosts on a private network thus reach exactly the
@@ -14,11 +14,24 @@ the root namespace routes to them and no forwarding or NAT is switched on.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import socket
 import threading
 
 BUFFER = 64 * 1024
+CLONE_NEWNET = 0x40000000
+
+
+def setns_net(fd: int) -> None:
+    """Move this thread into the network namespace ``fd`` refers to (os.setns before Python 3.12)."""
+    if hasattr(os, "setns"):
+        os.setns(fd, CLONE_NEWNET)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
 
 
 @contextlib.contextmanager
@@ -30,11 +43,11 @@ def in_netns(name: str | None):
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     target = os.open(f"/run/netns/{name}", os.O_RDONLY)
     try:
-        os.setns(target, os.CLONE_NEWNET)
+        setns_net(target)
         try:
             yield
         finally:
-            os.setns(own, os.CLONE_NEWNET)
+            setns_net(own)
     finally:
         os.close(target)
         os.close(own)
