@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 # Copyright: fleetkeeper.aws contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Inventory benchmark: fleetkeeper.aws.fleet against amazon.aws.aws_ec2 on the same fleet, in one run.
 
-    .venv/bin/python benchmarks/inventory/run.py                 # full run (about 20 minutes)
+    .venv/bin/python benchmarks/inventory/run.py                 # full run (20-40 minutes)
     .venv/bin/python benchmarks/inventory/run.py --sizes 1000 --regions 1 --no-write   # a quick look
 
 Fleets: 1,000 instances in 20 ASGs on the moto server (behind the fault proxy),
@@ -105,7 +104,11 @@ def build_moto_fleet(aws, regions, instances, groups):
     size = per_region_instances // per_region_groups
     for n, region in enumerate(regions):
         ec2, autoscaling = aws.client("ec2", region, direct=True), aws.client("autoscaling", region, direct=True)
-        fleet = fl.create_network(ec2, region, cidr=f"10.{50 + n}.0.0/16")
+        cidr = f"10.{50 + n}.0.0/16"  # a /20 subnet: 1,000 instances do not fit the helper's /24s
+        vpc = ec2.create_vpc(CidrBlock=cidr)["Vpc"]["VpcId"]
+        subnet = ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.{50 + n}.16.0/20",
+                                   AvailabilityZone=f"{region}a")["Subnet"]["SubnetId"]
+        fleet = fl.Fleet(region=region, vpc_id=vpc, vpc_cidr=cidr, public_subnet=subnet, private_subnet=subnet)
         for g in range(per_region_groups):
             fl.create_group(ec2, autoscaling, fleet, f"fleet-{n}-{g:04d}", size)
 

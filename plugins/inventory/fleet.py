@@ -11,7 +11,7 @@ name: fleet
 short_description: EC2 Auto Scaling fleets as an Ansible inventory
 version_added: 0.1.0
 author:
-  - fleetkeeper maintainers
+  - fleetkeeper maintainers (@fleetkeeper)
 description:
   - Reads Auto Scaling groups (C(DescribeAutoScalingGroups), paginated, 100 per page) and their instances
     (C(DescribeInstances), up to 1,000 instance ids per call), optionally plus stand-alone instances selected

@@ -132,12 +132,12 @@ def test_lifecycle_and_health(aws, tmp_path):
     autoscaling.enter_standby(InstanceIds=[standby], AutoScalingGroupName="web", ShouldDecrementDesiredCapacity=True)
     autoscaling.set_instance_health(InstanceId=sick, HealthStatus="Unhealthy")
 
-    data, _ = listed(write_config(tmp_path, aws), aws)
+    data = listed(write_config(tmp_path, aws), aws)[0]
     ids = {v["instance_id"]: v for v in hostvars(data).values()}
     assert standby not in ids
     assert ids[sick]["health_status"] == "Unhealthy" and ids[healthy]["health_status"] == "Healthy"
 
-    data, _ = listed(write_config(tmp_path, aws, name="all.fleet.yml", lifecycle_states=["InService", "Standby"]), aws)
+    data = listed(write_config(tmp_path, aws, name="all.fleet.yml", lifecycle_states=["InService", "Standby"]), aws)[0]
     ids = {v["instance_id"]: (name, v) for name, v in hostvars(data).items()}
     assert ids[standby][1]["lifecycle_state"] == "Standby"
     assert hosts_of(data, "lifecycle_standby") == [ids[standby][0]]
@@ -149,12 +149,12 @@ def test_launch_template_drift(aws, tmp_path):
     ec2, autoscaling = aws.client("ec2"), aws.client("autoscaling")
     template = fleet.launch_templates["web-lt"]
     path = write_config(tmp_path, aws)
-    data, _ = listed(path, aws)
+    data = listed(path, aws)[0]
     assert hosts_of(data, "launch_template_drift") == []
 
     ec2.create_launch_template_version(LaunchTemplateId=template, SourceVersion="1",
                                        LaunchTemplateData={"InstanceType": "t3.medium"})
-    data, _ = listed(path, aws)  # the ASG follows $Latest, now version 2: both instances run version 1
+    data = listed(path, aws)[0]  # the ASG follows $Latest, now version 2: both instances run version 1
     web = hostvars(data)
     assert sorted(hosts_of(data, "launch_template_drift")) == sorted(web)
     assert all(v["launch_template_target_version"] == 2 and v["launch_template_drift"] for v in web.values())
@@ -162,7 +162,7 @@ def test_launch_template_drift(aws, tmp_path):
     autoscaling.update_auto_scaling_group(AutoScalingGroupName="web",
                                           LaunchTemplate={"LaunchTemplateId": template, "Version": "1"})
     aws.proxy.reset()
-    data, _ = listed(path, aws)  # pinned back to version 1: no drift, and no template lookup needed
+    data = listed(path, aws)[0]  # pinned back to version 1: no drift, and no template lookup needed
     assert hosts_of(data, "launch_template_drift") == []
     assert aws.proxy.count("ec2", "DescribeLaunchTemplates") == 0
 
@@ -175,7 +175,7 @@ def test_instance_profile_arn(aws, tmp_path):
     iam.add_role_to_instance_profile(InstanceProfileName="web", RoleName="web")
     with_profile = fleet.groups["web"][0]
     ec2.associate_iam_instance_profile(IamInstanceProfile={"Arn": profile["Arn"]}, InstanceId=with_profile)
-    data, _ = listed(write_config(tmp_path, aws), aws)
+    data = listed(write_config(tmp_path, aws), aws)[0]
     arns = {v["instance_id"]: v["instance_profile_arn"] for v in hostvars(data).values()}
     assert arns == {with_profile: profile["Arn"], fleet.groups["web"][1]: None}
 
@@ -201,7 +201,7 @@ def test_duplicate_tag_hostnames_fall_through(aws, tmp_path):
     fleet = fl.demo_fleet(aws, groups={"web": 2})
     ec2 = aws.client("ec2")
     ec2.create_tags(Resources=fleet.groups["web"], Tags=[{"Key": "Name", "Value": "web"}])
-    data, _ = listed(write_config(tmp_path, aws, hostnames=["tag:Name"]), aws)
+    data = listed(write_config(tmp_path, aws, hostnames=["tag:Name"]), aws)[0]
     names = hosts_of(data, "asg_web")
     assert "web" in names and len(names) == 2 and len(set(names)) == 2
 
@@ -300,7 +300,7 @@ def test_cache_hit_makes_no_call_and_the_key_follows_options_and_identity(aws, t
     fl.demo_fleet(aws, groups={"web": 2})
     cache = {"cache": True, "cache_plugin": "ansible.builtin.jsonfile", "cache_connection": str(tmp_path / "cache")}
     path = write_config(tmp_path, aws, **cache)
-    first, _ = listed(path, aws)
+    first = listed(path, aws)[0]
     calls = aws.proxy.count()
     assert calls > 0
     second, proc = listed(path, aws)
@@ -321,7 +321,7 @@ def test_skipped_region_results_are_not_cached(aws, tmp_path, two_regions):
                "cache": True, "cache_plugin": "ansible.builtin.jsonfile", "cache_connection": str(tmp_path / "cache")}
     path = write_config(tmp_path, aws, **options)
     aws.proxy.inject("error", service="autoscaling", times=1)
-    partial, _ = listed(path, aws)
+    partial = listed(path, aws)[0]
     assert {v["region"] for v in hostvars(partial).values()} == {EU}
     whole, proc = listed(path, aws)
     assert {v["region"] for v in hostvars(whole).values()} == {"us-east-1", EU}
@@ -348,10 +348,9 @@ def test_least_privilege_policy_allows_every_call_the_plugin_makes(aws, tmp_path
 def test_verify_file_accepts_fleet_yml_and_fleet_yaml(aws, tmp_path):
     fl.demo_fleet(aws, groups={"web": 1})
     good = write_config(tmp_path, aws, name="awx.fleet.yaml")
-    data, _ = listed(good, aws)
+    data = listed(good, aws)[0]
     assert len(hosts_of(data, "asg_web")) == 1
     wrong = write_config(tmp_path, aws, name="awx.yml")
     proc = inventory(wrong, aws=aws)
     assert proc.returncode != 0
     assert "fleetkeeper.aws.fleet" not in proc.stdout
-

@@ -371,7 +371,7 @@ def _make_handler(state: ReplayState):
                 payload = handler(state, fleet, form).encode("utf-8")
                 status = 200
             except ApiError as exc:
-                payload, _ = error_body(service, exc.code, exc.message)
+                payload = error_body(service, exc.code, exc.message)[0]
                 status = exc.status
             self.send_response(status)
             self.send_header("Content-Type", "text/xml")
