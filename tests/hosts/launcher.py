@@ -135,6 +135,37 @@ def _pids_in_netns(inodes: set) -> list:
     return pids
 
 
+def _kill_referencing(text: str) -> None:
+    """SIGTERM every process (but this one and its ancestors) whose command line contains ``text``."""
+    spared = set()
+    pid = os.getpid()
+    while pid > 1:
+        spared.add(pid)
+        identity = _parent(pid)
+        if identity is None:
+            break
+        pid = identity
+    needle = text.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in spared:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                if needle not in handle.read():
+                    continue
+            os.kill(int(entry), signal.SIGTERM)
+        except (OSError, ProcessLookupError):
+            continue
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _stop_identity(identity, grace: float) -> None:
     """SIGTERM the process an identity names, SIGKILL it after ``grace`` seconds."""
     if not runstate.alive(identity):
@@ -230,6 +261,10 @@ def teardown(run_dir: str, st: dict, log=_log) -> list:
             problems.append(f"processes {pids} in the run's namespaces would not die")
             break
         time.sleep(0.2)
+    # Anything else started for the run names its directory on its command line:
+    # ssh ControlMaster and ProxyCommand processes, a half-started nspawn.
+    for spelling in {os.path.abspath(run_dir), os.path.realpath(run_dir)}:
+        _kill_referencing(spelling + "/")
     for host in st.get("hosts", {}).values():
         _stop_identity(host.get("nspawn"), 10)
         if runstate.alive(host.get("nspawn")):
@@ -609,7 +644,8 @@ def _write_outputs(run: Run, topology: topo.Topology, ephemeral_dir: str, instan
     _write(os.path.join(ephemeral_dir, "testhosts.yml"),
            header + yaml.safe_dump(variables, default_flow_style=False, sort_keys=True))
     _write(os.path.join(ephemeral_dir, "inventory", "testhosts_inventory.yml"),
-           header + yaml.safe_dump(topo.inventory(topology, key, known_hosts), default_flow_style=False))
+           header + yaml.safe_dump(topo.inventory(topology, key, known_hosts, run.path("cp")),
+                                   default_flow_style=False))
     _write(os.path.join(ephemeral_dir, "testhosts_run"), run.run_id + "\n")
     if instance_config_path:
         _write(instance_config_path, yaml.safe_dump(topo.instance_config(topology, key), default_flow_style=False))

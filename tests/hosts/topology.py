@@ -362,9 +362,14 @@ def instance_config(topology: Topology, key: str) -> list:
              "identity_file": key} for name in topology.hosts]
 
 
-def inventory(topology: Topology, key: str, known_hosts: str) -> dict:
+def inventory(topology: Topology, key: str, known_hosts: str, control_path_dir: str | None = None) -> dict:
     """An extra inventory source placed next to Molecule's own: it adds the
-    per-host ssh arguments Molecule's driver has no field for."""
+    per-host ssh arguments Molecule's driver has no field for.
+
+    ``control_path_dir`` keeps Ansible's ssh ControlMaster sockets per run:
+    hosts behind a jump host have the same address in every run of a scenario
+    (and maybe in other scenarios), and a shared socket would lead into another
+    run's host."""
     hosts = {}
     for name in topology.hosts:
         hosts[name] = {
@@ -375,6 +380,8 @@ def inventory(topology: Topology, key: str, known_hosts: str) -> dict:
             "ansible_ssh_common_args": ssh_common_args(topology, name, key, known_hosts),
             "ansible_python_interpreter": "/usr/bin/python3",
         }
+        if control_path_dir:
+            hosts[name]["ansible_control_path_dir"] = control_path_dir
     return {"all": {"hosts": hosts}}
 
 

@@ -165,6 +165,14 @@ def test_inventory_gives_every_host_connection_details_and_the_private_one_a_pro
     assert ["-i", KEY] == words[words.index("-i"):words.index("-i") + 2]
 
 
+def test_ssh_control_sockets_are_kept_per_run():
+    # The private host has the same address in every run: a shared ControlMaster
+    # socket would lead into another run's host.
+    hosts = topo.inventory(smoke(), KEY, KNOWN, "/runs/abc123/cp")["all"]["hosts"]
+    assert {h["ansible_control_path_dir"] for h in hosts.values()} == {"/runs/abc123/cp"}
+    assert "ansible_control_path_dir" not in topo.inventory(smoke(), KEY, KNOWN)["all"]["hosts"]["private"]
+
+
 def test_paths_with_spaces_are_refused_rather_than_mis_quoted():
     with pytest.raises(topo.TopologyError, match="whitespace"):
         topo.inventory(smoke(), "/tmp/my key", KNOWN)
