@@ -109,3 +109,60 @@ def policy_allows(policy, action):
 def iam_actions(proxy):
     """IAM action names (service:Operation) for every call the proxy saw, excluding test set-up."""
     return sorted({f"{c.service}:{c.operation}" for c in proxy.calls()})
+
+
+# --------------------------------------------------------------------------
+# Command line, for the Molecule scenario and the benchmark:
+#   python -m tests.support.instance_profile seed --endpoint-url URL
+#   python -m tests.support.instance_profile associations --endpoint-url URL
+# --------------------------------------------------------------------------
+
+def _clients(endpoint_url, region):
+    import boto3  # pylint: disable=import-outside-toplevel
+
+    from tests.support.awsemu import TEST_CREDENTIALS  # pylint: disable=import-outside-toplevel
+
+    def client(service):
+        return boto3.client(service, region_name=region, endpoint_url=endpoint_url,
+                            aws_access_key_id=TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+    return client("ec2"), client("autoscaling"), client("iam")
+
+
+def seed(endpoint_url, region="us-east-1", groups=None, tag="fleetkeeper:fleet"):
+    """A network, groups tagged ``tag`` and a 'legacy' profile on the first instance of the first group."""
+    ec2, autoscaling, iam = _clients(endpoint_url, region)
+    fleet = fleet_support.create_network(ec2, region)
+    for name, size in (groups or {"web": 3, "worker": 2}).items():
+        fleet_support.create_group(ec2, autoscaling, fleet, name, size, tags={tag: name})
+    legacy = create_profile(iam, "legacy")
+    first = next(iter(fleet.groups.values()))[0]
+    ec2.associate_iam_instance_profile(InstanceId=first, IamInstanceProfile={"Arn": legacy})
+    return {"groups": fleet.groups, "legacy_instance": first, "legacy_arn": legacy}
+
+
+def associations(endpoint_url, region="us-east-1"):
+    """{instance id: profile ARN or None} for every instance of every Auto Scaling group."""
+    ec2, autoscaling, _iam = _clients(endpoint_url, region)
+    ids = [i["InstanceId"] for page in autoscaling.get_paginator("describe_auto_scaling_groups").paginate()
+           for g in page["AutoScalingGroups"] for i in g["Instances"]]
+    return profile_of_instances(ec2, ids) if ids else {}
+
+
+def main(argv=None):
+    import argparse  # pylint: disable=import-outside-toplevel
+
+    parser = argparse.ArgumentParser(description="instance profile test fleets")
+    parser.add_argument("command", choices=["seed", "associations"])
+    parser.add_argument("--endpoint-url", required=True)
+    parser.add_argument("--region", default="us-east-1")
+    args = parser.parse_args(argv)
+    if args.command == "seed":
+        print(json.dumps(seed(args.endpoint_url, args.region)))
+    else:
+        print(json.dumps(associations(args.endpoint_url, args.region)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
