@@ -1,0 +1,291 @@
+# Copyright: fleetkeeper.aws contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The README's main job: the whole collection on the embedded default.
+
+Run through ``scripts/demo.sh`` (which installs what it needs first):
+
+1. start the local AWS endpoint (moto in server mode) and seed a small fleet;
+2. show the fleet through the ``fleetkeeper.aws.fleet`` inventory;
+3. roll out an instance profile with ``fleetkeeper.aws.instance_profiles``, twice;
+4. boot a bastion and a private test host and run ``fleetkeeper.aws.site``
+   on them, log in as a synced user through the bastion, read the DNS cache's
+   statistics;
+5. clean up everything it started, also when interrupted.
+
+Nothing here reaches AWS or any address outside this machine and the test
+hosts' own network namespaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from tests.support import fleet as fleetlib  # noqa: E402  pylint: disable=wrong-import-position
+from tests.support.awsemu import TEST_CREDENTIALS, AwsEmulator  # noqa: E402  pylint: disable=wrong-import-position
+
+WORK = os.path.join(REPO_ROOT, ".build", "demo")
+REGION = "us-east-1"
+BUCKET = "fleetkeeper-demo-keys"
+PREFIX = "keys/"
+USERS = ("alice", "bob")
+PROFILE = "fleetkeeper-demo"
+BIN = os.path.dirname(sys.executable)
+DNS_SCENARIO = os.path.join(REPO_ROOT, "extensions", "molecule", "dns_cache")
+UPSTREAM_ADDRESS = "10.0.53.53"
+
+# The demo's test hosts: a bastion on the public and private networks, a
+# private host only the bastion reaches, and a dnsmasq on the private network
+# standing in for the VPC resolver.
+PLATFORMS = [
+    {"name": "bastion", "groups": ["bastion", "dns_cache_hosts"],
+     "networks": [{"name": "public", "address": "10.213.0.10"}, {"name": "private", "address": "10.0.53.10"}]},
+    {"name": "private", "groups": ["private", "dns_cache_hosts"], "proxy_jump": "bastion",
+     "networks": [{"name": "private", "address": "10.0.53.20"}]},
+    {"name": "upstream", "groups": ["dns_upstream"], "proxy_jump": "bastion",
+     "networks": [{"name": "private", "address": UPSTREAM_ADDRESS}]},
+]
+
+
+def headline(number, text):
+    print(f"\n\033[1m=== {number}. {text}\033[0m", flush=True)
+
+
+def note(text):
+    print(f"--> {text}", flush=True)
+
+
+def ansible_env(extra=None):
+    env = dict(os.environ)
+    env.update(TEST_CREDENTIALS)
+    env.update({
+        "ANSIBLE_COLLECTIONS_PATH": os.path.join(REPO_ROOT, ".build", "collections"),
+        "ANSIBLE_INVENTORY_UNPARSED_FAILED": "True",
+        "ANSIBLE_HOST_KEY_CHECKING": "True",
+        "ANSIBLE_LOCALHOST_WARNING": "False",
+        "ANSIBLE_PYTHON_INTERPRETER": "auto_silent",
+        "PATH": BIN + os.pathsep + env.get("PATH", ""),
+    })
+    env.update(extra or {})
+    return env
+
+
+def run(argv, env=None, capture=False, check=True):
+    print("$ " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    result = subprocess.run(argv, env=env or ansible_env(), text=True, check=False,
+                            capture_output=capture, cwd=WORK)
+    if capture:
+        sys.stdout.write(result.stdout)
+        sys.stderr.write(result.stderr)
+    if check and result.returncode != 0:
+        raise SystemExit(f"demo: `{argv[0]}` failed with exit code {result.returncode}")
+    return result
+
+
+def recap_changes(output):
+    """Total of changed= over the PLAY RECAP lines."""
+    return sum(int(n) for n in re.findall(r"\bchanged=(\d+)", output.split("PLAY RECAP", 1)[-1]))
+
+
+def plain(value):
+    """ansible-inventory --list wraps untrusted strings as {"__ansible_unsafe": ...}: unwrap for display."""
+    if isinstance(value, dict):
+        if set(value) == {"__ansible_unsafe"}:
+            return value["__ansible_unsafe"]
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+def local_inventory():
+    path = os.path.join(WORK, "localhost.ini")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}\n")
+    return path
+
+
+# --- the steps ------------------------------------------------------------------------------
+
+def step_endpoint(emulator):
+    headline(1, "Local AWS endpoint (moto server) and a small fleet")
+    emulator.start()
+    note(f"AWS endpoint: {emulator.endpoint_url} (moto server behind the harness's proxy)")
+    fleet = fleetlib.demo_fleet(emulator, REGION)
+    note(f"VPC {fleet.vpc_id} ({fleet.vpc_cidr}), public subnet {fleet.public_subnet}, "
+         f"private subnet {fleet.private_subnet}")
+    note(f"bastion instance {fleet.bastion_id}")
+    for name, instances in fleet.groups.items():
+        note(f"Auto Scaling group {name}: {len(instances)} instances from launch template {name}-lt")
+    keys = {}
+    key_dir = os.path.join(WORK, "keys")
+    for user in USERS:
+        public, private = fleetlib.ssh_keypair(f"{user}@demo")
+        fleetlib.write_private_key(key_dir, user, private)
+        keys[user] = public + "\n"
+    fleetlib.upload_keys(emulator.client("s3", REGION), BUCKET, keys, prefix=PREFIX)
+    note(f"bucket s3://{BUCKET}/{PREFIX}: {', '.join(u + '.pub' for u in USERS)} (private keys in {key_dir})")
+    return fleet
+
+
+def step_inventory(emulator):
+    headline(2, "The fleet as Ansible sees it: the fleetkeeper.aws.fleet inventory")
+    path = os.path.join(WORK, "demo.fleet.yml")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(
+            "plugin: fleetkeeper.aws.fleet\n"
+            f"regions: [{REGION}]\n"
+            f"endpoint_url: {emulator.endpoint_url}\n"
+            "bastion:\n"
+            "  tag: fleetkeeper:role=bastion\n"
+            "  user: admin\n"
+            "keyed_groups:\n"
+            "  - key: ec2_tags['fleetkeeper:fleet'] | default('none')\n"
+            "    prefix: fleet\n"
+        )
+    note(f"inventory source {path}:")
+    with open(path, encoding="utf-8") as handle:
+        print(handle.read())
+    run([os.path.join(BIN, "ansible-inventory"), "-i", path, "--graph"])
+    result = subprocess.run([os.path.join(BIN, "ansible-inventory"), "-i", path, "--list"],
+                            env=ansible_env(), text=True, capture_output=True, check=True, cwd=WORK)
+    hostvars = json.loads(result.stdout)["_meta"]["hostvars"]
+    for host, facts in sorted(hostvars.items())[:1]:
+        shown = {k: v for k, v in facts.items() if k.startswith(("asg_", "launch_template", "instance_profile",
+                                                                  "lifecycle", "health", "ansible_ssh"))}
+        note(f"host vars of {host}:")
+        print(json.dumps(plain(shown), indent=2, sort_keys=True))
+
+
+def step_instance_profiles(emulator):
+    headline(3, "Instance profiles, never credentials: fleetkeeper.aws.instance_profiles")
+    extra = {
+        "instance_profile_name": PROFILE,
+        "instance_profile_asg_tag_filters": {"fleetkeeper:fleet": ["web", "worker"]},
+        "instance_profile_inline_policies": {
+            "read-operator-keys": {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": f"arn:aws:s3:::{BUCKET}"},
+                    {"Effect": "Allow", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{BUCKET}/{PREFIX}*"},
+                ],
+            }
+        },
+        "instance_profile_aws_endpoint_url": emulator.endpoint_url,
+        "instance_profile_aws_region": REGION,
+    }
+    vars_file = os.path.join(WORK, "instance_profiles.json")
+    with open(vars_file, "w", encoding="utf-8") as handle:
+        json.dump(extra, handle)
+    argv = [os.path.join(BIN, "ansible-playbook"), "-i", local_inventory(), "fleetkeeper.aws.instance_profiles",
+            "-e", f"@{vars_file}"]
+    first = run(argv, capture=True)
+    note(f"first run: {recap_changes(first.stdout)} changes")
+    second = run(argv, capture=True)
+    changes = recap_changes(second.stdout)
+    note(f"second run: {changes} changes")
+    if changes:
+        raise SystemExit("demo: the second instance profile run changed something; it must not")
+
+
+def step_hosts(emulator, ephemeral):
+    headline(4, "Test hosts (bastion, private host) and fleetkeeper.aws.site on them")
+    from tests.hosts import launcher  # pylint: disable=import-outside-toplevel
+
+    testhosts = launcher.create(PLATFORMS, ephemeral, None, "demo", aws_url=emulator.endpoint_url,
+                                owner_pid=os.getpid())
+    inventory_dir = os.path.join(ephemeral, "inventory")
+    groups = {}
+    for platform in PLATFORMS:
+        for group in platform.get("groups", []):
+            groups.setdefault(group, {"hosts": {}})["hosts"][platform["name"]] = None
+    with open(os.path.join(inventory_dir, "groups.json"), "w", encoding="utf-8") as handle:
+        json.dump({"all": {"children": groups, "vars": {"dns_cache_test_upstream": UPSTREAM_ADDRESS}}}, handle)
+    hosts = testhosts["testhosts_hosts"]
+    note("hosts: " + ", ".join(f"{name} {facts['ansible_host']}" for name, facts in sorted(hosts.items())))
+    playbook = os.path.join(BIN, "ansible-playbook")
+    note("the stand-in VPC resolver (dnsmasq) on the private network, as in the dns_cache Molecule scenario")
+    run([playbook, "-i", inventory_dir, os.path.join(DNS_SCENARIO, "prepare.yml")])
+    site_vars = {
+        "fleetkeeper_bastion_hosts": "bastion:private",
+        "bastion_keys_bucket": BUCKET,
+        "bastion_keys_prefix": PREFIX,
+        "bastion_keys_region": REGION,
+        "bastion_keys_endpoint_url": "{{ testhosts_hosts[inventory_hostname].aws_endpoint_url }}",
+        "bastion_keys_sync_environment": {k: TEST_CREDENTIALS[k] for k in ("AWS_ACCESS_KEY_ID",
+                                                                           "AWS_SECRET_ACCESS_KEY")},
+        "dns_cache_hosts": "dns_cache_hosts",
+        "dns_cache_upstreams": [{"address": UPSTREAM_ADDRESS}],
+    }
+    vars_file = os.path.join(WORK, "site.json")
+    with open(vars_file, "w", encoding="utf-8") as handle:
+        json.dump(site_vars, handle)
+    run([playbook, "-i", inventory_dir, "fleetkeeper.aws.site", "-e", f"@{os.path.join(ephemeral, 'testhosts.yml')}",
+         "-e", f"@{vars_file}"])
+
+    user = USERS[0]
+    key = os.path.join(WORK, "keys", user)
+    known_hosts = testhosts["testhosts_ssh_known_hosts"]
+    ssh = ["ssh", "-F", "/dev/null", "-i", key, "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+           "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes", "-o", "LogLevel=ERROR"]
+    bastion = hosts["bastion"]["ansible_host"]
+    private = hosts["private"]["addresses"]["private"]
+    jump = " ".join(shlex.quote(a) for a in ssh + ["-W", "%h:%p", f"{user}@{bastion}"])
+    note(f"{user} logs in to the private host through the bastion with the key from S3")
+    run(ssh + ["-o", f"ProxyCommand={jump}", f"{user}@{private}", "echo \"$(id -un) on $(hostname)\"; id"],
+        env=dict(os.environ))
+
+    note("a few lookups through the cache on every host, then its statistics")
+    ansible = os.path.join(BIN, "ansible")
+    for _ in range(3):
+        run([ansible, "-i", inventory_dir, "dns_cache_hosts", "-o", "-m", "ansible.builtin.command",
+             "-a", "getent hosts www.fk.test api.fk.test"], capture=True)
+    run([ansible, "-i", inventory_dir, "dns_cache_hosts", "-m", "fleetkeeper.aws.dns_cache_stats"])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--skip-hosts", action="store_true", help="stop after the AWS steps (no test hosts)")
+    args = parser.parse_args(argv)
+    os.makedirs(WORK, exist_ok=True)
+    ephemeral = os.path.join(WORK, "hosts")
+
+    def interrupted(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupted)
+
+    emulator = AwsEmulator()
+    started = time.monotonic()
+    try:
+        step_endpoint(emulator)
+        step_inventory(emulator)
+        step_instance_profiles(emulator)
+        if not args.skip_hosts:
+            step_hosts(emulator, ephemeral)
+    finally:
+        headline(5, "Clean-up")
+        if not args.skip_hosts and os.path.isdir(ephemeral):
+            from tests.hosts import launcher  # pylint: disable=import-outside-toplevel
+
+            launcher.destroy(ephemeral)
+            note("test hosts, their namespaces and veths removed")
+        emulator.stop()
+        note("AWS endpoint stopped")
+    print(f"\ndemo finished in {time.monotonic() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
