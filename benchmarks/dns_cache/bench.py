@@ -60,6 +60,7 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils import dns_cache_s
 ZONE = "bench.example"
 UP_ADDR, CLIENT_ADDR = "198.18.54.2", "198.18.54.1"
 LIMIT_PPS = 1024
+DEFAULT_OUTPUT = os.path.join(ROOT, "benchmarks", "results", "dns_cache.json")
 NAMES, NX_NAMES = 5000, 250
 
 
@@ -343,6 +344,48 @@ def plot(results, path):
     fig.savefig(path, dpi=110)
 
 
+def markdown(results) -> str:
+    """The figures as Markdown tables (written into RESULTS.md between its figure markers)."""
+    out = ["Run: %s, BIND %s, %d CPUs, %d s per phase, one worker thread per server, upstream limit %d packets/s."
+           % (results.get("date", "?"), results["bind_version"], results["cpus"], results["phase_seconds"],
+              results["upstream_limit_pps"]), ""]
+    out += ["| target | saturation q/s | failed at saturation | cold start: upstream queries / client queries "
+            "(first %d s at 25,000 q/s) | hit ratio (cold) |" % results["warmup_seconds"],
+            "|---|---:|---:|---|---:|"]
+    for res in results["targets"]:
+        sat, cold = res["saturation"], res.get("cold_start")
+        cold_text = ("%d / %d (%d failed)" % (round(cold["upstream_qps"] * results["warmup_seconds"]), cold["sent"],
+                                             cold["failed"]) if cold else "-")
+        out.append("| %s | %.0f | %d | %s | %s |" % (res["target"], sat["qps"], sat["failed"], cold_text,
+                                                      cold.get("hit_ratio", "-") if cold else "-"))
+    if "bind_vs_best_peer_saturation" in results:
+        out += ["", "BIND / best peer at saturation: **%.2f**" % results["bind_vs_best_peer_saturation"]]
+    out += ["", "| target | offered q/s | answered q/s | p50 ms | p99 ms | failed (% of sent) | upstream q/s "
+            "(% of offered) | dropped by the limit | hit ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for res in results["targets"]:
+        for item in res["loads"]:
+            share = item.get("upstream_share_of_offered")
+            out.append("| %s | %d | %.0f | %s | %s | %d (%.2f%%) | %.1f (%s) | %d | %s |" % (
+                res["target"], item["offered_qps"], item["qps"], item.get("p50_ms", "-"), item.get("p99_ms", "-"),
+                item["failed"], 100.0 * item["failed"] / max(item["sent"], 1), item["upstream_qps"],
+                "%.3f%%" % (100 * share) if share is not None else "-", item["upstream_dropped"],
+                item.get("hit_ratio", "-") if item.get("hit_ratio") is not None else "-"))
+    return "\n".join(out) + "\n"
+
+
+def update_results_md(results, path) -> None:
+    begin, end = "<!-- figures: written by bench.py -->", "<!-- /figures -->"
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(head + begin + "\n" + markdown(results) + end + tail)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n", maxsplit=1)[0])
     parser.add_argument("--quick", action="store_true", help="2 s phases and fewer loads, for development")
@@ -351,7 +394,7 @@ def main(argv=None):
     parser.add_argument("--loads", default="500,1000,2000,5000,10000,25000,50000",
                         help="offered loads in queries/s, comma-separated, or none (saturation only)")
     parser.add_argument("--targets", default="bind,unbound,dnsmasq,direct")
-    parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "dns_cache.json"))
+    parser.add_argument("--output", default=DEFAULT_OUTPUT)
     parser.add_argument("--bind-option", action="append", default=[],
                         help="extra role variable for BIND as name=json-value (tuning experiments)")
     args = parser.parse_args(argv)
@@ -377,7 +420,8 @@ def main(argv=None):
     results = {"tool": "dnsperf 2.10 (-c 4 -t 2; -q 500 at saturation, 2.2 x load at fixed loads)", "bind_version": dnsservers.named_version(),
                "query_mix": mix, "upstream_limit_pps": LIMIT_PPS, "phase_seconds": args.duration,
                "warmup_seconds": args.warmup, "worker_threads": 1, "bind_overrides": overrides,
-               "cpus": os.cpu_count(), "targets": []}
+               "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "load_average_at_start": os.getloadavg(), "targets": []}
     try:
         dnsservers.veth_link(client, upstream_ns, CLIENT_ADDR, UP_ADDR)
         upstream = dnsservers.AuthServer(upstream_ns, UP_ADDR, ZONE, make_records(), workdir=os.path.join(work, "up"),
@@ -404,6 +448,9 @@ def main(argv=None):
         json.dump(results, handle, indent=2, sort_keys=True)
         handle.write("\n")
     plot(results, os.path.splitext(args.output)[0] + ".png")
+    if args.output == DEFAULT_OUTPUT:
+        update_results_md(results, os.path.join(ROOT, "benchmarks", "dns_cache", "RESULTS.md"))
+    print(markdown(results))
     print("wrote", args.output)
 
 
