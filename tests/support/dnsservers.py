@@ -16,6 +16,7 @@ Needs root (network namespaces), ``ip`` and ``apt-get``.
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import itertools
 import json
@@ -47,7 +48,17 @@ def _stamp() -> str:
 
 
 def fetch_servers(force: bool = False) -> str:
-    """Download and unpack the server packages once; return the unpacked root."""
+    """Download and unpack the server packages once; return the unpacked root.
+
+    Serialised with a lock file, so parallel test workers never unpack over each other.
+    """
+    os.makedirs(os.path.dirname(SERVER_ROOT), exist_ok=True)
+    with open(os.path.join(os.path.dirname(SERVER_ROOT), ".lock"), "w", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _fetch_servers(force)
+
+
+def _fetch_servers(force: bool) -> str:
     stamp_path = os.path.join(SERVER_ROOT, ".fk-stamp")
     if not force and os.path.exists(stamp_path):
         with open(stamp_path, encoding="utf-8") as handle:
