@@ -652,8 +652,9 @@ class Roller:
             waiter = self.iam.get_waiter("instance_profile_exists")
             waiter.wait(InstanceProfileName=name, WaiterConfig={"Delay": delay, "MaxAttempts": attempts})
         except Exception as exc:  # pylint: disable=broad-except
-            if "Max attempts exceeded" in str(exc) or error_code(exc) in PROFILE_NOT_FOUND_CODES or \
-                    type(exc).__name__ == "WaiterError":
+            # botocore's WaiterError: "Max attempts exceeded" means the profile never appeared;
+            # anything else (access denied, a terminal failure) is an error of its own.
+            if "Max attempts exceeded" in str(exc) or error_code(exc) in PROFILE_NOT_FOUND_CODES:
                 return None
             raise AwsCallError(f"waiting for instance profile {name}", exc) from exc
         return self.iam.get_instance_profile(InstanceProfileName=name, aws_retry=True)["InstanceProfile"]
@@ -701,8 +702,7 @@ class Roller:
                 page = method(aws_retry=True, **call)
             except Exception as exc:  # pylint: disable=broad-except
                 raise AwsCallError(action, exc) from exc
-            for item in page.get(key) or []:
-                yield item
+            yield from page.get(key) or []
             token = page.get("NextToken")
             if not token:
                 return

@@ -38,7 +38,7 @@ description:
   - O(state=absent) detaches O(instance_profile) from the instances and creates launch template versions without
     it. Associations with another profile are left alone.
 author:
-  - fleetkeeper maintainers
+  - fleetkeeper maintainers (@fleetkeeper)
 options:
   instance_profile:
     description:
@@ -55,8 +55,8 @@ options:
     aliases: [asg_names]
   tag_filters:
     description:
-      - Select groups by tags, as C({key: value}). A value may be a list of accepted values; V("*") or V(null)
-        matches any value of the key.
+      - 'Select groups by tags, as C({key: value}). A value may be a list of accepted values; V("*") or V(null)
+        matches any value of the key.'
       - Matching no group at all fails the task.
     type: dict
   state:
@@ -101,7 +101,7 @@ options:
     default: false
   instance_refresh_preferences:
     description:
-      - C(Preferences) passed to C(StartInstanceRefresh), for example C({MinHealthyPercentage: 90}).
+      - 'C(Preferences) passed to C(StartInstanceRefresh), for example C({MinHealthyPercentage: 90}).'
     type: dict
   max_concurrency:
     description:

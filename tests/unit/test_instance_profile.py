@@ -203,8 +203,8 @@ def test_mixed_instances_policy_references_include_overrides():
     template_part = request["MixedInstancesPolicy"]["LaunchTemplate"]
     assert template_part["LaunchTemplateSpecification"] == {"LaunchTemplateId": "lt-1", "Version": "$Latest"}
     assert template_part["Overrides"][0] == {"InstanceType": "t3.small"}
-    assert template_part["Overrides"][1]["LaunchTemplateSpecification"] == {"LaunchTemplateId": "lt-arm",
-                                                                              "Version": "5"}
+    override = template_part["Overrides"][1]["LaunchTemplateSpecification"]
+    assert override == {"LaunchTemplateId": "lt-arm", "Version": "5"}
     assert "LaunchTemplate" not in request
 
 

@@ -199,7 +199,7 @@ def make(groups, templates=None, associations=None, profiles=("web", "other"), *
 
 
 def test_first_run_creates_one_version_for_groups_sharing_a_template():
-    roller, ec2, autoscaling, _ = make([group("a", ["i-1", "i-2"]), group("b", ["i-3"])])
+    roller, ec2, autoscaling, _clock = make([group("a", ["i-1", "i-2"]), group("b", ["i-3"])])
     result = roller.run("web", names=["a", "b"])
     assert len(ec2.ops("CreateLaunchTemplateVersion")) == 1
     assert ec2.ops("CreateLaunchTemplateVersion")[0]["SourceVersion"] == "1"
@@ -211,9 +211,9 @@ def test_first_run_creates_one_version_for_groups_sharing_a_template():
 
 
 def test_check_mode_writes_nothing_and_predicts_the_version():
-    roller, ec2, autoscaling, _ = make([group("a", ["i-1"], version="1")], check_mode=True)
+    roller, ec2, autoscaling, _clock = make([group("a", ["i-1"], version="1")], check_mode=True)
     result = roller.run("web", names=["a"])
-    writes = [op for op, _ in ec2.calls if not op.startswith("Describe")]
+    writes = [op for op, _kwargs in ec2.calls if not op.startswith("Describe")]
     assert writes == [] and autoscaling.updates == []
     template = result["groups"][0]["launch_templates"][0]
     assert template["created_version"] == 2 and template["spec_after"] == "2" and template["update_group"]
@@ -222,7 +222,7 @@ def test_check_mode_writes_nothing_and_predicts_the_version():
 
 def test_pinned_group_is_repinned_with_the_real_version_number():
     templates = {"lt-1": {"name": "n", "default": 1, "versions": {1: {}, 2: {}, 3: {}}}}
-    roller, ec2, autoscaling, _ = make([group("a", [], version="2")], templates=templates)
+    roller, ec2, autoscaling, _clock = make([group("a", [], version="2")], templates=templates)
     roller.run("web", names=["a"])
     assert autoscaling.updates == [{"AutoScalingGroupName": "a",
                                     "LaunchTemplate": {"LaunchTemplateId": "lt-1", "Version": "4"}}]
@@ -230,7 +230,7 @@ def test_pinned_group_is_repinned_with_the_real_version_number():
 
 
 def test_replace_refused_with_incorrect_state_falls_back_to_disassociate_and_associate():
-    roller, ec2, _, _ = make([group("a", ["i-1"])], associations=[assoc("i-1", "other")], replace=True)
+    roller, ec2, _asg, _clock = make([group("a", ["i-1"])], associations=[assoc("i-1", "other")], replace=True)
     ec2.faults["ReplaceIamInstanceProfileAssociation"] = [ApiError("IncorrectState", "association is associating")]
     result = roller.run("web", names=["a"])
     instance = result["groups"][0]["instances"][0]
@@ -240,7 +240,7 @@ def test_replace_refused_with_incorrect_state_falls_back_to_disassociate_and_ass
 
 
 def test_mismatch_is_reported_not_replaced():
-    roller, ec2, _, _ = make([group("a", ["i-1", "i-2"])], associations=[assoc("i-1", "other")])
+    roller, ec2, _asg, _clock = make([group("a", ["i-1", "i-2"])], associations=[assoc("i-1", "other")])
     result = roller.run("web", names=["a"])
     assert result["mismatched"] == ["i-1"]
     assert ec2.associations["i-1"]["IamInstanceProfile"]["Arn"] == arn("other")
@@ -249,7 +249,7 @@ def test_mismatch_is_reported_not_replaced():
 
 
 def test_invalid_iam_instance_profile_is_retried_with_backoff():
-    roller, ec2, _, clock = make([group("a", ["i-1"])], wait_timeout=60)
+    roller, ec2, _asg, clock = make([group("a", ["i-1"])], wait_timeout=60)
     not_ready = ApiError("InvalidParameterValue", "Value (web) for parameter iamInstanceProfile.name is invalid. "
                                                   "Invalid IAM Instance Profile name")
     ec2.faults["AssociateIamInstanceProfile"] = [not_ready, not_ready, not_ready]
@@ -260,7 +260,7 @@ def test_invalid_iam_instance_profile_is_retried_with_backoff():
 
 
 def test_invalid_iam_instance_profile_gives_up_after_wait_timeout():
-    roller, ec2, _, clock = make([group("a", ["i-1"]), group("b", [], template_id="lt-1")], wait_timeout=10)
+    roller, ec2, _asg, clock = make([group("a", ["i-1"]), group("b", [], template_id="lt-1")], wait_timeout=10)
     not_ready = ApiError("InvalidParameterValue", "Invalid IAM Instance Profile name")
     ec2.faults["AssociateIamInstanceProfile"] = [not_ready] * 50
     result = roller.run("web", names=["a", "b"])
@@ -271,7 +271,7 @@ def test_invalid_iam_instance_profile_gives_up_after_wait_timeout():
 
 def test_disassociating_association_is_awaited_then_associated():
     record = assoc("i-1", "other", state="disassociating")
-    roller, ec2, _, clock = make([group("a", ["i-1"])], associations=[record])
+    roller, ec2, _asg, clock = make([group("a", ["i-1"])], associations=[record])
 
     def settle(_kwargs):
         if len(ec2.ops("DescribeIamInstanceProfileAssociations")) >= 3:
@@ -283,7 +283,7 @@ def test_disassociating_association_is_awaited_then_associated():
 
 
 def test_association_made_meanwhile_is_recognised():
-    roller, ec2, _, _ = make([group("a", ["i-1"])])
+    roller, ec2, _asg, _clock = make([group("a", ["i-1"])])
 
     def race(kwargs):
         if len(ec2.ops("AssociateIamInstanceProfile")) == 1:
@@ -294,7 +294,7 @@ def test_association_made_meanwhile_is_recognised():
 
 
 def test_absent_disassociates_only_this_profile():
-    roller, ec2, _, _ = make([group("a", ["i-1", "i-2", "i-3"])],
+    roller, ec2, _asg, _clock = make([group("a", ["i-1", "i-2", "i-3"])],
                              associations=[assoc("i-1", "web"), assoc("i-2", "other")], state="absent")
     result = roller.run("web", names=["a"])
     assert "i-1" not in ec2.associations and ec2.associations["i-2"]["IamInstanceProfile"]["Arn"] == arn("other")
@@ -302,19 +302,19 @@ def test_absent_disassociates_only_this_profile():
 
 
 def test_absent_with_unknown_profile_names_it():
-    roller, *_ = make([group("a", ["i-1"])], state="absent")
+    roller, *_rest = make([group("a", ["i-1"])], state="absent")
     with pytest.raises(ip.ProfileNotFoundError, match="'ghost' does not exist"):
         roller.run("ghost", names=["a"])
 
 
 def test_present_with_unknown_profile_waits_then_names_it():
-    roller, *_ = make([group("a", ["i-1"])], wait_timeout=5)
+    roller, *_rest = make([group("a", ["i-1"])], wait_timeout=5)
     with pytest.raises(ip.ProfileNotFoundError, match="'ghost'"):
         roller.run("ghost", names=["a"])
 
 
 def test_unknown_group_fails_before_any_call_that_writes():
-    roller, ec2, _, _ = make([group("a", ["i-1"])])
+    roller, ec2, _asg, _clock = make([group("a", ["i-1"])])
     with pytest.raises(ip.InputError, match="not found: nope"):
         roller.run("web", names=["a", "nope"])
     assert ec2.calls == []
@@ -323,20 +323,20 @@ def test_unknown_group_fails_before_any_call_that_writes():
 def test_launch_configuration_and_missing_template_fail_before_any_change():
     groups = [group("a", ["i-1"]), group("lc", ["i-2"], template_id=None, LaunchConfigurationName="old"),
               group("gone", ["i-3"], template_id="lt-deleted")]
-    roller, ec2, autoscaling, _ = make(groups)
+    roller, ec2, autoscaling, _clock = make(groups)
     with pytest.raises(ip.PlanningError) as info:
         roller.run("web", names=["a", "lc", "gone"])
     message = str(info.value)
     assert "nothing was changed" in message and "'lc'" in message and "launch configuration 'old'" in message
     assert "'gone'" in message and "lt-deleted" in message
     assert {g["name"]: g["status"] for g in info.value.groups} == {"a": "ok", "gone": "failed", "lc": "failed"}
-    assert [op for op, _ in ec2.calls if not op.startswith("Describe")] == [] and autoscaling.updates == []
+    assert [op for op, _kwargs in ec2.calls if not op.startswith("Describe")] == [] and autoscaling.updates == []
 
 
 def test_failure_in_one_group_leaves_the_others_finished():
     templates = {"lt-1": {"name": "one", "default": 1, "versions": {1: {}}},
                  "lt-2": {"name": "two", "default": 1, "versions": {1: {}}}}
-    roller, ec2, _, _ = make([group("a", ["i-1"], template_id="lt-1"), group("b", ["i-2"], template_id="lt-2")],
+    roller, ec2, _asg, _clock = make([group("a", ["i-1"], template_id="lt-1"), group("b", ["i-2"], template_id="lt-2")],
                              templates=templates, max_concurrency=1)
     ec2.faults["CreateLaunchTemplateVersion"] = [ApiError("UnauthorizedOperation", "not allowed")]
     result = roller.run("web", names=["a", "b"])
@@ -350,7 +350,7 @@ def test_failure_in_one_group_leaves_the_others_finished():
 def test_instance_refresh_started_only_where_a_version_was_created():
     templates = {"lt-1": {"name": "one", "default": 1, "versions": {1: {}}},
                  "lt-2": {"name": "two", "default": 1, "versions": {1: {"IamInstanceProfile": {"Name": "web"}}}}}
-    roller, _, autoscaling, _ = make([group("a", [], template_id="lt-1"), group("b", [], template_id="lt-2")],
+    roller, _ec2, autoscaling, _clock = make([group("a", [], template_id="lt-1"), group("b", [], template_id="lt-2")],
                                      templates=templates, instance_refresh=True,
                                      instance_refresh_preferences={"MinHealthyPercentage": 90})
     result = roller.run("web", names=["a", "b"])
@@ -359,7 +359,7 @@ def test_instance_refresh_started_only_where_a_version_was_created():
 
 
 def test_instance_refresh_in_progress_is_a_warning():
-    roller, _, autoscaling, _ = make([group("a", [])], instance_refresh=True)
+    roller, _ec2, autoscaling, _clock = make([group("a", [])], instance_refresh=True)
     autoscaling.refresh_error = ApiError("InstanceRefreshInProgress", "An Instance Refresh is already in progress")
     result = roller.run("web", names=["a"])
     assert not result["failed_groups"] and any("already in progress" in w for w in roller.warnings)
@@ -367,7 +367,7 @@ def test_instance_refresh_in_progress_is_a_warning():
 
 def test_default_follower_moves_the_default_once_for_two_groups():
     templates = {"lt-1": {"name": "one", "default": 1, "versions": {1: {}, 2: {"ImageId": "new"}}}}
-    roller, ec2, autoscaling, _ = make([group("a", [], version="$Default"), group("b", [], version="$Default")],
+    roller, ec2, autoscaling, _clock = make([group("a", [], version="$Default"), group("b", [], version="$Default")],
                                        templates=templates)
     roller.run("web", names=["a", "b"])
     assert len(ec2.ops("CreateLaunchTemplateVersion")) == 1 and len(ec2.ops("ModifyLaunchTemplate")) == 1
@@ -376,7 +376,7 @@ def test_default_follower_moves_the_default_once_for_two_groups():
 
 
 def test_tag_filters_select_groups():
-    roller, *_ = make([group("a", [], tags={"team": "x"}), group("b", [], tags={"team": "y"})])
+    roller, *_rest = make([group("a", [], tags={"team": "x"}), group("b", [], tags={"team": "y"})])
     result = roller.run("web", tag_filters={"team": "x"})
     assert [g["name"] for g in result["groups"]] == ["a"]
     with pytest.raises(ip.InputError, match="no Auto Scaling group matches"):
@@ -384,7 +384,7 @@ def test_tag_filters_select_groups():
 
 
 def test_instances_only_when_launch_template_management_is_off():
-    roller, ec2, _, _ = make([group("a", ["i-1"], template_id=None, LaunchConfigurationName="old")],
+    roller, ec2, _asg, _clock = make([group("a", ["i-1"], template_id=None, LaunchConfigurationName="old")],
                              manage_launch_template=False)
     result = roller.run("web", names=["a"])
     assert result["summary"]["associated"] == 1 and ec2.ops("DescribeLaunchTemplateVersions") == []
