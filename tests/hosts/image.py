@@ -125,7 +125,7 @@ def ensure_image(cache: str | None = None, proxy_url: str | None = None, log=pri
             shutil.rmtree(target)
         temp = os.path.join(images, f".tmp-{digest}-{os.getpid()}")
         started = time.monotonic()
-        log(f"building test host image {digest} (debootstrap {RECIPE['suite']}, about a minute)")
+        log(f"building test host image {digest} (debootstrap {RECIPE['suite']}, a few minutes)")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C")
         if proxy_url:
             env["http_proxy"] = proxy_url

@@ -702,6 +702,13 @@ def create(platforms, ephemeral_dir: str, instance_config_path: str | None = Non
         run.save()
         variables = _write_outputs(run, topology, ephemeral_dir, instance_config_path, aws_url)
     except BaseException as exc:
+        if os.environ.get("FK_TESTHOSTS_KEEP_FAILED") == "1":
+            # Left for inspection; stale as soon as this process exits.
+            run.state["phase"] = "creating"
+            run.save()
+            log(f"run {run.run_id}: create failed ({type(exc).__name__}: {exc}); kept in {run.dir} "
+                "(FK_TESTHOSTS_KEEP_FAILED=1): `python -m tests.hosts cleanup` removes it")
+            raise
         log(f"run {run.run_id}: create failed ({type(exc).__name__}: {exc}); removing what was made")
         with runs_lock(cache):
             problems = teardown(run.dir, run.state, log)
