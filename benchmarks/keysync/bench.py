@@ -49,7 +49,7 @@ sys.path[:0] = [REPO, os.path.join(REPO, ".build", "collections")]
 
 from tests.support.ansiblerun import ansible_env  # noqa: E402
 from tests.support.awsemu import AwsEmulator  # noqa: E402
-from tests.support.keysync import ed25519_line  # noqa: E402
+from tests.support.keysync import ed25519_line, render_entry_point  # noqa: E402
 
 BUCKET = "bench-bastion-keys"
 HOST_FILES = ["keysync.py", "keysync_store.py", "keysync_s3.py", "keysync_host.py"]
@@ -64,7 +64,7 @@ def install_host_tool(prefix):
         shutil.copy(os.path.join(REPO, "plugins", "module_utils", name), lib)
     os.makedirs(os.path.join(prefix, "sbin"))
     script = os.path.join(prefix, "sbin", "fleetkeeper-keysync")
-    shutil.copy(os.path.join(REPO, "roles", "bastion_keys", "files", "fleetkeeper-keysync"), script)
+    render_entry_point(REPO, script, sys.executable)
     return script
 
 

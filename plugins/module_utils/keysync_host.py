@@ -95,6 +95,7 @@ def summarise(result):
 
 
 def main(argv=None, s3_factory=make_s3_client, stdout=None, stderr=None):
+    """Run once; returns the exit status (the installed script passes it to sys.exit)."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     parser = argparse.ArgumentParser(prog="fleetkeeper-keysync",
@@ -135,6 +136,3 @@ def main(argv=None, s3_factory=make_s3_client, stdout=None, stderr=None):
         _say(stdout, "%s%s in %.2fs" % ("(check) " if args.check else "", summarise(result), result["elapsed"]))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

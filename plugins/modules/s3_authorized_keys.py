@@ -28,7 +28,7 @@ description:
     bucket costs one ListObjectsV2 request per 1,000 keys and no downloads.
   - The same code runs on the host from the C(fleetkeeper.aws.bastion_keys) role's timer.
 author:
-  - fleetkeeper maintainers
+  - fleetkeeper maintainers (@fleetkeeper)
 options:
   bucket:
     description: S3 bucket holding the key files.
@@ -310,7 +310,7 @@ def main():
         allowed_options=dict(type="list", elements="str", default=[]),
         prepend_options=dict(type="list", elements="str", default=[]),
         max_object_size=dict(type="int", default=16384),
-        max_keys_per_user=dict(type="int", default=16),
+        max_keys_per_user=dict(type="int", default=16, no_log=False),
         removal=dict(type="str", default="lock", choices=["lock", "remove", "keep"]),
         remove_after_runs=dict(type="int", default=1),
         min_listing_ratio=dict(type="float", default=0.5),

@@ -19,7 +19,13 @@ import pytest
 
 from tests.support.ansiblerun import REPO_ROOT, run_module
 from tests.support.fleet import upload_keys
-from tests.support.keysync import authorized_keys, directory_users, ed25519_line, seed_directory_user
+from tests.support.keysync import (
+    authorized_keys,
+    directory_users,
+    ed25519_line,
+    render_entry_point,
+    seed_directory_user,
+)
 
 BUCKET = "bastion-keys"
 MODULE = "fleetkeeper.aws.s3_authorized_keys"
@@ -177,7 +183,7 @@ def host_tool(tmp_path):
         shutil.copy(os.path.join(REPO_ROOT, "plugins", "module_utils", name), lib / name)
     (prefix / "sbin").mkdir()
     script = prefix / "sbin" / "fleetkeeper-keysync"
-    shutil.copy(os.path.join(REPO_ROOT, "roles", "bastion_keys", "files", "fleetkeeper-keysync"), script)
+    render_entry_point(REPO_ROOT, str(script), sys.executable)
     return script
 
 

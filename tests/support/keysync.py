@@ -81,3 +81,19 @@ def authorized_keys(root, name: str, keys_dir: str | None = None) -> str | None:
         return None
     with open(path, encoding="utf-8") as handle:
         return handle.read()
+
+
+def render_entry_point(repo_root: str, dest: str, python: str) -> str:
+    """Render the role's entry-point template as the role would (shebang, managed comment) into ``dest``."""
+    import jinja2  # pylint: disable=import-outside-toplevel
+
+    path = os.path.join(repo_root, "roles", "bastion_keys", "templates", "fleetkeeper-keysync.j2")
+    with open(path, encoding="utf-8") as handle:
+        source = handle.read()
+    environment = jinja2.Environment(keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    environment.filters["comment"] = lambda text: "#\n# " + text + "\n#"
+    text = environment.from_string(source).render(__bastion_keys_python=python, ansible_managed="Ansible managed")
+    with open(dest, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.chmod(dest, 0o755)
+    return dest
