@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # Copyright: fleetkeeper.aws contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Wall time of the test-host harness on the smoke topology (bastion + private host).
@@ -61,7 +60,7 @@ def measure(mode: str, cache: str | None) -> dict:
     figures["image_build_seconds"] = info["build_seconds"]
     figures["image_size_bytes"] = info["size_bytes"]
     apt = os.path.join(cache or "/var/cache/fleetkeeper", "apt")
-    figures["apt_cache_bytes"] = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(apt) for f in fs)
+    figures["apt_cache_bytes"] = sum(os.path.getsize(os.path.join(r, f)) for r, _dirs, fs in os.walk(apt) for f in fs)
     figures["test"] = molecule("test", env)
     print(f"{mode}: molecule test: {figures['test']} s", flush=True)
     return figures
@@ -81,7 +80,7 @@ def main() -> int:
             results = json.load(handle)
     for mode in modes:
         runs = []
-        for _ in range(args.repeat):
+        for _repeat in range(args.repeat):
             if mode == "cold":
                 cache = tempfile.mkdtemp(prefix="fleetkeeper-cold-", dir="/var/cache")
                 try:

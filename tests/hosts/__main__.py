@@ -93,7 +93,7 @@ def cmd_cleanup(args) -> int:
     cleaned = launcher.cleanup_stale(everything=args.all)
     for run_id, reason, problems in cleaned:
         print(f"{run_id}: {reason}" + (f" (problems: {problems})" if problems else ""))
-    return 1 if any(p for _, _, p in cleaned) else 0
+    return 1 if any(problems for _run, _reason, problems in cleaned) else 0
 
 
 def cmd_build_image(_args) -> int:

@@ -89,7 +89,7 @@ def list_runs(cache: str | None = None) -> list:
 
 
 def images_in_use(cache: str | None = None) -> set:
-    return {s.get("image") for _, s in list_runs(cache) if s and s.get("image")}
+    return {s.get("image") for _run, s in list_runs(cache) if s and s.get("image")}
 
 
 def _root_namespace_networks() -> list:
@@ -205,7 +205,7 @@ def cgroup_bases() -> list:
         return []
     found = []
     for controllers, fstype in (("", "cgroup2"), ("name=systemd", "cgroup")):
-        path = next((p for _, c, p in lines if c == controllers), None)
+        path = next((p for _hid, c, p in lines if c == controllers), None)
         if path is None:
             continue
         for fields in mounts:
@@ -263,7 +263,7 @@ def teardown(run_dir: str, st: dict, log=_log) -> list:
         time.sleep(0.2)
     # Anything else started for the run names its directory on its command line:
     # ssh ControlMaster and ProxyCommand processes, a half-started nspawn.
-    for spelling in {os.path.abspath(run_dir), os.path.realpath(run_dir)}:
+    for spelling in sorted({os.path.abspath(run_dir), os.path.realpath(run_dir)}):
         _kill_referencing(spelling + "/")
     for host in st.get("hosts", {}).values():
         _stop_identity(host.get("nspawn"), 10)
@@ -410,7 +410,7 @@ def _allocate(platforms, scenario: str, ephemeral_dir: str, cache: str | None, l
         cleanup_stale_locked(cache, log)
         run_id = _new_run_id(cache)
         used = _root_namespace_networks()
-        for _, st in list_runs(cache):
+        for _run, st in list_runs(cache):
             if st and st.get("public_subnet"):
                 used.append(ipaddress.ip_network(st["public_subnet"]))
         prefix = topo.platforms_public_prefix(platforms)

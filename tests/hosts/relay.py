@@ -97,7 +97,7 @@ class Relay:
     def _accept_loop(self) -> None:
         while not self.stopped.is_set():
             try:
-                client, _ = self.sock.accept()
+                client, _address = self.sock.accept()
             except OSError:
                 if self.stopped.is_set():
                     return

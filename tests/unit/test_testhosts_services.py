@@ -159,7 +159,7 @@ def test_relay_forwards_both_ways_and_closes_cleanly():
     server.listen(1)
 
     def echo():
-        conn, _ = server.accept()
+        conn, _address = server.accept()
         with conn:
             data = b""
             while chunk := conn.recv(65536):
