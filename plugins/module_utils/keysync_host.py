@@ -135,4 +135,3 @@ def main(argv=None, s3_factory=make_s3_client, stdout=None, stderr=None):
     else:
         _say(stdout, "%s%s in %.2fs" % ("(check) " if args.check else "", summarise(result), result["elapsed"]))
     return 0
-
