@@ -404,7 +404,7 @@ def _new_run_id(cache: str | None) -> str:
         return run_id
 
 
-def _allocate(platforms, scenario: str, ephemeral_dir: str, cache: str | None, log) -> tuple:
+def _allocate(platforms, scenario: str, ephemeral_dir: str, cache: str | None, log, owner=None) -> tuple:
     topo.build_topology(platforms, "000000", "10.213.0.0/%d" % topo.platforms_public_prefix(platforms))
     with runs_lock(cache):
         cleanup_stale_locked(cache, log)
@@ -421,7 +421,7 @@ def _allocate(platforms, scenario: str, ephemeral_dir: str, cache: str | None, l
         run.state = {
             "run_id": run_id, "phase": "creating", "scenario": scenario, "ephemeral_dir": ephemeral_dir,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "creator": runstate.process_identity(os.getpid()), "owner": runstate.find_molecule_owner(),
+            "creator": runstate.process_identity(os.getpid()), "owner": owner or runstate.find_molecule_owner(),
             "public_subnet": str(subnet) if topo.PUBLIC in topology.networks else None,
             "namespaces": [], "root_links": [], "mounts": [], "machines": [], "cgroups": [], "hosts": {},
             "timings": {},
@@ -653,11 +653,15 @@ def _write_outputs(run: Run, topology: topo.Topology, ephemeral_dir: str, instan
 
 
 def create(platforms, ephemeral_dir: str, instance_config_path: str | None = None, scenario: str = "",
-           aws_endpoint: bool = False, cache: str | None = None, log=_log) -> dict:
-    """Create a run for ``platforms``; returns the variables written to testhosts.yml."""
+           aws_endpoint: bool = False, cache: str | None = None, log=_log, owner=None) -> dict:
+    """Create a run for ``platforms``; returns the variables written to testhosts.yml.
+
+    ``owner`` (``{pid, start, command}``) is the process whose end makes the run
+    stale when its command is ``test``; by default the ``molecule`` process this
+    runs under, if any."""
     started = time.monotonic()
     ephemeral_dir = os.path.abspath(ephemeral_dir)
-    run, topology = _allocate(platforms, scenario, ephemeral_dir, cache, log)
+    run, topology = _allocate(platforms, scenario, ephemeral_dir, cache, log, owner)
     log(f"run {run.run_id}: {len(topology.hosts)} hosts on {', '.join(topology.networks)} "
         f"(public {run.state['public_subnet']})")
 

@@ -83,6 +83,11 @@ def ssh(inventory: dict, host: str, command: str) -> subprocess.CompletedProcess
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
 
 
+# The test process owns its runs like `molecule test` would: if it is killed,
+# the runs' watchdog destroys them.
+OWNER = {**(runstate.process_identity(os.getpid()) or {}), "command": "test"}
+
+
 @pytest.fixture
 def ephemeral(tmp_path):
     (tmp_path / "inventory").mkdir()
@@ -90,7 +95,8 @@ def ephemeral(tmp_path):
 
 
 def test_create_gives_working_hosts_and_destroy_leaves_nothing(ephemeral):
-    variables = launcher.create(PLATFORMS, str(ephemeral), str(ephemeral / "instance_config.yml"), "pytest")
+    variables = launcher.create(PLATFORMS, str(ephemeral), str(ephemeral / "instance_config.yml"), "pytest",
+                                owner=OWNER)
     run_id = variables["testhosts_run_id"]
     try:
         assert traces(run_id)["netns"], "the run made its namespaces"
@@ -127,13 +133,13 @@ def test_a_create_that_fails_half_way_removes_what_it_made(ephemeral, monkeypatc
 
     monkeypatch.setattr(launcher, "_boot_host", boot_then_fail)
     with pytest.raises(launcher.LaunchError, match="injected failure"):
-        launcher.create(PLATFORMS, str(ephemeral), None, "pytest")
+        launcher.create(PLATFORMS, str(ephemeral), None, "pytest", owner=OWNER)
     assert made
     assert wait_for_nothing(made[0]) == NOTHING
 
 
 def test_a_run_whose_services_died_is_stale_and_cleaned_by_the_next_cleanup(ephemeral):
-    variables = launcher.create(PLATFORMS[:1], str(ephemeral), None, "pytest")
+    variables = launcher.create(PLATFORMS[:1], str(ephemeral), None, "pytest", owner=OWNER)
     run_id = variables["testhosts_run_id"]
     st = runstate.load(os.path.join(paths.run_dir(run_id), "state.json"))
     try:
@@ -147,4 +153,23 @@ def test_a_run_whose_services_died_is_stale_and_cleaned_by_the_next_cleanup(ephe
         assert run_id in [c[0] for c in cleaned]
         assert wait_for_nothing(run_id) == NOTHING
     finally:
+        launcher.destroy(str(ephemeral))
+
+
+def test_the_watchdog_destroys_a_run_whose_molecule_test_died(ephemeral):
+    # A stand-in for `molecule test`, killed like a CI job that timed out.
+    stand_in = subprocess.Popen(["sleep", "600"])  # pylint: disable=consider-using-with
+    owner = {**runstate.process_identity(stand_in.pid), "command": "test"}
+    variables = launcher.create(PLATFORMS[:1], str(ephemeral), None, "pytest", owner=owner)
+    run_id = variables["testhosts_run_id"]
+    try:
+        assert traces(run_id)["netns"]
+        st = runstate.load(os.path.join(paths.run_dir(run_id), "state.json"))
+        assert runstate.staleness(st) is None
+        stand_in.kill()
+        stand_in.wait()
+        assert "molecule test" in runstate.staleness(st)
+        assert wait_for_nothing(run_id, timeout=60) == NOTHING
+    finally:
+        stand_in.kill()
         launcher.destroy(str(ephemeral))
