@@ -202,8 +202,12 @@ def step_hosts(emulator, ephemeral):
     headline(4, "Test hosts (bastion, private host) and fleetkeeper.aws.site on them")
     from tests.hosts import launcher  # pylint: disable=import-outside-toplevel
 
-    testhosts = launcher.create(PLATFORMS, ephemeral, None, "demo", aws_url=emulator.endpoint_url,
-                                owner_pid=os.getpid())
+    from tests.hosts import state as runstate  # pylint: disable=import-outside-toplevel
+
+    # The demo owns the run like `molecule test` would: if the demo is killed,
+    # the harness's watchdog removes the hosts.
+    owner = {**runstate.process_identity(os.getpid()), "command": "test"}
+    testhosts = launcher.create(PLATFORMS, ephemeral, None, "demo", aws_endpoint=emulator.endpoint_url, owner=owner)
     inventory_dir = os.path.join(ephemeral, "inventory")
     groups = {}
     for platform in PLATFORMS:

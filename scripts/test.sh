@@ -42,12 +42,17 @@ stage_sanity() {
   (cd "$dest" && ansible-test sanity --venv --python "$py" --color no ${FK_SANITY_ARGS:-})
 }
 
-stage_lint() { ansible-lint --profile production --offline -q; }
+# ansible-lint's syntax checks run without an inventory: do not fail on that.
+stage_lint() { ANSIBLE_INVENTORY_UNPARSED_FAILED=False ansible-lint --profile production --offline -q; }
 
 stage_changelog() { antsibull-changelog lint; }
 
 stage_molecule() {
   local scenario found=0
+  # Remove what a killed run left behind, and build the test-host image once
+  # up front rather than inside the first scenario's create step.
+  python -m tests.hosts cleanup
+  python -m tests.hosts build-image
   for scenario in extensions/molecule/*/molecule.yml; do
     [ -e "$scenario" ] || continue
     found=1

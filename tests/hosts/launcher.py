@@ -656,6 +656,8 @@ def create(platforms, ephemeral_dir: str, instance_config_path: str | None = Non
            aws_endpoint: bool = False, cache: str | None = None, log=_log, owner=None) -> dict:
     """Create a run for ``platforms``; returns the variables written to testhosts.yml.
 
+    ``aws_endpoint`` is True to start the AWS endpoint for this run, or the URL of
+    one already running on the controller (the demo's) to relay to the hosts.
     ``owner`` (``{pid, start, command}``) is the process whose end makes the run
     stale when its command is ``test``; by default the ``molecule`` process this
     runs under, if any."""
@@ -685,7 +687,10 @@ def create(platforms, ephemeral_dir: str, instance_config_path: str | None = Non
         with open(run.path("id_ed25519.pub"), encoding="utf-8") as handle:
             public_key = handle.read()
         _build_networks(run, topology)
-        aws_url = _start_aws(run) if aws_endpoint else None
+        if isinstance(aws_endpoint, str):
+            aws_url = aws_endpoint
+        else:
+            aws_url = _start_aws(run) if aws_endpoint else None
         _start_services(run, topology, aws_url)
         timings["network_and_services"] = round(time.monotonic() - mark, 1)
 
