@@ -207,11 +207,21 @@ def main(argv=None):
     parser.add_argument("--latency-ms", type=float, default=50.0)
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "inventory.json"))
     parser.add_argument("--no-write", action="store_true", help="print figures only")
+    parser.add_argument("--large-plugins", default=None,
+                        help="plugins for fleets above 10,000 instances (default: --plugins)")
+    parser.add_argument("--merge-log", default=None,
+                        help="also report the result lines (one JSON object a line) an earlier run printed")
     args = parser.parse_args(argv)
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",") if s]
     region_sets = [ONE_REGION if n == "1" else FOUR_REGIONS for n in args.regions.split(",")]
     plugins = args.plugins.split(",")
+    large_plugins = args.large_plugins.split(",") if args.large_plugins else plugins
     results = []
+    if args.merge_log:
+        with open(args.merge_log, encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("{") and '"plugin"' in line:
+                    results.append(json.loads(line))
     started = time.time()
     workdir = tempfile.mkdtemp(prefix="fk-bench-inventory-")
     try:
@@ -230,7 +240,7 @@ def main(argv=None):
                 for regions in region_sets:
                     with ReplayServer(layout(instances, groups, regions), latency_ms=args.latency_ms) as replay:
                         bench_case("replay", replay.endpoint_url, replay.total_calls, regions, instances, groups,
-                                   workdir, results, plugins)
+                                   workdir, results, plugins if instances <= 10000 else large_plugins)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report = {
@@ -240,6 +250,7 @@ def main(argv=None):
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "load_average_at_end": os.getloadavg()},
         "duration_s": round(time.time() - started, 1),
+        "merged_from": args.merge_log,
         "results": results,
         "targets": check_targets(results),
     }

@@ -17,7 +17,8 @@ description:
     (C(DescribeInstances), up to 1,000 instance ids per call), optionally plus stand-alone instances selected
     by EC2 filters (one paginated call per filter set), in several regions at once.
   - Every host joins a group per Auto Scaling group (O(asg_group_prefix) plus the sanitised name), per
-    availability zone (C(az_*)), per region (C(region_*)) and per lifecycle state (C(lifecycle_*)); hosts whose
+    availability zone (C(az_*)), per region (C(region_*), when several regions are read) and per lifecycle
+    state (C(lifecycle_*)); hosts whose
     launch template version is not the one their group now launches also join C(launch_template_drift).
   - Host variables carry the ASG name, lifecycle and health status, availability zone, subnet, VPC, private
     and public addresses and DNS names, instance type, launch template id, name and version, the version the
@@ -277,7 +278,7 @@ def _fast_parse(operation_model=None, response_dict=None, customized_response_di
 
 
 class _RegionResult:
-    __slots__ = ("region", "records", "warnings", "calls", "error", "fallback")
+    __slots__ = ("region", "records", "warnings", "error", "fallback")
 
     def __init__(self, region):
         self.region = region

@@ -190,8 +190,8 @@ def test_standalone_instances_by_filters_and_hostnames(aws, tmp_path):
     data, proc = listed(path, aws)
     assert "WARNING" not in proc.stderr, proc.stderr
     assert hosts_of(data, "standalone") == ["bastion"]  # named by its Name tag
-    assert sorted(hostvars(data)) == sorted(["bastion"] + [v["private_ip_address"] for v in hostvars(data).values()
-                                                            if v["instance_id"] != fleet.bastion_id])
+    private = [v["private_ip_address"] for v in hostvars(data).values() if v["instance_id"] != fleet.bastion_id]
+    assert sorted(hostvars(data)) == sorted(["bastion"] + private)
     assert len(hosts_of(data, "fleet_web")) == 2 and hosts_of(data, "fleet_none") == ["bastion"]
     assert len(hosts_of(data, "private")) == 2
     assert all(v["ansible_user"] == "admin" for v in hostvars(data).values())
