@@ -53,7 +53,7 @@ def config(**overrides):
 @pytest.mark.parametrize("line", [
     ED, ecdsa_line("e"), rsa_line(2048, "r"), sk_ed25519_line("yubikey"), ed25519_cert_line("cert"),
     "  " + ED + "  ",
-])
+], ids=["ed25519", "ecdsa", "rsa", "sk-ed25519", "ed25519-cert", "padded"])
 def test_known_key_types_parse(line):
     key = parse_key_line(line)
     assert key.key_type in KEY_TYPES
@@ -76,7 +76,8 @@ def test_known_key_types_parse(line):
     (f'command="unterminated {ED}', "unterminated quote"),
     (ED + "\x00", "control characters"),
     ("ssh-ed25519 " + "A" * 9000, "more than 8192"),
-])
+], ids=["dsa", "unknown-type", "no-data", "bad-base64", "type-mismatch", "short-ed25519", "trailing-bytes",
+        "rsa-1024", "command", "from", "unknown-option", "unterminated-quote", "nul", "too-long"])
 def test_bad_lines_are_refused_with_a_reason(line, reason):
     with pytest.raises(KeyLineError) as info:
         parse_key_line(line)
