@@ -294,8 +294,9 @@ def test_association_made_meanwhile_is_recognised():
 
 
 def test_absent_disassociates_only_this_profile():
-    roller, ec2, _asg, _clock = make([group("a", ["i-1", "i-2", "i-3"])],
-                             associations=[assoc("i-1", "web"), assoc("i-2", "other")], state="absent")
+    roller, ec2, _asg, _clock = make(
+        [group("a", ["i-1", "i-2", "i-3"])], associations=[assoc("i-1", "web"), assoc("i-2", "other")], state="absent"
+    )
     result = roller.run("web", names=["a"])
     assert "i-1" not in ec2.associations and ec2.associations["i-2"]["IamInstanceProfile"]["Arn"] == arn("other")
     assert result["summary"]["disassociated"] == 1
@@ -336,8 +337,9 @@ def test_launch_configuration_and_missing_template_fail_before_any_change():
 def test_failure_in_one_group_leaves_the_others_finished():
     templates = {"lt-1": {"name": "one", "default": 1, "versions": {1: {}}},
                  "lt-2": {"name": "two", "default": 1, "versions": {1: {}}}}
-    roller, ec2, _asg, _clock = make([group("a", ["i-1"], template_id="lt-1"), group("b", ["i-2"], template_id="lt-2")],
-                             templates=templates, max_concurrency=1)
+    roller, ec2, _asg, _clock = make(
+        [group("a", ["i-1"], template_id="lt-1"), group("b", ["i-2"], template_id="lt-2")], templates=templates, max_concurrency=1
+    )
     ec2.faults["CreateLaunchTemplateVersion"] = [ApiError("UnauthorizedOperation", "not allowed")]
     result = roller.run("web", names=["a", "b"])
     statuses = {g["name"]: g["status"] for g in result["groups"]}
@@ -350,9 +352,10 @@ def test_failure_in_one_group_leaves_the_others_finished():
 def test_instance_refresh_started_only_where_a_version_was_created():
     templates = {"lt-1": {"name": "one", "default": 1, "versions": {1: {}}},
                  "lt-2": {"name": "two", "default": 1, "versions": {1: {"IamInstanceProfile": {"Name": "web"}}}}}
-    roller, _ec2, autoscaling, _clock = make([group("a", [], template_id="lt-1"), group("b", [], template_id="lt-2")],
-                                     templates=templates, instance_refresh=True,
-                                     instance_refresh_preferences={"MinHealthyPercentage": 90})
+    roller, _ec2, autoscaling, _clock = make(
+        [group("a", [], template_id="lt-1"), group("b", [], template_id="lt-2")], templates=templates,
+        instance_refresh=True, instance_refresh_preferences={"MinHealthyPercentage": 90},
+    )
     result = roller.run("web", names=["a", "b"])
     assert autoscaling.refreshes == [("a", {"MinHealthyPercentage": 90})]
     assert result["groups"][0]["instance_refresh"] == {"id": "refresh-a"}
@@ -367,8 +370,9 @@ def test_instance_refresh_in_progress_is_a_warning():
 
 def test_default_follower_moves_the_default_once_for_two_groups():
     templates = {"lt-1": {"name": "one", "default": 1, "versions": {1: {}, 2: {"ImageId": "new"}}}}
-    roller, ec2, autoscaling, _clock = make([group("a", [], version="$Default"), group("b", [], version="$Default")],
-                                       templates=templates)
+    roller, ec2, autoscaling, _clock = make(
+        [group("a", [], version="$Default"), group("b", [], version="$Default")], templates=templates
+    )
     roller.run("web", names=["a", "b"])
     assert len(ec2.ops("CreateLaunchTemplateVersion")) == 1 and len(ec2.ops("ModifyLaunchTemplate")) == 1
     assert templates["lt-1"]["default"] == 3 and autoscaling.updates == []
@@ -384,7 +388,8 @@ def test_tag_filters_select_groups():
 
 
 def test_instances_only_when_launch_template_management_is_off():
-    roller, ec2, _asg, _clock = make([group("a", ["i-1"], template_id=None, LaunchConfigurationName="old")],
-                             manage_launch_template=False)
+    roller, ec2, _asg, _clock = make(
+        [group("a", ["i-1"], template_id=None, LaunchConfigurationName="old")], manage_launch_template=False
+    )
     result = roller.run("web", names=["a"])
     assert result["summary"]["associated"] == 1 and ec2.ops("DescribeLaunchTemplateVersions") == []
