@@ -226,8 +226,12 @@ def step_hosts(emulator, ephemeral):
         "bastion_keys_prefix": PREFIX,
         "bastion_keys_region": REGION,
         "bastion_keys_endpoint_url": "{{ testhosts_hosts[inventory_hostname].aws_endpoint_url }}",
+        # Test hosts have no instance profile: the endpoint's test credentials stand in for it.
         "bastion_keys_sync_environment": {k: TEST_CREDENTIALS[k] for k in ("AWS_ACCESS_KEY_ID",
                                                                            "AWS_SECRET_ACCESS_KEY")},
+        # Ansible logs in to the test hosts as root with a key: keep that login working.
+        "bastion_keys_admin_groups": ["root", "sudo"],
+        "bastion_keys_sshd_permit_root_login": "prohibit-password",
         "dns_cache_hosts": "dns_cache_hosts",
         "dns_cache_upstreams": [{"address": UPSTREAM_ADDRESS}],
     }
