@@ -34,12 +34,13 @@ def test_build_install_and_document(tmp_path):
     assert len(tarballs) == 1, build.stdout
     install_dir = tmp_path / "collections"
     subprocess.run(
-        [os.path.join(BIN_DIR, "ansible-galaxy"), "collection", "install", "--no-deps", "-p", str(install_dir), tarballs[0]],
+        [os.path.join(BIN_DIR, "ansible-galaxy"), "collection", "install", "--no-deps", "--force", "-p", str(install_dir), tarballs[0]],
         capture_output=True, text=True, check=True, env=ansible_env(),
     )
     installed = install_dir / "ansible_collections" / "fleetkeeper" / "aws"
     assert (installed / "MANIFEST.json").is_file()
-    assert not (installed / ".venv").exists() and not (installed / ".build").exists()
+    for unwanted in (".venv", ".venv-compat", ".build", "tests/output"):
+        assert not (installed / unwanted).exists(), unwanted
     env = ansible_env({"ANSIBLE_COLLECTIONS_PATH": str(install_dir)})
     for kind, name in shipped_plugins():
         listed = subprocess.run([os.path.join(BIN_DIR, "ansible-doc"), "-t", kind, "-l", "fleetkeeper.aws"],
