@@ -161,8 +161,8 @@ def step_inventory(emulator):
                             env=ansible_env(), text=True, capture_output=True, check=True, cwd=WORK)
     hostvars = json.loads(result.stdout)["_meta"]["hostvars"]
     for host, facts in sorted(hostvars.items())[:1]:
-        shown = {k: v for k, v in facts.items() if k.startswith(("asg_", "launch_template", "instance_profile",
-                                                                  "lifecycle", "health", "ansible_ssh"))}
+        wanted = ("asg_", "launch_template", "instance_profile", "lifecycle", "health", "ansible_ssh")
+        shown = {k: v for k, v in facts.items() if k.startswith(wanted)}
         note(f"host vars of {host}:")
         print(json.dumps(plain(shown), indent=2, sort_keys=True))
 
@@ -255,7 +255,7 @@ def step_hosts(emulator, ephemeral):
 
     note("a few lookups through the cache on every host, then its statistics")
     ansible = os.path.join(BIN, "ansible")
-    for _ in range(3):
+    for _round in range(3):
         run([ansible, "-i", inventory_dir, "dns_cache_hosts", "-o", "-m", "ansible.builtin.command",
              "-a", "getent hosts www.fk.test api.fk.test"], capture=True)
     run([ansible, "-i", inventory_dir, "dns_cache_hosts", "-m", "fleetkeeper.aws.dns_cache_stats"])

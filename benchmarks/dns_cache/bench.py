@@ -354,10 +354,12 @@ def markdown(results) -> str:
             "|---|---:|---:|---|---:|"]
     for res in results["targets"]:
         sat, cold = res["saturation"], res.get("cold_start")
-        cold_text = ("%d / %d (%d failed)" % (round(cold["upstream_qps"] * results["warmup_seconds"]), cold["sent"],
-                                             cold["failed"]) if cold else "-")
-        out.append("| %s | %.0f | %d | %s | %s |" % (res["target"], sat["qps"], sat["failed"], cold_text,
-                                                      cold.get("hit_ratio", "-") if cold else "-"))
+        cold_text = "-"
+        if cold:
+            upstream = round(cold["upstream_qps"] * results["warmup_seconds"])
+            cold_text = "%d / %d (%d failed)" % (upstream, cold["sent"], cold["failed"])
+        hit_ratio = cold.get("hit_ratio", "-") if cold else "-"
+        out.append("| %s | %.0f | %d | %s | %s |" % (res["target"], sat["qps"], sat["failed"], cold_text, hit_ratio))
     if "bind_vs_best_peer_saturation" in results:
         out += ["", "BIND / best peer at saturation: **%.2f**" % results["bind_vs_best_peer_saturation"]]
     out += ["", "| target | offered q/s | answered q/s | p50 ms | p99 ms | failed (% of sent) | upstream q/s "

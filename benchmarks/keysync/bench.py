@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # Copyright: fleetkeeper.aws contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Key sync benchmark: 1,000 users in an S3 bucket on the moto server.
@@ -151,7 +150,7 @@ def moto_list_time(users):
         for i in range(users):
             s3.put_object(Bucket=BUCKET, Key="keys/user%04d.pub" % i, Body=b"x" * 100)
         times = []
-        for _ in range(3):
+        for _round in range(3):
             start = time.monotonic()
             s3.list_objects_v2(Bucket=BUCKET, Prefix="keys/", MaxKeys=1000)
             times.append(time.monotonic() - start)

@@ -190,7 +190,7 @@ def test_shared_render_keeps_lines_above_the_marker_and_is_idempotent(above, man
     above = [line for line in above if line.strip() != MARKER_LINE]
     existing = "\n".join(above + [MARKER_LINE, "old managed line"]) + "\n"
     once = render_shared(existing, managed)
-    kept = once.split(MARKER_LINE)[0].splitlines()
+    kept = once.split(MARKER_LINE, maxsplit=1)[0].splitlines()
     stripped = list(above)
     while stripped and not stripped[-1].strip():
         stripped.pop()
@@ -266,7 +266,7 @@ def test_plan_creates_new_users_and_never_takes_over_or_touches_admins():
         UserInfo("dave", 30001, 30001, "/home/dave", "/bin/bash", ["fleetkeeper-keys"]),
     )
     plan = plan_per_user({"alice": [key], "bob": [key], "carol": [key], "daemonish": [key]}, existing, cfg)
-    assert [name for name, _ in plan.create] == ["alice"]
+    assert [name for name, _keys in plan.create] == ["alice"]
     assert plan.unlock == ["carol"] and plan.add_groups == [("carol", ["sudo"])]
     assert plan.lock == ["dave"] and plan.keys["dave"] == []
     reasons = dict((r["user"], r["reason"]) for r in plan.rejected)
