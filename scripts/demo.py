@@ -32,6 +32,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from tests.support import fleet as fleetlib  # noqa: E402  pylint: disable=wrong-import-position
+from tests.support.ansiblerun import plain  # noqa: E402  pylint: disable=wrong-import-position
 from tests.support.awsemu import TEST_CREDENTIALS, AwsEmulator  # noqa: E402  pylint: disable=wrong-import-position
 
 WORK = os.path.join(REPO_ROOT, ".build", "demo")
@@ -95,17 +96,6 @@ def run(argv, env=None, capture=False, check=True):
 def recap_changes(output):
     """Total of changed= over the PLAY RECAP lines."""
     return sum(int(n) for n in re.findall(r"\bchanged=(\d+)", output.split("PLAY RECAP", 1)[-1]))
-
-
-def plain(value):
-    """ansible-inventory --list wraps untrusted strings as {"__ansible_unsafe": ...}: unwrap for display."""
-    if isinstance(value, dict):
-        if set(value) == {"__ansible_unsafe"}:
-            return value["__ansible_unsafe"]
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain(v) for v in value]
-    return value
 
 
 def local_inventory():

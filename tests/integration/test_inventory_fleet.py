@@ -11,20 +11,9 @@ import subprocess
 import pytest
 
 from tests.support import fleet as fl
-from tests.support.ansiblerun import BIN_DIR, REPO_ROOT, ansible_env
+from tests.support.ansiblerun import plain, BIN_DIR, REPO_ROOT, ansible_env
 
 EU = "eu-west-1"
-
-
-def plain(value):
-    """ansible-inventory --list marks untrusted strings as {"__ansible_unsafe": ...} on newer cores."""
-    if isinstance(value, dict):
-        if set(value) == {"__ansible_unsafe"}:
-            return value["__ansible_unsafe"]
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain(v) for v in value]
-    return value
 
 
 def write_config(tmp_path, aws, name="test.fleet.yml", **options):

@@ -78,6 +78,17 @@ class PlaybookRun:
         raise KeyError(f"no task {name!r} in {[t.name for t in self.tasks]}\n{self.stderr}")
 
 
+def plain(value):
+    """ansible-inventory --list marks untrusted strings as {"__ansible_unsafe": ...} on newer cores: unwrap."""
+    if isinstance(value, dict):
+        if set(value) == {"__ansible_unsafe"}:
+            return value["__ansible_unsafe"]
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
 LOCAL_INVENTORY = "localhost ansible_connection=local ansible_python_interpreter={python}\n"
 
 
