@@ -429,9 +429,10 @@ class InventoryModule(AWSInventoryBase):
         for reservation in page.get("Reservations", ()):
             into.extend(reservation.get("Instances", ()))
 
-    def _describe_by_filters(self, ec2, filters):
+    def _describe_instances(self, ec2, request):
+        """Every instance of a DescribeInstances request, following NextToken."""
         instances = []
-        request = {"Filters": filters, "MaxResults": logic.INSTANCE_PAGE_SIZE}
+        request = dict(request)
         while True:
             page = ec2.describe_instances(**request)
             self._reservations_to_instances(page, instances)
@@ -440,19 +441,14 @@ class InventoryModule(AWSInventoryBase):
                 return instances
             request["NextToken"] = token
 
+    def _describe_by_filters(self, ec2, filters):
+        return self._describe_instances(ec2, {"Filters": filters, "MaxResults": logic.INSTANCE_PAGE_SIZE})
+
     def _describe_by_ids(self, ec2, ids):
         remaining = list(ids)
         while remaining:
-            instances = []
-            request = {"InstanceIds": remaining}
             try:
-                while True:
-                    page = ec2.describe_instances(**request)
-                    self._reservations_to_instances(page, instances)
-                    token = page.get("NextToken")
-                    if not token:
-                        return instances
-                    request["NextToken"] = token
+                return self._describe_instances(ec2, {"InstanceIds": remaining})
             except botocore.exceptions.ClientError as exc:
                 # An ASG may list an instance EC2 has already forgotten: drop those ids and ask again.
                 if exc.response.get("Error", {}).get("Code") != "InvalidInstanceID.NotFound":
