@@ -222,13 +222,26 @@ def cgroup_bases() -> list:
     return found
 
 
-def _remove_cgroup(path: str) -> bool:
-    """rmdir a cgroup and everything a container's systemd made below it (bottom-up)."""
-    if not os.path.isdir(path):
-        return True
-    for root, _dirs, _files in os.walk(path, topdown=False):
-        with contextlib.suppress(OSError):
-            os.rmdir(root)
+def _remove_cgroup(path: str, timeout: float = 15.0) -> bool:
+    """rmdir a cgroup and everything a container's systemd made below it (bottom-up).
+
+    The cgroup is the run's own (named after the run id), so whatever is still in
+    it belongs to the run: a process that left the network namespace, or one that
+    was exiting while the first rmdir ran (EBUSY). Kill those and retry until the
+    deadline instead of giving up after one pass."""
+    deadline = time.monotonic() + timeout
+    while os.path.isdir(path):
+        for root, _dirs, _files in os.walk(path, topdown=False):
+            with contextlib.suppress(OSError):
+                with open(os.path.join(root, "cgroup.procs"), encoding="utf-8") as handle:
+                    for pid in handle.read().split():
+                        with contextlib.suppress(ProcessLookupError, ValueError):
+                            os.kill(int(pid), signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.rmdir(root)
+        if not os.path.isdir(path) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     return not os.path.isdir(path)
 
 
