@@ -187,7 +187,8 @@ options:
   resolve_launch_template_versions:
     description:
       - Resolve C($Latest) and C($Default) launch template versions with C(DescribeLaunchTemplates)
-        (one call per 200 templates and region) to report drift. When off, drift is only known for groups
+        (one call per 1,000 templates and region, or per 200 if the endpoint refuses the larger batch) to report
+        drift. When off, drift is only known for groups
         that pin a version number.
     type: bool
     default: true
@@ -233,6 +234,7 @@ instance_filters:
   - tag:fleetkeeper:role: bastion
 """
 
+import gc
 import os
 import threading
 import time
@@ -246,8 +248,11 @@ try:
 except ImportError:
     pass  # reported by AWSInventoryBase.require_aws_sdk
 
+from ansible import constants as C
 from ansible.errors import AnsibleParserError
+from ansible.inventory.host import Host
 from ansible.module_utils.common.text.converters import to_native
+from ansible.utils.path import basedir
 
 from ansible_collections.amazon.aws.plugins.plugin_utils.botocore import get_aws_connection_info
 from ansible_collections.amazon.aws.plugins.plugin_utils.inventory import AWSInventoryBase
@@ -470,17 +475,26 @@ class InventoryModule(AWSInventoryBase):
                 return groups
             request["NextToken"] = token
 
-    def _describe_templates(self, ec2, ids):
+    def _describe_templates(self, ec2, ids, size=logic.TEMPLATE_BATCH_SIZE):
         entries = []
-        for batch in logic.batches(ids, logic.TEMPLATE_BATCH_SIZE):
-            request = {"LaunchTemplateIds": batch}
-            while True:
-                page = ec2.describe_launch_templates(**request)
-                entries.extend(page.get("LaunchTemplates", ()))
-                token = page.get("NextToken")
-                if not token:
-                    break
-                request["NextToken"] = token
+        try:
+            for batch in logic.batches(ids, size):
+                request = {"LaunchTemplateIds": batch}
+                while True:
+                    page = ec2.describe_launch_templates(**request)
+                    entries.extend(page.get("LaunchTemplates", ()))
+                    token = page.get("NextToken")
+                    if not token:
+                        break
+                    request["NextToken"] = token
+        except botocore.exceptions.ClientError as exc:
+            smaller = logic.smaller_template_batch(len(ids) if len(ids) < size else size,
+                                                   exc.response.get("Error", {}).get("Code", ""))
+            if smaller is None:
+                raise
+            self.display.vvv(f"{self.NAME}: DescribeLaunchTemplates refused {size} ids per call ({to_native(exc)}); "
+                             f"retrying with {smaller}")
+            return self._describe_templates(ec2, ids, smaller)
         return logic.template_versions(entries)
 
     def _fetch_region(self, region, clients, settings, pool):
@@ -613,16 +627,38 @@ class InventoryModule(AWSInventoryBase):
                 bastion_args = logic.proxy_jump_args(address, bastion["user"], bastion["port"], bastion["ssh_args"])
         bastion_ids = {r["instance_id"] for r in bastion_records}
 
-        direct = hasattr(inventory, "__wrapped__") and self.get_option("fast_host_vars")
+        # ansible-core 2.19+ hands plugins a proxy of the inventory whose every call goes through wrapt and
+        # whose set_variable() walks each value to tag its strings with their origin: most of this plugin's
+        # CPU at 10,000 hosts. With fast_host_vars the hosts go into the proxied InventoryData directly, as
+        # add_host() and set_variable() would put them (same Host objects, same inventory_file and
+        # inventory_dir, plain untrusted strings from AWS that are never templated either way).
+        data_obj = getattr(inventory, "__wrapped__", None) if self.get_option("fast_host_vars") else None
+        bulk = data_obj is not None and isinstance(getattr(data_obj, "hosts", None), dict)
         region_groups = len(data["regions"]) > 1
         known_groups = set(inventory.groups)
         taken = set()
         names = {}
+        group_cache = {}
+        members = {}  # bulk: group name -> hosts, joined at the end
+        if bulk:
+            source = data_obj.current_source
+            origin_vars = {"inventory_file": source, "inventory_dir": basedir(source) if source else None}
+            all_hosts, all_groups = data_obj.hosts, data_obj.groups
 
         def ensure_group(group):
             if group not in known_groups:
                 inventory.add_group(group)
                 known_groups.add(group)
+
+        def new_host(name, variables):
+            if not bulk or name in all_hosts or name in C.LOCALHOST:
+                inventory.add_host(name)
+                for key, value in variables.items():
+                    inventory.set_variable(name, key, value)
+                return
+            host = Host(name)
+            host.vars = dict(origin_vars, **variables)
+            all_hosts[name] = host
 
         def add(record, groups, connect_args):
             name = names.get(record["instance_id"])
@@ -631,39 +667,80 @@ class InventoryModule(AWSInventoryBase):
                 name = logic.choose_hostname(record, hostnames, taken)
                 taken.add(name)
                 names[record["instance_id"]] = name
-                inventory.add_host(name)
+                variables = logic.host_vars(record, connect_args)
+                new_host(name, variables)
             for group in groups:
                 ensure_group(group)
-                inventory.add_child(group, name)
-            if not new:
-                return
-            variables = logic.host_vars(record, connect_args)
-            if direct:
-                # ansible-core 2.19+ wraps the inventory so that every set_variable() walks the value and
-                # tags each string with its origin: about 30 us a variable, most of this plugin's CPU at
-                # 10,000 hosts. The values are plain, untrusted strings from AWS (never templated either
-                # way), so they go into the new host's vars as set_variable() would put them.
-                inventory.get_host(name).vars.update(variables)
-            else:
-                for key, value in variables.items():
-                    inventory.set_variable(name, key, value)
-            if constructed:
+                if bulk:
+                    members.setdefault(group, []).append(all_hosts[name])
+                else:
+                    inventory.add_child(group, name)
+            if new and constructed:
                 self._set_composite_vars(compose, variables, name, strict=strict)
                 self._add_host_to_composed_groups(composed_groups, variables, name, strict=strict)
                 self._add_host_to_keyed_groups(keyed_groups, variables, name, strict=strict)
 
-        for record in bastion_records:
-            add(record, ["bastion"], None)
+        def groups_of(record):
+            key = (record.get("asg_name"), record.get("standalone"), record.get("availability_zone"),
+                   record["region"], record.get("lifecycle_state"), bool(record.get("launch_template_drift")))
+            groups = group_cache.get(key)
+            if groups is None:
+                groups = group_cache[key] = logic.builtin_groups(record, prefix, region_groups)
+            return list(groups)
+
+        try:
+            for record in bastion_records:
+                add(record, ["bastion"], None)
+            self._add_records(data, states, bastion_ids, bastion_args, add, groups_of)
+        finally:
+            if bulk:
+                self._join_groups(data_obj, members)
+
+    @staticmethod
+    def _join_groups(data_obj, members):
+        """Put hosts into groups as Group.add_host() would, one group at a time.
+
+        Group.add_host() walks the group's ancestors twice per host (0.4 s at 10,000 hosts in three groups
+        each); the groups this plugin fills have no parents yet, so the walk is done once per group."""
+        for group_name, hosts in members.items():
+            group = data_obj.groups[group_name]
+            if group.parent_groups:
+                for host in hosts:
+                    group.add_host(host)
+                continue
+            present = group.host_names
+            for host in hosts:
+                if host.name not in present:
+                    group.hosts.append(host)
+                    present.add(host.name)
+                    if group not in host.groups:
+                        host.groups.append(group)
+            group.clear_hosts_cache()
+        data_obj._groups_dict_cache = {}  # pylint: disable=protected-access
+
+    @staticmethod
+    def _add_records(data, states, bastion_ids, bastion_args, add, groups_of):
         for region in sorted(data["regions"]):
             for record in sorted(data["regions"][region], key=lambda r: (r.get("asg_name") or "", r["instance_id"])):
                 if not logic.keep_record(record, states):
                     continue
-                groups = logic.builtin_groups(record, prefix, region_groups)
+                groups = groups_of(record)
                 if record["instance_id"] in bastion_ids:
                     groups.append("bastion")
                 add(record, groups, None if record["instance_id"] in bastion_ids else bastion_args)
 
     def parse(self, inventory, loader, path, cache=True):
+        # Tens of thousands of dicts are made here and none of them forms a cycle: the cyclic garbage
+        # collector's passes over a growing heap would cost more than the work itself.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._parse(inventory, loader, path, cache)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _parse(self, inventory, loader, path, cache):
         started = time.monotonic(), time.process_time()
         super().parse(inventory, loader, path, cache=cache)
         settings = self._settings()

@@ -102,6 +102,29 @@ def test_graph_list_and_host_across_two_regions(aws, tmp_path, two_regions):
     assert plain(json.loads(one.stdout))["asg_name"] == "api"
 
 
+def test_fast_host_vars_builds_the_same_inventory_as_the_plain_api(aws, tmp_path, two_regions):
+    """fast_host_vars fills ansible-core's InventoryData directly: same hosts, groups, parents and vars."""
+    options = {"regions": ["us-east-1", EU], "bastion": {"tag": "fleetkeeper:role=bastion", "user": "admin"},
+               "lifecycle_states": ["InService", "Standby"],
+               "keyed_groups": [{"key": "instance_type", "prefix": "type", "parent_group": "by_type"}],
+               "groups": {"web_or_api": "asg_name in ['web', 'api']"}, "compose": {"fleet": "asg_name"}}
+    fast = listed(write_config(tmp_path, aws, name="fast.fleet.yml", **options), aws)[0]
+    slow = listed(write_config(tmp_path, aws, name="slow.fleet.yml", fast_host_vars=False, **options), aws)[0]
+    assert fast == slow
+    assert len(hostvars(fast)) == 8
+    assert fast["by_type"]["children"] == ["type_t3_micro", "type_t3_small"]
+    graph = inventory(write_config(tmp_path, aws, name="fast.fleet.yml", **options), "--graph", aws=aws)
+    assert "@web_or_api:" in graph.stdout and "@ungrouped:" in graph.stdout
+    # The magic variables add_host() sets are there too (debug runs on the controller, nothing connects).
+    host = sorted(hostvars(fast))[0]
+    env = ansible_env(dict(aws.env()))
+    proc = subprocess.run([os.path.join(BIN_DIR, "ansible"), "-i", str(tmp_path / "fast.fleet.yml"), host, "-m",
+                           "ansible.builtin.debug", "-a", "msg={{ inventory_file }}|{{ inventory_dir }}"],
+                          env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"{tmp_path / 'fast.fleet.yml'}|{tmp_path}" in proc.stdout
+
+
 def test_api_calls_stay_within_the_budget(aws, tmp_path, two_regions):
     path = write_config(tmp_path, aws, regions=["us-east-1", EU])
     listed(path, aws)

@@ -95,7 +95,16 @@ def test_batches_cover_everything_once(count, size):
 def test_call_budget():
     assert logic.call_budget(10000, 200) == 2 + 10
     assert logic.call_budget(0, 0) == 1
-    assert logic.call_budget(50000, 1000, templates=1000) == 10 + 50 + 5
+    assert logic.call_budget(50000, 1000, templates=1000) == 10 + 50 + 1
+    assert logic.call_budget(50000, 1000, templates=1001) == 10 + 50 + 2
+
+
+def test_a_refused_template_batch_falls_back_to_the_documented_page_size_once():
+    assert logic.smaller_template_batch(1000, "InvalidParameterValue") == 200
+    assert logic.smaller_template_batch(300, "InvalidRequest") == 200
+    assert logic.smaller_template_batch(200, "InvalidParameterValue") is None
+    assert logic.smaller_template_batch(1000, "UnauthorizedOperation") is None
+    assert logic.smaller_template_batch(1000, "RequestLimitExceeded") is None
 
 
 def test_missing_ids_and_error_classes():
@@ -287,4 +296,19 @@ def test_cache_entries_round_trip_and_reject_damage():
     assert logic.unpack_cache(entry) == data
     assert logic.unpack_cache({"format": 0, "data": entry["data"]}) is None
     assert logic.unpack_cache({"format": logic.CACHE_FORMAT, "data": "{not json"}) is None
+    assert logic.unpack_cache({"format": logic.CACHE_FORMAT, "data": entry["data"][:-8]}) is None
     assert logic.unpack_cache(None) is None
+
+
+def test_cache_entries_keep_records_exact_and_are_plain_ascii():
+    records = [
+        {"instance_id": "i-1", "asg_name": "web", "public_ip_address": None, "ec2_tags": {"a": "\"quoted\" é"}},
+        {"instance_id": "i-2", "asg_name": None, "standalone": True, "ec2_tags": {}},
+    ]
+    data = {"format": logic.CACHE_FORMAT, "regions": {"us-east-1": records, "eu-west-1": []}, "warnings": ["w"],
+            "bastion": [records[0]], "complete": True}
+    entry = logic.pack_cache(data)
+    assert entry["data"].isascii() and "\\" not in entry["data"] and '"' not in entry["data"]
+    back = logic.unpack_cache(entry)
+    assert back == data
+    assert "standalone" not in back["regions"]["us-east-1"][0]

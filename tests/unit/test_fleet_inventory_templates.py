@@ -1,0 +1,53 @@
+# Copyright: fleetkeeper.aws contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The inventory plugin's launch template lookup: batch size and its fallback (a stub EC2 client)."""
+
+from __future__ import annotations
+
+import botocore.exceptions
+import pytest
+
+from ansible_collections.fleetkeeper.aws.plugins.inventory.fleet import InventoryModule
+from ansible_collections.fleetkeeper.aws.plugins.module_utils import fleet as logic
+
+
+class StubEC2:
+    """Answers DescribeLaunchTemplates for any ids, refusing batches above ``limit`` with ``code``."""
+
+    def __init__(self, limit=None, code="InvalidParameterValue"):
+        self.limit, self.code, self.calls = limit, code, []
+
+    def describe_launch_templates(self, LaunchTemplateIds, NextToken=None):  # noqa: N803 (boto3's names)
+        self.calls.append(len(LaunchTemplateIds))
+        if self.limit is not None and len(LaunchTemplateIds) > self.limit:
+            error = {"Error": {"Code": self.code, "Message": "too many ids"}, "ResponseMetadata": {"HTTPStatusCode": 400}}
+            raise botocore.exceptions.ClientError(error, "DescribeLaunchTemplates")
+        return {"LaunchTemplates": [{"LaunchTemplateId": i, "LatestVersionNumber": 3, "DefaultVersionNumber": 1}
+                                    for i in LaunchTemplateIds]}
+
+
+IDS = [f"lt-{n:017d}" for n in range(1200)]
+
+
+def test_one_call_per_thousand_templates():
+    ec2 = StubEC2()
+    versions = InventoryModule()._describe_templates(ec2, IDS)  # pylint: disable=protected-access
+    assert ec2.calls == [1000, 200]
+    assert versions[IDS[-1]] == {"latest": 3, "default": 1} and len(versions) == 1200
+
+
+def test_a_refused_large_batch_is_retried_at_the_documented_page_size():
+    ec2 = StubEC2(limit=200)
+    versions = InventoryModule()._describe_templates(ec2, IDS)  # pylint: disable=protected-access
+    assert ec2.calls == [1000] + [200] * 6
+    assert len(versions) == 1200
+
+
+def test_other_errors_and_small_batches_are_not_retried():
+    with pytest.raises(botocore.exceptions.ClientError):
+        InventoryModule()._describe_templates(StubEC2(limit=0, code="UnauthorizedOperation"), IDS)  # pylint: disable=protected-access
+    ec2 = StubEC2(limit=10)
+    with pytest.raises(botocore.exceptions.ClientError):
+        InventoryModule()._describe_templates(ec2, IDS[:150])  # pylint: disable=protected-access
+    assert ec2.calls == [150]
+    assert logic.TEMPLATE_FALLBACK_BATCH_SIZE == 200
