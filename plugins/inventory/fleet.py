@@ -604,16 +604,14 @@ class InventoryModule(AWSInventoryBase):
         return data
 
     # --- inventory --------------------------------------------------------------------------
-    def _populate(self, data, settings):
-        inventory = self.inventory
+    def _shape(self, data, settings):
+        """The hosts the inventory gets, in order: [name, groups, variables] each.
+
+        Everything here follows from the data and the options in the cache key, so the cache keeps this
+        result: a cache hit only has to put the hosts into the inventory."""
         hostnames = settings["hostnames"]
         states = settings["lifecycle_states"]
         prefix = self.get_option("asg_group_prefix")
-        compose = self.get_option("compose")
-        composed_groups = self.get_option("groups")
-        keyed_groups = self.get_option("keyed_groups")
-        strict = self.get_option("strict")
-        constructed = bool(compose or composed_groups or keyed_groups)
         bastion = settings["bastion"]
         bastion_args = None
         bastion_records = []
@@ -626,6 +624,47 @@ class InventoryModule(AWSInventoryBase):
             if address:
                 bastion_args = logic.proxy_jump_args(address, bastion["user"], bastion["port"], bastion["ssh_args"])
         bastion_ids = {r["instance_id"] for r in bastion_records}
+        region_groups = len(data["regions"]) > 1
+        taken = set()
+        entries = []
+        by_id = {}
+        group_cache = {}
+
+        def add(record, groups, connect_args):
+            index = by_id.get(record["instance_id"])
+            if index is None:
+                name = logic.choose_hostname(record, hostnames, taken)
+                taken.add(name)
+                by_id[record["instance_id"]] = len(entries)
+                entries.append([name, groups, logic.host_vars(record, connect_args)])
+            else:
+                known = entries[index][1]
+                known.extend(g for g in groups if g not in known)
+
+        for record in bastion_records:
+            add(record, ["bastion"], None)
+        for region in sorted(data["regions"]):
+            for record in sorted(data["regions"][region], key=lambda r: (r.get("asg_name") or "", r["instance_id"])):
+                if not logic.keep_record(record, states):
+                    continue
+                key = (record.get("asg_name"), record.get("standalone"), record.get("availability_zone"),
+                       record["region"], record.get("lifecycle_state"), bool(record.get("launch_template_drift")))
+                groups = group_cache.get(key)
+                if groups is None:
+                    groups = group_cache[key] = logic.builtin_groups(record, prefix, region_groups)
+                groups = list(groups)
+                if record["instance_id"] in bastion_ids:
+                    groups.append("bastion")
+                add(record, groups, None if record["instance_id"] in bastion_ids else bastion_args)
+        return entries
+
+    def _populate(self, entries):
+        inventory = self.inventory
+        compose = self.get_option("compose")
+        composed_groups = self.get_option("groups")
+        keyed_groups = self.get_option("keyed_groups")
+        strict = self.get_option("strict")
+        constructed = bool(compose or composed_groups or keyed_groups)
 
         # ansible-core 2.19+ hands plugins a proxy of the inventory whose every call goes through wrapt and
         # whose set_variable() walks each value to tag its strings with their origin: most of this plugin's
@@ -634,64 +673,40 @@ class InventoryModule(AWSInventoryBase):
         # inventory_dir, plain untrusted strings from AWS that are never templated either way).
         data_obj = getattr(inventory, "__wrapped__", None) if self.get_option("fast_host_vars") else None
         bulk = data_obj is not None and isinstance(getattr(data_obj, "hosts", None), dict)
-        region_groups = len(data["regions"]) > 1
         known_groups = set(inventory.groups)
-        taken = set()
-        names = {}
-        group_cache = {}
         members = {}  # bulk: group name -> hosts, joined at the end
         if bulk:
             source = data_obj.current_source
             origin_vars = {"inventory_file": source, "inventory_dir": basedir(source) if source else None}
-            all_hosts, all_groups = data_obj.hosts, data_obj.groups
-
-        def ensure_group(group):
-            if group not in known_groups:
-                inventory.add_group(group)
-                known_groups.add(group)
-
-        def new_host(name, variables):
-            if not bulk or name in all_hosts or name in C.LOCALHOST:
-                inventory.add_host(name)
-                for key, value in variables.items():
-                    inventory.set_variable(name, key, value)
-                return
-            host = Host(name)
-            host.vars = dict(origin_vars, **variables)
-            all_hosts[name] = host
-
-        def add(record, groups, connect_args):
-            name = names.get(record["instance_id"])
-            new = name is None
-            if new:
-                name = logic.choose_hostname(record, hostnames, taken)
-                taken.add(name)
-                names[record["instance_id"]] = name
-                variables = logic.host_vars(record, connect_args)
-                new_host(name, variables)
-            for group in groups:
-                ensure_group(group)
-                if bulk:
-                    members.setdefault(group, []).append(all_hosts[name])
-                else:
-                    inventory.add_child(group, name)
-            if new and constructed:
-                self._set_composite_vars(compose, variables, name, strict=strict)
-                self._add_host_to_composed_groups(composed_groups, variables, name, strict=strict)
-                self._add_host_to_keyed_groups(keyed_groups, variables, name, strict=strict)
-
-        def groups_of(record):
-            key = (record.get("asg_name"), record.get("standalone"), record.get("availability_zone"),
-                   record["region"], record.get("lifecycle_state"), bool(record.get("launch_template_drift")))
-            groups = group_cache.get(key)
-            if groups is None:
-                groups = group_cache[key] = logic.builtin_groups(record, prefix, region_groups)
-            return list(groups)
+            all_hosts = data_obj.hosts
 
         try:
-            for record in bastion_records:
-                add(record, ["bastion"], None)
-            self._add_records(data, states, bastion_ids, bastion_args, add, groups_of)
+            for name, groups, variables in entries:
+                for group in groups:
+                    if group not in known_groups:
+                        inventory.add_group(group)
+                        known_groups.add(group)
+                if bulk and name not in all_hosts and name not in C.LOCALHOST:
+                    host = Host(name)
+                    host.vars = dict(variables)
+                    host.vars.update(origin_vars)
+                    all_hosts[name] = host
+                    for group in groups:
+                        hosts = members.get(group)
+                        if hosts is None:
+                            members[group] = [host]
+                        else:
+                            hosts.append(host)
+                else:
+                    inventory.add_host(name)
+                    for key, value in variables.items():
+                        inventory.set_variable(name, key, value)
+                    for group in groups:
+                        inventory.add_child(group, name)
+                if constructed:
+                    self._set_composite_vars(compose, variables, name, strict=strict)
+                    self._add_host_to_composed_groups(composed_groups, variables, name, strict=strict)
+                    self._add_host_to_keyed_groups(keyed_groups, variables, name, strict=strict)
         finally:
             if bulk:
                 self._join_groups(data_obj, members)
@@ -718,17 +733,6 @@ class InventoryModule(AWSInventoryBase):
             group.clear_hosts_cache()
         data_obj._groups_dict_cache = {}  # pylint: disable=protected-access
 
-    @staticmethod
-    def _add_records(data, states, bastion_ids, bastion_args, add, groups_of):
-        for region in sorted(data["regions"]):
-            for record in sorted(data["regions"][region], key=lambda r: (r.get("asg_name") or "", r["instance_id"])):
-                if not logic.keep_record(record, states):
-                    continue
-                groups = groups_of(record)
-                if record["instance_id"] in bastion_ids:
-                    groups.append("bastion")
-                add(record, groups, None if record["instance_id"] in bastion_ids else bastion_args)
-
     def parse(self, inventory, loader, path, cache=True):
         # Tens of thousands of dicts are made here and none of them forms a cycle: the cyclic garbage
         # collector's passes over a growing heap would cost more than the work itself.
@@ -754,16 +758,17 @@ class InventoryModule(AWSInventoryBase):
                 data = None
         fetched = data is None
         if fetched:
-            data = self._fetch(settings)
+            raw = self._fetch(settings)
+            data = {"hosts": self._shape(raw, settings), "warnings": raw["warnings"], "complete": raw["complete"]}
         read = time.monotonic(), time.process_time()
         for warning in data.get("warnings", ()):
             self.warn(warning)
-        self._populate(data, settings)
+        self._populate(data["hosts"])
         if use_cache and fetched and data["complete"]:
             self._cache[key] = logic.pack_cache(data)
         done = time.monotonic(), time.process_time()
         self.display.vvv(
-            f"{self.NAME}: {sum(len(r) for r in data['regions'].values())} instances "
+            f"{self.NAME}: {len(data['hosts'])} hosts "
             f"{'read from AWS' if fetched else 'from cache'} in {read[0] - started[0]:.2f}s "
             f"(CPU {read[1] - started[1]:.2f}s), inventory built in {done[0] - read[0]:.2f}s (CPU {done[1] - read[1]:.2f}s)"
         )

@@ -51,7 +51,7 @@ HOSTNAME_FIELDS = {
 # What every host falls back to when no preference gives a (free) name.
 FALLBACK_HOSTNAMES = ("private-ip-address", "instance-id")
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 _ABSENT = "\x00absent"  # a key a record lacks, in the column-wise cache (AWS never returns NUL)
 
 _REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
@@ -548,16 +548,21 @@ def _records(table):
 def pack_cache(data):
     """The cache entry: one ASCII string (base64 of zlib-compressed, column-wise JSON).
 
-    ansible-core 2.19+'s cache plugins decode every string of a cached structure into a
-    tagged object, and its jsonfile plugin wraps the value in one more JSON string: for
-    10,000 hosts a plain structure took longer to load than asking AWS, and a JSON string
-    escaped twice still cost 0.3 s. A string without escapes costs nothing to either layer.
+    ``data`` is what the inventory gets, ``{"hosts": [[name, groups, variables], ...], ...}``:
+    a cache hit only puts the hosts into the inventory. ansible-core 2.19+'s cache plugins
+    decode every string of a cached structure into a tagged object, and its jsonfile plugin
+    wraps the value in one more JSON string: for 10,000 hosts a plain structure took longer
+    to load than asking AWS, and a JSON string escaped twice still cost 0.3 s. A string
+    without escapes costs nothing to either layer.
     """
-    packed = dict(data)
-    packed["regions"] = {region: _columns(records) for region, records in data["regions"].items()}
-    if data.get("bastion"):
-        packed["bastion"] = _columns(data["bastion"])
-    text = json.dumps(packed, separators=(",", ":")).encode("utf-8")
+    hosts = data["hosts"]
+    index = {}
+    packed = {key: value for key, value in data.items() if key != "hosts"}
+    packed["names"] = [host[0] for host in hosts]
+    packed["groups"] = [[index.setdefault(group, len(index)) for group in host[1]] for host in hosts]
+    packed["group_names"] = list(index)
+    packed["variables"] = _columns([host[2] for host in hosts])
+    text = json.dumps(packed, separators=(",", ":"), check_circular=False).encode("utf-8")
     return {"format": CACHE_FORMAT, "data": base64.b64encode(zlib.compress(text, 1)).decode("ascii")}
 
 
@@ -566,13 +571,17 @@ def unpack_cache(entry):
     if not isinstance(entry, dict) or entry.get("format") != CACHE_FORMAT:
         return None
     try:
-        data = json.loads(zlib.decompress(base64.b64decode(str(entry["data"]), validate=True)))
-        data["regions"] = {region: _records(table) for region, table in data["regions"].items()}
-        if data.get("bastion"):
-            data["bastion"] = _records(data["bastion"])
-    except (KeyError, TypeError, ValueError, AttributeError, zlib.error, binascii.Error):
+        packed = json.loads(zlib.decompress(base64.b64decode(str(entry["data"]), validate=True)))
+        group_names = packed.pop("group_names")
+        groups = [[group_names[i] for i in indexes] for indexes in packed.pop("groups")]
+        variables = _records(packed.pop("variables"))
+        names = packed.pop("names")
+        if not len(names) == len(groups) == len(variables):
+            return None
+        packed["hosts"] = [list(host) for host in zip(names, groups, variables)]
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, zlib.error, binascii.Error):
         return None
-    return data if isinstance(data, dict) and "regions" in data else None
+    return packed
 
 
 def cache_key(plugin_name, path, options, identity):

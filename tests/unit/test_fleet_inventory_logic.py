@@ -289,8 +289,7 @@ def test_fast_parsers_refuse_what_they_do_not_know():
 
 
 def test_cache_entries_round_trip_and_reject_damage():
-    data = {"format": logic.CACHE_FORMAT, "regions": {"us-east-1": [{"instance_id": "i-1"}]}, "warnings": [],
-            "bastion": None, "complete": True}
+    data = {"hosts": [["10.0.0.1", ["asg_web"], {"instance_id": "i-1"}]], "warnings": [], "complete": True}
     entry = logic.pack_cache(data)
     assert isinstance(entry["data"], str)
     assert logic.unpack_cache(entry) == data
@@ -300,15 +299,18 @@ def test_cache_entries_round_trip_and_reject_damage():
     assert logic.unpack_cache(None) is None
 
 
-def test_cache_entries_keep_records_exact_and_are_plain_ascii():
-    records = [
-        {"instance_id": "i-1", "asg_name": "web", "public_ip_address": None, "ec2_tags": {"a": "\"quoted\" é"}},
-        {"instance_id": "i-2", "asg_name": None, "standalone": True, "ec2_tags": {}},
+def test_cache_entries_keep_hosts_exact_and_are_plain_ascii():
+    hosts = [
+        ["bastion", ["bastion"], {"instance_id": "i-1", "public_ip_address": "203.0.113.7",
+                                  "ec2_tags": {"a": "\"quoted\" é"}}],
+        ["10.0.0.2", ["asg_web", "az_us_east_1a", "bastion"], {"instance_id": "i-2", "public_ip_address": None,
+                                                               "ansible_ssh_common_args": "-o ProxyJump=x"}],
+        ["i-3", [], {"instance_id": "i-3", "ec2_tags": {}}],
     ]
-    data = {"format": logic.CACHE_FORMAT, "regions": {"us-east-1": records, "eu-west-1": []}, "warnings": ["w"],
-            "bastion": [records[0]], "complete": True}
+    data = {"hosts": hosts, "warnings": ["w"], "complete": True}
     entry = logic.pack_cache(data)
     assert entry["data"].isascii() and "\\" not in entry["data"] and '"' not in entry["data"]
     back = logic.unpack_cache(entry)
     assert back == data
-    assert "standalone" not in back["regions"]["us-east-1"][0]
+    assert "ansible_ssh_common_args" not in back["hosts"][0][2]
+    assert logic.unpack_cache(logic.pack_cache({"hosts": [], "warnings": [], "complete": True}))["hosts"] == []
