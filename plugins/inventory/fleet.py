@@ -675,6 +675,7 @@ class InventoryModule(AWSInventoryBase):
         bulk = data_obj is not None and isinstance(getattr(data_obj, "hosts", None), dict)
         known_groups = set(inventory.groups)
         members = {}  # bulk: group name -> hosts, joined at the end
+        origin_vars, all_hosts = {}, {}
         if bulk:
             source = data_obj.current_source
             origin_vars = {"inventory_file": source, "inventory_dir": basedir(source) if source else None}
