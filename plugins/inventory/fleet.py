@@ -178,9 +178,10 @@ options:
     default: true
   fast_host_vars:
     description:
-      - On ansible-core 2.19 and later, store each new host's variables at once instead of through the
-        per-variable C(set_variable) wrapper, which tags every string with its origin (the inventory file)
-        and costs most of the plugin's CPU time at 10,000 hosts. The values are the same untrusted strings.
+      - On ansible-core 2.19 and later, put new hosts, their variables and their group memberships into the
+        inventory in bulk instead of through the per-call inventory wrapper, whose C(set_variable) tags every
+        string with its origin (the inventory file) and which cost most of the plugin's CPU time at 10,000
+        hosts. The values are the same untrusted strings; the resulting inventory is the same.
       - Turn off to keep origin tags on every variable.
     type: bool
     default: true
@@ -434,17 +435,24 @@ class InventoryModule(AWSInventoryBase):
         for reservation in page.get("Reservations", ()):
             into.extend(reservation.get("Instances", ()))
 
-    def _describe_instances(self, ec2, request):
-        """Every instance of a DescribeInstances request, following NextToken."""
-        instances = []
+    @staticmethod
+    def _pages(call, request):
+        """Every page of a paginated call, following NextToken."""
         request = dict(request)
         while True:
-            page = ec2.describe_instances(**request)
-            self._reservations_to_instances(page, instances)
+            page = call(**request)
+            yield page
             token = page.get("NextToken")
             if not token:
-                return instances
+                return
             request["NextToken"] = token
+
+    def _describe_instances(self, ec2, request):
+        """Every instance of a DescribeInstances request, all pages."""
+        instances = []
+        for page in self._pages(ec2.describe_instances, request):
+            self._reservations_to_instances(page, instances)
+        return instances
 
     def _describe_by_filters(self, ec2, filters):
         return self._describe_instances(ec2, {"Filters": filters, "MaxResults": logic.INSTANCE_PAGE_SIZE})
@@ -465,31 +473,17 @@ class InventoryModule(AWSInventoryBase):
         return []
 
     def _describe_groups(self, autoscaling, request):
-        groups = []
-        request = dict(request)
-        while True:
-            page = autoscaling.describe_auto_scaling_groups(**request)
-            groups.extend(logic.asg_summary(g) for g in page.get("AutoScalingGroups", ()))
-            token = page.get("NextToken")
-            if not token:
-                return groups
-            request["NextToken"] = token
+        return [logic.asg_summary(group) for page in self._pages(autoscaling.describe_auto_scaling_groups, request)
+                for group in page.get("AutoScalingGroups", ())]
 
     def _describe_templates(self, ec2, ids, size=logic.TEMPLATE_BATCH_SIZE):
         entries = []
         try:
             for batch in logic.batches(ids, size):
-                request = {"LaunchTemplateIds": batch}
-                while True:
-                    page = ec2.describe_launch_templates(**request)
+                for page in self._pages(ec2.describe_launch_templates, {"LaunchTemplateIds": batch}):
                     entries.extend(page.get("LaunchTemplates", ()))
-                    token = page.get("NextToken")
-                    if not token:
-                        break
-                    request["NextToken"] = token
         except botocore.exceptions.ClientError as exc:
-            smaller = logic.smaller_template_batch(len(ids) if len(ids) < size else size,
-                                                   exc.response.get("Error", {}).get("Code", ""))
+            smaller = logic.smaller_template_batch(min(len(ids), size), exc.response.get("Error", {}).get("Code", ""))
             if smaller is None:
                 raise
             self.display.vvv(f"{self.NAME}: DescribeLaunchTemplates refused {size} ids per call ({to_native(exc)}); "
@@ -628,7 +622,6 @@ class InventoryModule(AWSInventoryBase):
         taken = set()
         entries = []
         by_id = {}
-        group_cache = {}
 
         def add(record, groups, connect_args):
             index = by_id.get(record["instance_id"])
@@ -647,12 +640,7 @@ class InventoryModule(AWSInventoryBase):
             for record in sorted(data["regions"][region], key=lambda r: (r.get("asg_name") or "", r["instance_id"])):
                 if not logic.keep_record(record, states):
                     continue
-                key = (record.get("asg_name"), record.get("standalone"), record.get("availability_zone"),
-                       record["region"], record.get("lifecycle_state"), bool(record.get("launch_template_drift")))
-                groups = group_cache.get(key)
-                if groups is None:
-                    groups = group_cache[key] = logic.builtin_groups(record, prefix, region_groups)
-                groups = list(groups)
+                groups = logic.builtin_groups(record, prefix, region_groups)
                 if record["instance_id"] in bastion_ids:
                     groups.append("bastion")
                 add(record, groups, None if record["instance_id"] in bastion_ids else bastion_args)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -470,20 +471,30 @@ def safe_group_name(name):
 
 def builtin_groups(record, asg_prefix="asg_", region_groups=True):
     """Groups a host joins without any constructed options: ASG, AZ, region (when several), lifecycle, drift."""
+    return list(_builtin_groups(
+        record.get("asg_name"), bool(record.get("standalone")), record.get("availability_zone"),
+        record["region"] if region_groups else None, record.get("lifecycle_state"),
+        bool(record.get("launch_template_drift")), asg_prefix,
+    ))
+
+
+@functools.lru_cache(maxsize=4096)
+def _builtin_groups(asg_name, standalone, availability_zone, region, lifecycle_state, drift, asg_prefix):
+    # Memoised: a fleet has few distinct combinations, and each name is sanitised by a regex.
     groups = []
-    if record.get("asg_name"):
-        groups.append(safe_group_name(asg_prefix + record["asg_name"]))
-    elif record.get("standalone"):
+    if asg_name:
+        groups.append(safe_group_name(asg_prefix + asg_name))
+    elif standalone:
         groups.append("standalone")
-    if record.get("availability_zone"):
-        groups.append(safe_group_name("az_" + record["availability_zone"]))
-    if region_groups:
-        groups.append(safe_group_name("region_" + record["region"]))
-    if record.get("lifecycle_state"):
-        groups.append(safe_group_name("lifecycle_" + record["lifecycle_state"].replace(":", "_").lower()))
-    if record.get("launch_template_drift"):
+    if availability_zone:
+        groups.append(safe_group_name("az_" + availability_zone))
+    if region is not None:
+        groups.append(safe_group_name("region_" + region))
+    if lifecycle_state:
+        groups.append(safe_group_name("lifecycle_" + lifecycle_state.replace(":", "_").lower()))
+    if drift:
         groups.append("launch_template_drift")
-    return groups
+    return tuple(groups)
 
 
 def _preferred(record, preference):
