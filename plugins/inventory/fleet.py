@@ -258,7 +258,7 @@ from ansible.utils.path import basedir
 from ansible_collections.amazon.aws.plugins.plugin_utils.botocore import get_aws_connection_info
 from ansible_collections.amazon.aws.plugins.plugin_utils.inventory import AWSInventoryBase
 
-from ansible_collections.fleetkeeper.aws.plugins.module_utils import fleet as logic
+from ansible_collections.fleetkeeper.aws.plugins.plugin_utils import fleet as logic
 
 # Options that shape the query or the result: all of them are part of the cache key.
 KEYED_OPTIONS = (

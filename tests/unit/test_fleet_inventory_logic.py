@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ansible_collections.fleetkeeper.aws.plugins.module_utils import fleet as logic
+from ansible_collections.fleetkeeper.aws.plugins.plugin_utils import fleet as logic
 from tests.support import replay
 
 KNOWN = {"us-east-1", "eu-west-1", "ap-southeast-2"}

@@ -8,7 +8,7 @@ import botocore.exceptions
 import pytest
 
 from ansible_collections.fleetkeeper.aws.plugins.inventory.fleet import InventoryModule
-from ansible_collections.fleetkeeper.aws.plugins.module_utils import fleet as logic
+from ansible_collections.fleetkeeper.aws.plugins.plugin_utils import fleet as logic
 
 
 class StubEC2:

@@ -4,7 +4,7 @@
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
 
-"""Pure logic of the ``fleetkeeper.aws.fleet`` inventory plugin.
+"""Pure logic of the ``fleetkeeper.aws.fleet`` inventory plugin (controller only).
 
 Nothing here talks to AWS or to Ansible: functions take the plain dictionaries
 botocore returns and the plugin's options, and return plain, JSON-serialisable
