@@ -2,8 +2,8 @@
 # Copyright: fleetkeeper.aws contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Filters for the dns_cache role; documented in vpc_dns_resolver.yml,
-dns_cache_resolv_conf.yml and dns_cache_nsswitch.yml beside this file."""
+"""The dns_cache role's filters (vpc_dns_resolver, dns_cache_resolv_conf, dns_cache_nsswitch), documented in
+the .yml file of the same name beside this one."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import pytest
 from ansible.errors import AnsibleFilterError
 from hypothesis import given, settings, strategies as st
 
-from ansible_collections.fleetkeeper.aws.plugins.filter.vpc_dns_resolver import FilterModule
+from ansible_collections.fleetkeeper.aws.plugins.filter.dns_cache import FilterModule
 from ansible_collections.fleetkeeper.aws.plugins.module_utils import dns_cache_resolver as resolver
 
 FILTERS = FilterModule().filters()
