@@ -275,9 +275,9 @@ def main(argv=None):
     finally:
         headline(5, "Clean-up")
         if not args.skip_hosts and os.path.isdir(ephemeral):
-            from tests.hosts import launcher  # pylint: disable=import-outside-toplevel
+            from tests.hosts import teardown  # pylint: disable=import-outside-toplevel
 
-            launcher.destroy(ephemeral)
+            teardown.destroy(ephemeral)
             note("test hosts, their namespaces and veths removed")
         emulator.stop()
         note("AWS endpoint stopped")

@@ -24,7 +24,7 @@ import time
 import yaml
 
 from tests.hosts import image as imagemod
-from tests.hosts import launcher, paths
+from tests.hosts import launcher, paths, teardown
 from tests.hosts import state as runstate
 
 
@@ -67,18 +67,18 @@ def cmd_create(args) -> int:
 
 def cmd_destroy(args) -> int:
     if args.run_id:
-        problems = launcher.destroy_run(args.run_id, reason=args.reason)
+        problems = teardown.destroy_run(args.run_id, reason=args.reason)
     else:
         ephemeral = _env("MOLECULE_EPHEMERAL_DIRECTORY", args.ephemeral_dir)
         instance_config = args.instance_config or os.environ.get("MOLECULE_INSTANCE_CONFIG")
-        problems = launcher.destroy(ephemeral, instance_config)
+        problems = teardown.destroy(ephemeral, instance_config)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     return 1 if problems else 0
 
 
 def cmd_list(_args) -> int:
-    for run_id, st in launcher.list_runs():
+    for run_id, st in teardown.list_runs():
         if st is None:
             print(f"{run_id}  (no state file)")
             continue
@@ -90,7 +90,7 @@ def cmd_list(_args) -> int:
 
 
 def cmd_cleanup(args) -> int:
-    cleaned = launcher.cleanup_stale(everything=args.all)
+    cleaned = teardown.cleanup_stale(everything=args.all)
     for run_id, reason, problems in cleaned:
         print(f"{run_id}: {reason}" + (f" (problems: {problems})" if problems else ""))
     return 1 if any(problems for _run, _reason, problems in cleaned) else 0
@@ -157,7 +157,7 @@ def cmd_probe(args) -> int:
 
 
 def launcher_route_device(address: str) -> str | None:
-    result = launcher.sh("ip", "-j", "route", "get", address, check=False)
+    result = teardown.sh("ip", "-j", "route", "get", address, check=False)
     try:
         return json.loads(result.stdout)[0].get("dev")
     except (ValueError, IndexError, KeyError):

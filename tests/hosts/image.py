@@ -163,8 +163,8 @@ def image_info(path: str) -> dict:
 
 
 def prune_images(cache: str | None = None, keep: str | None = None, log=print) -> list:
-    """Remove images of older recipes that no live run uses (see ``launcher.images_in_use``)."""
-    from tests.hosts.launcher import images_in_use  # pylint: disable=import-outside-toplevel
+    """Remove images of older recipes that no live run uses (see ``teardown.images_in_use``)."""
+    from tests.hosts.teardown import images_in_use  # pylint: disable=import-outside-toplevel
 
     images = paths.images_dir(cache)
     keep = keep or recipe_hash()

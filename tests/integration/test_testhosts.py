@@ -20,7 +20,7 @@ import time
 import pytest
 import yaml
 
-from tests.hosts import launcher, paths
+from tests.hosts import launcher, paths, teardown
 from tests.hosts import state as runstate
 from tests.hosts.__main__ import probe
 
@@ -114,7 +114,7 @@ def test_create_gives_working_hosts_and_destroy_leaves_nothing(ephemeral):
         instances = yaml.safe_load((ephemeral / "instance_config.yml").read_text())
         assert [i["instance"] for i in instances] == ["bastion", "private"]
     finally:
-        problems = launcher.destroy(str(ephemeral), str(ephemeral / "instance_config.yml"))
+        problems = teardown.destroy(str(ephemeral), str(ephemeral / "instance_config.yml"))
     assert problems == []
     assert wait_for_nothing(run_id) == NOTHING
     assert not (ephemeral / "testhosts.yml").exists()
@@ -149,11 +149,11 @@ def test_a_run_whose_services_died_is_stale_and_cleaned_by_the_next_cleanup(ephe
         while runstate.alive(st["daemon"]) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert "service process" in runstate.staleness(st)
-        cleaned = launcher.cleanup_stale()
+        cleaned = teardown.cleanup_stale()
         assert run_id in [c[0] for c in cleaned]
         assert wait_for_nothing(run_id) == NOTHING
     finally:
-        launcher.destroy(str(ephemeral))
+        teardown.destroy(str(ephemeral))
 
 
 def test_the_watchdog_destroys_a_run_whose_molecule_test_died(ephemeral):
@@ -172,4 +172,4 @@ def test_the_watchdog_destroys_a_run_whose_molecule_test_died(ephemeral):
         assert wait_for_nothing(run_id, timeout=60) == NOTHING
     finally:
         stand_in.kill()
-        launcher.destroy(str(ephemeral))
+        teardown.destroy(str(ephemeral))
