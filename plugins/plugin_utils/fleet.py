@@ -9,21 +9,20 @@
 Nothing here talks to AWS or to Ansible: functions take the plain dictionaries
 botocore returns and the plugin's options, and return plain, JSON-serialisable
 values. The plugin (plugins/inventory/fleet.py) makes the API calls, caches the
-records built here and hands them to Ansible's inventory.
+records built here and hands them to Ansible's inventory. What only makes it fast
+(XML reader, packed cache, bulk insertion, GC pause) is in fleet_fast.py.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime
 import functools
 import hashlib
 import json
 import math
-import operator
 import re
-import zlib
+
+from ansible_collections.fleetkeeper.aws.plugins.plugin_utils.fleet_fast import CACHE_FORMAT
 
 # Hard limits of the two APIs the plugin pages through.
 ASG_PAGE_SIZE = 100  # DescribeAutoScalingGroups MaxRecords maximum
@@ -51,9 +50,6 @@ HOSTNAME_FIELDS = {
 }
 # What every host falls back to when no preference gives a (free) name.
 FALLBACK_HOSTNAMES = ("private-ip-address", "instance-id")
-
-CACHE_FORMAT = 3
-_ABSENT = "\x00absent"  # a key a record lacks, in the column-wise cache (AWS never returns NUL)
 
 _REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
 _UNSAFE_GROUP_CHARS = re.compile(r"[^A-Za-z0-9_]")
@@ -535,225 +531,10 @@ def host_vars(record, bastion_args=None):
     return variables
 
 
-# --- cache ----------------------------------------------------------------------------
-
-def _columns(records):
-    """Records (dicts) as one key list and a row of values per record: about half the JSON to decode."""
-    keys = sorted(set().union(*records))
-    sparse = any(len(record) != len(keys) for record in records)
-    if sparse or len(keys) < 2:
-        rows = [[record.get(key, _ABSENT) for key in keys] for record in records]
-    else:
-        row = operator.itemgetter(*keys)
-        rows = [row(record) for record in records]
-    return {"keys": keys, "sparse": sparse, "rows": rows}
-
-
-def _records(table):
-    keys = table["keys"]
-    if table.get("sparse"):
-        return [{k: v for k, v in zip(keys, row) if v != _ABSENT} for row in table["rows"]]
-    return [dict(zip(keys, row)) for row in table["rows"]]
-
-
-def pack_cache(data):
-    """The cache entry: one ASCII string (base64 of zlib-compressed, column-wise JSON).
-
-    ``data`` is what the inventory gets, ``{"hosts": [[name, groups, variables], ...], ...}``:
-    a cache hit only puts the hosts into the inventory. ansible-core 2.19+'s cache plugins
-    decode every string of a cached structure into a tagged object, and its jsonfile plugin
-    wraps the value in one more JSON string: for 10,000 hosts a plain structure took longer
-    to load than asking AWS, and a JSON string escaped twice still cost 0.3 s. A string
-    without escapes costs nothing to either layer.
-    """
-    hosts = data["hosts"]
-    index = {}
-    packed = {key: value for key, value in data.items() if key != "hosts"}
-    packed["names"] = [host[0] for host in hosts]
-    packed["groups"] = [[index.setdefault(group, len(index)) for group in host[1]] for host in hosts]
-    packed["group_names"] = list(index)
-    packed["variables"] = _columns([host[2] for host in hosts])
-    text = json.dumps(packed, separators=(",", ":"), check_circular=False).encode("utf-8")
-    return {"format": CACHE_FORMAT, "data": base64.b64encode(zlib.compress(text, 1)).decode("ascii")}
-
-
-def unpack_cache(entry):
-    """The data of a cache entry, or None when it is missing, of another format or damaged."""
-    if not isinstance(entry, dict) or entry.get("format") != CACHE_FORMAT:
-        return None
-    try:
-        packed = json.loads(zlib.decompress(base64.b64decode(str(entry["data"]), validate=True)))
-        group_names = packed.pop("group_names")
-        groups = [[group_names[i] for i in indexes] for indexes in packed.pop("groups")]
-        variables = _records(packed.pop("variables"))
-        names = packed.pop("names")
-        if not len(names) == len(groups) == len(variables):
-            return None
-        packed["hosts"] = [list(host) for host in zip(names, groups, variables)]
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, zlib.error, binascii.Error):
-        return None
-    return packed
-
+# --- cache key ------------------------------------------------------------------------
 
 def cache_key(plugin_name, path, options, identity):
     """A cache key that changes with the inventory file, any effective option and the caller's identity."""
     blob = json.dumps([CACHE_FORMAT, path, options, identity], sort_keys=True, default=str)
     digest = hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
     return f"{plugin_name.replace('.', '_')}_{digest}"
-
-
-# --- fast answers ------------------------------------------------------------------------
-# botocore's generic XML parser spends about 2 ms of CPU on each DescribeInstances item
-# (4-5 KB of XML, four dateutil timestamps); the plugin needs a dozen fields of it. These
-# functions read just those fields with ElementTree (C), in the shape botocore would give.
-# The plugin hands them botocore's "before-parse" event; anything unexpected makes them
-# return None and botocore parses the page as usual.
-
-_INSTANCE_TEXT_FIELDS = {
-    "instanceId": "InstanceId", "subnetId": "SubnetId", "vpcId": "VpcId",
-    "privateIpAddress": "PrivateIpAddress", "ipAddress": "PublicIpAddress",
-    "privateDnsName": "PrivateDnsName", "dnsName": "PublicDnsName", "instanceType": "InstanceType",
-    "imageId": "ImageId", "launchTime": "LaunchTime",
-}
-
-
-def _namespace(root):
-    return root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
-
-
-def _local(tag, cut):
-    return tag[cut:]  # the tag without its namespace
-
-
-# Parts of a DescribeInstances answer the inventory never reads, cut out before ElementTree builds
-# elements for them (about three quarters of an item's XML): sub-trees, and text-only leaves that
-# would each cost an element. None of the sub-trees nests inside itself, and XML text cannot contain
-# "<", so the first closing tag after an opening one ends it; a leaf that is not text-only is kept.
-_UNUSED_SUBTREES = re.compile(
-    rb"<(reservationId|ownerId|requesterId|architecture|clientToken|ebsOptimized|enaSupport|hypervisor"
-    rb"|rootDeviceName|rootDeviceType|sourceDestCheck|virtualizationType|bootMode|platformDetails|usageOperation"
-    rb"|usageOperationUpdateTime|currentInstanceBootMode|code|reason|keyName|amiLaunchIndex|groupName|tenancy|id)>"
-    rb"[^<]*</\1>"
-    rb"|<(?:groupSet|productCodes|reason|keyName)/>"
-    rb"|<(networkInterfaceSet|blockDeviceMapping|groupSet|metadataOptions|privateDnsNameOptions|cpuOptions"
-    rb"|capacityReservationSpecification|hibernationOptions|enclaveOptions|maintenanceOptions"
-    rb"|networkPerformanceOptions|operator|monitoring|stateReason|productCodes|elasticGpuAssociationSet"
-    rb"|elasticInferenceAcceleratorAssociationSet|licenseSet|ipv6AddressesSet)>.*?</\2>",
-    re.S,
-)
-
-
-def parse_describe_instances(body, element_tree):
-    """{"Reservations": [{"Instances": [...]}], "NextToken": ...} from a DescribeInstances answer."""
-    if isinstance(body, str):
-        body = body.encode("utf-8")
-    root = element_tree.fromstring(_UNUSED_SUBTREES.sub(b"", body))
-    ns = _namespace(root)
-    cut = len(ns)
-    if _local(root.tag, cut) != "DescribeInstancesResponse":
-        return None
-    reservations = []
-    result = {"Reservations": reservations}
-    token = root.find(ns + "nextToken")
-    if token is not None and token.text:
-        result["NextToken"] = token.text
-    reservation_set = root.find(ns + "reservationSet")
-    if reservation_set is None:
-        return result
-    text_fields = {ns + name: field for name, field in _INSTANCE_TEXT_FIELDS.items()}
-    instances_set_tag = ns + "instancesSet"
-    state_tag, placement_tag = ns + "instanceState", ns + "placement"
-    profile_tag, tags_tag = ns + "iamInstanceProfile", ns + "tagSet"
-    name_tag, az_tag, arn_tag = ns + "name", ns + "availabilityZone", ns + "arn"
-    key_tag, value_tag = ns + "key", ns + "value"
-    for reservation in reservation_set:
-        instances = []
-        reservations.append({"Instances": instances})
-        instances_set = reservation.find(instances_set_tag)
-        if instances_set is None:
-            continue
-        for item in instances_set:
-            instance = {}
-            for child in item:
-                tag = child.tag
-                field = text_fields.get(tag)
-                if field is not None:
-                    if child.text:
-                        instance[field] = child.text
-                elif tag == state_tag:
-                    instance["State"] = {"Name": child.findtext(name_tag)}
-                elif tag == placement_tag:
-                    instance["Placement"] = {"AvailabilityZone": child.findtext(az_tag)}
-                elif tag == profile_tag:
-                    instance["IamInstanceProfile"] = {"Arn": child.findtext(arn_tag)}
-                elif tag == tags_tag:
-                    instance["Tags"] = [{"Key": t.findtext(key_tag), "Value": t.findtext(value_tag) or ""} for t in child]
-            if "InstanceId" not in instance:
-                return None
-            instances.append(instance)
-    return result
-
-
-def _template_spec(node, ns):
-    if node is None:
-        return None
-    return {
-        "LaunchTemplateId": node.findtext(ns + "LaunchTemplateId"),
-        "LaunchTemplateName": node.findtext(ns + "LaunchTemplateName"),
-        "Version": node.findtext(ns + "Version"),
-    }
-
-
-def parse_describe_auto_scaling_groups(body, element_tree):
-    """{"AutoScalingGroups": [...], "NextToken": ...} from a DescribeAutoScalingGroups answer."""
-    root = element_tree.fromstring(body)
-    ns = _namespace(root)
-    if _local(root.tag, len(ns)) != "DescribeAutoScalingGroupsResponse":
-        return None
-    answer = root.find(ns + "DescribeAutoScalingGroupsResult")
-    if answer is None:
-        return None
-    groups = []
-    result = {"AutoScalingGroups": groups}
-    token = answer.findtext(ns + "NextToken")
-    if token:
-        result["NextToken"] = token
-    container = answer.find(ns + "AutoScalingGroups")
-    for member in container if container is not None else ():
-        group = {
-            "AutoScalingGroupName": member.findtext(ns + "AutoScalingGroupName"),
-            "LaunchConfigurationName": member.findtext(ns + "LaunchConfigurationName"),
-            "LaunchTemplate": _template_spec(member.find(ns + "LaunchTemplate"), ns),
-        }
-        mixed = member.find(ns + "MixedInstancesPolicy")
-        if mixed is not None:
-            spec = _template_spec(mixed.find(f"{ns}LaunchTemplate/{ns}LaunchTemplateSpecification"), ns)
-            group["MixedInstancesPolicy"] = {"LaunchTemplate": {"LaunchTemplateSpecification": spec}}
-        instances = []
-        for node in member.find(ns + "Instances") if member.find(ns + "Instances") is not None else ():
-            instances.append({
-                "InstanceId": node.findtext(ns + "InstanceId"),
-                "LifecycleState": node.findtext(ns + "LifecycleState"),
-                "HealthStatus": node.findtext(ns + "HealthStatus"),
-                "LaunchConfigurationName": node.findtext(ns + "LaunchConfigurationName"),
-                "LaunchTemplate": _template_spec(node.find(ns + "LaunchTemplate"), ns),
-                "ProtectedFromScaleIn": node.findtext(ns + "ProtectedFromScaleIn") == "true",
-            })
-        group["Instances"] = instances
-        if not group["AutoScalingGroupName"]:
-            return None
-        groups.append(group)
-    return result
-
-
-FAST_PARSERS = {
-    "DescribeInstances": (
-        parse_describe_instances,
-        b'<DescribeInstancesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"></DescribeInstancesResponse>',
-    ),
-    "DescribeAutoScalingGroups": (
-        parse_describe_auto_scaling_groups,
-        b'<DescribeAutoScalingGroupsResponse xmlns="http://autoscaling.amazonaws.com/doc/2011-01-01/">'
-        b'<DescribeAutoScalingGroupsResult></DescribeAutoScalingGroupsResult></DescribeAutoScalingGroupsResponse>',
-    ),
-}

@@ -1,11 +1,10 @@
 # Copyright: fleetkeeper.aws contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Pure logic of the fleet inventory: records, drift, hostnames, groups, bastion, filters, cache key, fast parsers."""
+"""Pure logic of the fleet inventory: records, drift, hostnames, groups, bastion, filters, cache key (the fast path: test_fleet_fast.py)."""
 
 from __future__ import annotations
 
 import datetime
-from xml.etree import ElementTree
 
 import botocore.session
 import pytest
@@ -13,7 +12,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ansible_collections.fleetkeeper.aws.plugins.plugin_utils import fleet as logic
-from tests.support import replay
 
 KNOWN = {"us-east-1", "eu-west-1", "ap-southeast-2"}
 
@@ -241,76 +239,3 @@ def test_cache_key_changes_with_path_options_and_identity():
     assert base != logic.cache_key("fleetkeeper.aws.fleet", "/b.fleet.yml", {"regions": ["us-east-1"]}, {"access_key": "A"})
     assert base != logic.cache_key("fleetkeeper.aws.fleet", "/a.fleet.yml", {"regions": ["eu-west-1"]}, {"access_key": "A"})
     assert base != logic.cache_key("fleetkeeper.aws.fleet", "/a.fleet.yml", {"regions": ["us-east-1"]}, {"access_key": "B"})
-
-
-# --- fast parsers agree with botocore ----------------------------------------------------------------
-
-def botocore_parse(operation, service, body):
-    from botocore.parsers import create_parser
-
-    model = botocore.session.get_session().get_service_model(service)
-    return create_parser(model.protocol).parse({"body": body, "headers": {}, "status_code": 200},
-                                               model.operation_model(operation).output_shape)
-
-
-def test_fast_describe_instances_matches_botocore():
-    fleet = replay.RegionFleet("us-east-1", 0, 5, 2)
-    body = replay.INSTANCES_PAGE.format(request_id="r", items="".join(i.xml for i in fleet.order),
-                                        next_token="<nextToken>5</nextToken>").encode()
-    fast = logic.parse_describe_instances(body, ElementTree)
-    slow = botocore_parse("DescribeInstances", "ec2", body)
-    assert fast["NextToken"] == slow["NextToken"] == "5"
-    fast_instances = [i for r in fast["Reservations"] for i in r["Instances"]]
-    slow_instances = [i for r in slow["Reservations"] for i in r["Instances"]]
-    assert len(fast_instances) == 5
-    for fast_one, slow_one in zip(fast_instances, slow_instances):
-        assert logic.instance_record(fast_one, "us-east-1") == logic.instance_record(slow_one, "us-east-1")
-        assert fast_one["PrivateIpAddress"] == slow_one["PrivateIpAddress"]  # not the interface's copy
-
-
-def test_fast_describe_auto_scaling_groups_matches_botocore():
-    fleet = replay.RegionFleet("us-east-1", 0, 6, 2)
-    body = replay.ASG_PAGE.format(groups="".join(fleet.group_xml.values()), next_token="<NextToken>2</NextToken>",
-                                  request_id="r").encode()
-    fast = logic.parse_describe_auto_scaling_groups(body, ElementTree)
-    slow = botocore_parse("DescribeAutoScalingGroups", "autoscaling", body)
-    assert fast["NextToken"] == slow["NextToken"] == "2"
-    assert [logic.asg_summary(g) for g in fast["AutoScalingGroups"]] == \
-        [logic.asg_summary(g) for g in slow["AutoScalingGroups"]]
-
-
-def test_fast_parsers_refuse_what_they_do_not_know():
-    assert logic.parse_describe_instances(b"<Other/>", ElementTree) is None
-    assert logic.parse_describe_auto_scaling_groups(b"<Other/>", ElementTree) is None
-    empty = logic.FAST_PARSERS["DescribeInstances"][1]
-    assert botocore_parse("DescribeInstances", "ec2", empty).get("Reservations", []) == []
-    empty = logic.FAST_PARSERS["DescribeAutoScalingGroups"][1]
-    assert botocore_parse("DescribeAutoScalingGroups", "autoscaling", empty).get("AutoScalingGroups", []) == []
-
-
-def test_cache_entries_round_trip_and_reject_damage():
-    data = {"hosts": [["10.0.0.1", ["asg_web"], {"instance_id": "i-1"}]], "warnings": [], "complete": True}
-    entry = logic.pack_cache(data)
-    assert isinstance(entry["data"], str)
-    assert logic.unpack_cache(entry) == data
-    assert logic.unpack_cache({"format": 0, "data": entry["data"]}) is None
-    assert logic.unpack_cache({"format": logic.CACHE_FORMAT, "data": "{not json"}) is None
-    assert logic.unpack_cache({"format": logic.CACHE_FORMAT, "data": entry["data"][:-8]}) is None
-    assert logic.unpack_cache(None) is None
-
-
-def test_cache_entries_keep_hosts_exact_and_are_plain_ascii():
-    hosts = [
-        ["bastion", ["bastion"], {"instance_id": "i-1", "public_ip_address": "203.0.113.7",
-                                  "ec2_tags": {"a": "\"quoted\" é"}}],
-        ["10.0.0.2", ["asg_web", "az_us_east_1a", "bastion"], {"instance_id": "i-2", "public_ip_address": None,
-                                                               "ansible_ssh_common_args": "-o ProxyJump=x"}],
-        ["i-3", [], {"instance_id": "i-3", "ec2_tags": {}}],
-    ]
-    data = {"hosts": hosts, "warnings": ["w"], "complete": True}
-    entry = logic.pack_cache(data)
-    assert entry["data"].isascii() and "\\" not in entry["data"] and '"' not in entry["data"]
-    back = logic.unpack_cache(entry)
-    assert back == data
-    assert "ansible_ssh_common_args" not in back["hosts"][0][2]
-    assert logic.unpack_cache(logic.pack_cache({"hosts": [], "warnings": [], "complete": True}))["hosts"] == []
