@@ -254,6 +254,10 @@ from ansible.plugins.inventory import BaseInventoryPlugin
 from ansible_collections.amazon.aws.plugins.plugin_utils.botocore import get_aws_connection_info
 from ansible_collections.amazon.aws.plugins.plugin_utils.inventory import AWSInventoryBase
 
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import error_code
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import error_message
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import http_status
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import pages
 from ansible_collections.fleetkeeper.aws.plugins.plugin_utils import fleet as logic
 from ansible_collections.fleetkeeper.aws.plugins.plugin_utils import fleet_fast as fast
 
@@ -352,7 +356,7 @@ class InventoryModule(AWSInventoryBase):
             for partition in session.get_available_partitions():
                 known.update(session.get_available_regions("ec2", partition_name=partition))
             return known
-        except Exception:  # pylint: disable=broad-exception-caught
+        except (AnsibleParserError, botocore.exceptions.BotoCoreError):
             return set()
 
     def _identity(self):
@@ -404,11 +408,9 @@ class InventoryModule(AWSInventoryBase):
     @staticmethod
     def _failure(region, action, exc):
         if isinstance(exc, botocore.exceptions.ClientError):
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", "Unknown"))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            kind = logic.classify_error(code, status)
-            return logic.FleetRegionError(region, logic.error_message(kind, region, action, code, error.get("Message", "")), kind)
+            code = error_code(exc) or "Unknown"
+            kind = logic.classify_error(code, http_status(exc))
+            return logic.FleetRegionError(region, logic.error_message(kind, region, action, code, error_message(exc)), kind)
         if isinstance(exc, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionError,
                             botocore.exceptions.ConnectionClosedError)):
             return logic.FleetRegionError(region, logic.error_message("unreachable", region, action, "", to_native(exc)), "unreachable")
@@ -423,22 +425,10 @@ class InventoryModule(AWSInventoryBase):
         for reservation in page.get("Reservations", ()):
             into.extend(reservation.get("Instances", ()))
 
-    @staticmethod
-    def _pages(call, request):
-        """Every page of a paginated call, following NextToken."""
-        request = dict(request)
-        while True:
-            page = call(**request)
-            yield page
-            token = page.get("NextToken")
-            if not token:
-                return
-            request["NextToken"] = token
-
     def _describe_instances(self, ec2, request):
         """Every instance of a DescribeInstances request, all pages."""
         instances = []
-        for page in self._pages(ec2.describe_instances, request):
+        for page in pages(ec2.describe_instances, request):
             self._reservations_to_instances(page, instances)
         return instances
 
@@ -452,26 +442,26 @@ class InventoryModule(AWSInventoryBase):
                 return self._describe_instances(ec2, {"InstanceIds": remaining})
             except botocore.exceptions.ClientError as exc:
                 # An ASG may list an instance EC2 has already forgotten: drop those ids and ask again.
-                if exc.response.get("Error", {}).get("Code") != "InvalidInstanceID.NotFound":
+                if error_code(exc) != "InvalidInstanceID.NotFound":
                     raise
-                missing = logic.missing_instance_ids(exc.response["Error"].get("Message"))
+                missing = logic.missing_instance_ids(error_message(exc))
                 if not missing & set(remaining):
                     raise
                 remaining = [i for i in remaining if i not in missing]
         return []
 
     def _describe_groups(self, autoscaling, request):
-        return [logic.asg_summary(group) for page in self._pages(autoscaling.describe_auto_scaling_groups, request)
+        return [logic.asg_summary(group) for page in pages(autoscaling.describe_auto_scaling_groups, request)
                 for group in page.get("AutoScalingGroups", ())]
 
     def _describe_templates(self, ec2, ids, size=logic.TEMPLATE_BATCH_SIZE):
         entries = []
         try:
             for batch in logic.batches(ids, size):
-                for page in self._pages(ec2.describe_launch_templates, {"LaunchTemplateIds": batch}):
+                for page in pages(ec2.describe_launch_templates, {"LaunchTemplateIds": batch}):
                     entries.extend(page.get("LaunchTemplates", ()))
         except botocore.exceptions.ClientError as exc:
-            smaller = logic.smaller_template_batch(min(len(ids), size), exc.response.get("Error", {}).get("Code", ""))
+            smaller = logic.smaller_template_batch(min(len(ids), size), error_code(exc))
             if smaller is None:
                 raise
             self.display.vvv(f"{self.NAME}: DescribeLaunchTemplates refused {size} ids per call ({to_native(exc)}); "
@@ -489,9 +479,8 @@ class InventoryModule(AWSInventoryBase):
                 action = "autoscaling:DescribeAutoScalingGroups"
                 groups = self._describe_groups(clients[("autoscaling", region)], settings["asg_request"])
             except botocore.exceptions.ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code", "")
-                if logic.classify_error(code, exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")) != "denied" \
-                        or not self.get_option("asg_tag_fallback"):
+                code = error_code(exc)
+                if logic.classify_error(code, http_status(exc)) != "denied" or not self.get_option("asg_tag_fallback"):
                     raise
                 groups = None
                 result.fallback = True

@@ -278,11 +278,12 @@ summary:
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile import VERSION_CHOICES
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile import InstanceProfileError
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile import Options
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile import PlanningError
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile import Roller
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import VERSION_CHOICES
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import AwsCallError
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import InstanceProfileError
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import PlanningError
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_roll import Options
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_roll import Roller
 
 
 def main():
@@ -306,36 +307,26 @@ def main():
         supports_check_mode=True,
     )
     params = module.params
-    if not 1 <= params["max_concurrency"] <= 100:
-        module.fail_json(msg="max_concurrency must be between 1 and 100")
-    if params["wait_timeout"] < 0:
-        module.fail_json(msg="wait_timeout must not be negative")
+    try:
+        options = Options.from_params(params, check_mode=module.check_mode)
+    except InstanceProfileError as exc:
+        module.fail_json(msg=str(exc))
 
     # Throttling and 5xx: botocore's own retries first, then amazon.aws's jittered backoff.
     retry = AWSRetry.jittered_backoff(retries=8, delay=1, max_delay=20)
-    pool = {"max_pool_connections": params["max_concurrency"] + 4}
+    pool = {"max_pool_connections": options.max_concurrency + 4}
     ec2 = module.client("ec2", retry_decorator=retry, config=pool)
     autoscaling = module.client("autoscaling", retry_decorator=retry, config=pool)
     iam = module.client("iam", retry_decorator=retry)
 
-    options = Options(
-        state=params["state"],
-        replace=params["replace"],
-        version_mode=params["launch_template_version"],
-        manage_launch_template=params["manage_launch_template"],
-        manage_instances=params["manage_instances"],
-        instance_refresh=params["instance_refresh"],
-        instance_refresh_preferences=params["instance_refresh_preferences"],
-        max_concurrency=params["max_concurrency"],
-        wait_timeout=params["wait_timeout"],
-        check_mode=module.check_mode,
-    )
     roller = Roller(ec2, autoscaling, iam, options, warn=module.warn)
     try:
         result = roller.run(params["instance_profile"], names=params["names"], tag_filters=params["tag_filters"])
     except PlanningError as exc:
         module.fail_json(msg=str(exc), changed=False, groups=exc.groups,
                          failed_groups=[g["name"] for g in exc.groups if g["status"] == "failed"])
+    except AwsCallError as exc:  # the error code and request id go into the result
+        module.fail_json_aws(exc.original, msg=f"{exc.action} failed", changed=False, groups=[], failed_groups=[])
     except InstanceProfileError as exc:
         module.fail_json(msg=str(exc), changed=False, groups=[], failed_groups=[])
 

@@ -1,12 +1,12 @@
 # Copyright: fleetkeeper.aws contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Planning logic of asg_instance_profile (plugins/module_utils/instance_profile.py), no network."""
+"""Planning logic of asg_instance_profile (plugins/module_utils/instance_profile_plan.py), no network."""
 
 from __future__ import annotations
 
 import pytest
 
-from ansible_collections.fleetkeeper.aws.plugins.module_utils import instance_profile as ip
+from ansible_collections.fleetkeeper.aws.plugins.module_utils import instance_profile_plan as ip
 
 ARN = "arn:aws:iam::123456789012:instance-profile/web"
 OTHER = "arn:aws:iam::123456789012:instance-profile/other"

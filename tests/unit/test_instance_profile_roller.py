@@ -1,6 +1,6 @@
 # Copyright: fleetkeeper.aws contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Roller (the applying half of instance_profile.py) against in-process fake clients.
+"""Roller (instance_profile_roll.py) against in-process fake clients that raise botocore's errors.
 
 These cover what moto cannot produce: EC2 refusing a replace with
 IncorrectState, 'Invalid IAM Instance Profile' right after creation,
@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import itertools
 
+import botocore.exceptions
 import pytest
 
-from ansible_collections.fleetkeeper.aws.plugins.module_utils import instance_profile as ip
+from ansible_collections.fleetkeeper.aws.plugins.module_utils import instance_profile_plan as ip
+from ansible_collections.fleetkeeper.aws.plugins.module_utils import instance_profile_roll as roll
 
 ACCOUNT = "123456789012"
 
@@ -23,10 +25,9 @@ def arn(name):
     return f"arn:aws:iam::{ACCOUNT}:instance-profile/{name}"
 
 
-class ApiError(Exception):
-    def __init__(self, code, message="", operation="Op"):
-        super().__init__(f"{operation}: {code}: {message}")
-        self.response = {"Error": {"Code": code, "Message": message}}
+def api_error(code, message="", operation="Op"):
+    """The ClientError botocore raises for an AWS error answer."""
+    return botocore.exceptions.ClientError({"Error": {"Code": code, "Message": message}}, operation)
 
 
 class FakeIAM:
@@ -35,7 +36,7 @@ class FakeIAM:
 
     def get_instance_profile(self, InstanceProfileName, **_):
         if InstanceProfileName not in self.profiles:
-            raise ApiError("NoSuchEntity", f"Instance Profile {InstanceProfileName} cannot be found.")
+            raise api_error("NoSuchEntity", f"Instance Profile {InstanceProfileName} cannot be found.")
         return {"InstanceProfile": {"InstanceProfileName": InstanceProfileName, "Arn": arn(InstanceProfileName)}}
 
     def get_waiter(self, name):
@@ -45,8 +46,8 @@ class FakeIAM:
         class Waiter:
             def wait(self, InstanceProfileName, WaiterConfig):
                 if InstanceProfileName not in iam.profiles:
-                    raise type("WaiterError", (Exception,), {})("Waiter InstanceProfileExists failed: "
-                                                                "Max attempts exceeded")
+                    raise botocore.exceptions.WaiterError(name="InstanceProfileExists", reason="Max attempts exceeded",
+                                                          last_response={})
         return Waiter()
 
 
@@ -97,7 +98,7 @@ class FakeEC2:
         self._fault("DescribeLaunchTemplateVersions", {"LaunchTemplateId": LaunchTemplateId})
         template = self.templates.get(LaunchTemplateId)
         if template is None:
-            raise ApiError("InvalidLaunchTemplateId.NotFound", f"The specified launch template, with template ID "
+            raise api_error("InvalidLaunchTemplateId.NotFound", f"The specified launch template, with template ID "
                                                                f"{LaunchTemplateId}, does not exist.")
         numbers = set()
         for spec in Versions:
@@ -130,7 +131,7 @@ class FakeEC2:
     def associate_iam_instance_profile(self, InstanceId, IamInstanceProfile, **kwargs):
         self._fault("AssociateIamInstanceProfile", {"InstanceId": InstanceId})
         if InstanceId in self.associations:
-            raise ApiError("IncorrectState", f"There is an existing association for instance {InstanceId}")
+            raise api_error("IncorrectState", f"There is an existing association for instance {InstanceId}")
         record = {"AssociationId": f"iip-assoc-{next(self.ids)}", "InstanceId": InstanceId,
                   "IamInstanceProfile": {"Arn": IamInstanceProfile["Arn"]}, "State": "associated"}
         self.associations[InstanceId] = record
@@ -142,7 +143,7 @@ class FakeEC2:
             if record["AssociationId"] == AssociationId:
                 record["IamInstanceProfile"] = {"Arn": IamInstanceProfile["Arn"]}
                 return {"IamInstanceProfileAssociation": dict(record)}
-        raise ApiError("InvalidAssociationID.NotFound", AssociationId)
+        raise api_error("InvalidAssociationID.NotFound", AssociationId)
 
     def disassociate_iam_instance_profile(self, AssociationId, **kwargs):
         self._fault("DisassociateIamInstanceProfile", {"AssociationId": AssociationId})
@@ -150,7 +151,7 @@ class FakeEC2:
             if record["AssociationId"] == AssociationId:
                 del self.associations[instance_id]
                 return {"IamInstanceProfileAssociation": dict(record, State="disassociating")}
-        raise ApiError("InvalidAssociationID.NotFound", AssociationId)
+        raise api_error("InvalidAssociationID.NotFound", AssociationId)
 
     def ops(self, operation):
         return [kwargs for op, kwargs in self.calls if op == operation]
@@ -194,7 +195,7 @@ def make(groups, templates=None, associations=None, profiles=("web", "other"), *
     autoscaling = FakeAutoScaling(groups)
     iam = FakeIAM(profiles)
     clock = Clock()
-    roller = ip.Roller(ec2, autoscaling, iam, ip.Options(**options), sleep=clock.sleep, clock=clock)
+    roller = roll.Roller(ec2, autoscaling, iam, roll.Options(**options), sleep=clock.sleep, clock=clock)
     return roller, ec2, autoscaling, clock
 
 
@@ -231,7 +232,7 @@ def test_pinned_group_is_repinned_with_the_real_version_number():
 
 def test_replace_refused_with_incorrect_state_falls_back_to_disassociate_and_associate():
     roller, ec2, _asg, _clock = make([group("a", ["i-1"])], associations=[assoc("i-1", "other")], replace=True)
-    ec2.faults["ReplaceIamInstanceProfileAssociation"] = [ApiError("IncorrectState", "association is associating")]
+    ec2.faults["ReplaceIamInstanceProfileAssociation"] = [api_error("IncorrectState", "association is associating")]
     result = roller.run("web", names=["a"])
     instance = result["groups"][0]["instances"][0]
     assert instance["action"] == "replace" and instance["fallback"] == "disassociate+associate"
@@ -250,7 +251,7 @@ def test_mismatch_is_reported_not_replaced():
 
 def test_invalid_iam_instance_profile_is_retried_with_backoff():
     roller, ec2, _asg, clock = make([group("a", ["i-1"])], wait_timeout=60)
-    not_ready = ApiError("InvalidParameterValue", "Value (web) for parameter iamInstanceProfile.name is invalid. "
+    not_ready = api_error("InvalidParameterValue", "Value (web) for parameter iamInstanceProfile.name is invalid. "
                                                   "Invalid IAM Instance Profile name")
     ec2.faults["AssociateIamInstanceProfile"] = [not_ready, not_ready, not_ready]
     result = roller.run("web", names=["a"])
@@ -261,7 +262,7 @@ def test_invalid_iam_instance_profile_is_retried_with_backoff():
 
 def test_invalid_iam_instance_profile_gives_up_after_wait_timeout():
     roller, ec2, _asg, clock = make([group("a", ["i-1"]), group("b", [], template_id="lt-1")], wait_timeout=10)
-    not_ready = ApiError("InvalidParameterValue", "Invalid IAM Instance Profile name")
+    not_ready = api_error("InvalidParameterValue", "Invalid IAM Instance Profile name")
     ec2.faults["AssociateIamInstanceProfile"] = [not_ready] * 50
     result = roller.run("web", names=["a", "b"])
     assert result["failed_groups"] == ["a"]
@@ -340,7 +341,7 @@ def test_failure_in_one_group_leaves_the_others_finished():
     roller, ec2, _asg, _clock = make(
         [group("a", ["i-1"], template_id="lt-1"), group("b", ["i-2"], template_id="lt-2")], templates=templates, max_concurrency=1
     )
-    ec2.faults["CreateLaunchTemplateVersion"] = [ApiError("UnauthorizedOperation", "not allowed")]
+    ec2.faults["CreateLaunchTemplateVersion"] = [api_error("UnauthorizedOperation", "not allowed")]
     result = roller.run("web", names=["a", "b"])
     statuses = {g["name"]: g["status"] for g in result["groups"]}
     assert statuses == {"a": "failed", "b": "changed"}
@@ -363,7 +364,7 @@ def test_instance_refresh_started_only_where_a_version_was_created():
 
 def test_instance_refresh_in_progress_is_a_warning():
     roller, _ec2, autoscaling, _clock = make([group("a", [])], instance_refresh=True)
-    autoscaling.refresh_error = ApiError("InstanceRefreshInProgress", "An Instance Refresh is already in progress")
+    autoscaling.refresh_error = api_error("InstanceRefreshInProgress", "An Instance Refresh is already in progress")
     result = roller.run("web", names=["a"])
     assert not result["failed_groups"] and any("already in progress" in w for w in roller.warnings)
 

@@ -1,0 +1,48 @@
+# -*- coding: utf-8 -*-
+
+# Copyright: fleetkeeper.aws contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""The one paginator and error reader of the modules and the inventory plugin.
+
+Everything else comes from amazon.aws (``AWSRetry`` on the clients, ``is_boto3_error_code``
+in ``except`` clauses, ``fail_json_aws`` in modules). Not amazon.aws's instance-profile
+association and launch-template helpers (module_utils/ec2.py): they retry ``IncorrectState``
+with a jittered backoff of up to minutes, where the roll must fall back from a refused replace
+to disassociate + associate at once, and they wrap every error in ``AnsibleEC2Error``, so the
+per-code handling below would need the wrapped exception. The key sync keeps a copy of its own
+(keysync_s3.py) only because it runs on hosts without amazon.aws.
+"""
+
+from __future__ import annotations
+
+
+def pages(call, request, token="NextToken", **kwargs):
+    """Every page of a paginated call: ``call(**request, **kwargs)``, then again with the page's ``token``."""
+    request = dict(request)
+    while True:
+        page = call(**request, **kwargs)
+        yield page
+        next_token = page.get(token)
+        if not next_token:
+            return
+        request[token] = next_token
+
+
+def error_code(exc):
+    """The AWS error code of a botocore ClientError ("" for anything else)."""
+    response = getattr(exc, "response", None) or {}
+    return str((response.get("Error") or {}).get("Code") or "")
+
+
+def error_message(exc):
+    """The AWS error message of a botocore ClientError ("" for anything else)."""
+    response = getattr(exc, "response", None) or {}
+    return str((response.get("Error") or {}).get("Message") or "")
+
+
+def http_status(exc):
+    """The HTTP status of a botocore ClientError, or None."""
+    response = getattr(exc, "response", None) or {}
+    return (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")

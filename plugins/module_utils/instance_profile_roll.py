@@ -1,0 +1,579 @@
+# -*- coding: utf-8 -*-
+
+# Copyright: fleetkeeper.aws contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""Roll an IAM instance profile onto Auto Scaling groups: the rolling half (API calls).
+
+:class:`Roller` reads the groups, their templates and the associations in batches,
+runs the plans of ``instance_profile_plan.py``, and applies them (instances in a
+bounded thread pool), retrying IAM's eventual consistency and falling back from a
+refused replace to disassociate + associate. :class:`Options` is the task's
+settings, each checked once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+try:
+    import botocore.exceptions
+
+    AWS_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+except ImportError:  # AnsibleAWSModule reports the missing SDK
+    AWS_ERRORS = ()
+
+from ansible_collections.amazon.aws.plugins.module_utils.botocore import is_boto3_error_code
+
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import error_code
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import error_message
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import pages
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import (
+    ACTION_ASSOCIATE, ACTION_DISASSOCIATE, ACTION_MISMATCH, ACTION_REPLACE, ASG_BATCH_SIZE, ASSOCIATED,
+    ASSOCIATION_BATCH_SIZE, ASSOCIATION_NOT_FOUND, ASSOCIATION_PAGE_SIZE, CHANGING_ACTIONS, DEFAULT,
+    DISASSOCIATING, INCORRECT_STATE, LATEST, LIVE_STATES, PROFILE_NOT_FOUND_CODES, TEMPLATE_NOT_FOUND_CODES,
+    VERSION_CHOICES, VERSION_KEEP, AwsCallError, GroupError, InputError, InstanceProfileError, PlanningError,
+    ProfileNotFoundError, ProfileRef, TemplateState, bucket_by_template, build_diff, chunks, current_association,
+    follows, group_update_request, in_service, is_iam_not_ready, is_profile_arn, plan_instance, plan_template,
+    profile_display, profile_name_from_arn, public_template_plan, summarise, template_references,
+)
+
+MAX_CONCURRENCY = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What the task asks for. The module's argument_spec checks types and choices (VERSION_CHOICES);
+    the ranges are checked here, once, for the module and for any other caller."""
+
+    state: str = "present"
+    replace: bool = False
+    version_mode: str = VERSION_KEEP
+    manage_launch_template: bool = True
+    manage_instances: bool = True
+    instance_refresh: bool = False
+    instance_refresh_preferences: dict | None = None
+    max_concurrency: int = 10
+    wait_timeout: int = 120
+    check_mode: bool = False
+
+    def __post_init__(self):
+        if self.version_mode not in VERSION_CHOICES:  # callers other than the module
+            raise InputError(f"launch_template_version must be one of {', '.join(VERSION_CHOICES)}")
+        if not 1 <= self.max_concurrency <= MAX_CONCURRENCY:
+            raise InputError(f"max_concurrency must be between 1 and {MAX_CONCURRENCY}")
+        if self.wait_timeout < 0:
+            raise InputError("wait_timeout must not be negative")
+
+    @classmethod
+    def from_params(cls, params, check_mode=False):
+        """Options from the module's parameters (``module.params``)."""
+        return cls(
+            state=params["state"],
+            replace=params["replace"],
+            version_mode=params["launch_template_version"],
+            manage_launch_template=params["manage_launch_template"],
+            manage_instances=params["manage_instances"],
+            instance_refresh=params["instance_refresh"],
+            instance_refresh_preferences=params["instance_refresh_preferences"],
+            max_concurrency=params["max_concurrency"],
+            wait_timeout=params["wait_timeout"],
+            check_mode=check_mode,
+        )
+
+
+class Roller:
+    """Applies one instance profile to a set of Auto Scaling groups.
+
+    ``ec2``, ``autoscaling`` and ``iam`` are boto3 clients (usually amazon.aws's
+    retrying wrappers: every call passes ``aws_retry=True``). ``sleep`` and
+    ``clock`` are injectable for tests.
+    """
+
+    def __init__(self, ec2, autoscaling, iam, options, sleep=time.sleep, clock=time.monotonic, warn=None):
+        self.ec2 = ec2
+        self.autoscaling = autoscaling
+        self.iam = iam
+        self.options = options
+        self.sleep = sleep
+        self.clock = clock
+        self.warnings = []
+        self._warn = warn
+
+    def warn(self, message):
+        self.warnings.append(message)
+        if self._warn:
+            self._warn(message)
+
+    # --- reading ----------------------------------------------------------
+    def resolve_profile(self, profile):
+        """ProfileRef for a name or ARN; waits for a just-created profile (present, not in check mode)."""
+        name = profile_name_from_arn(profile) if is_profile_arn(profile) else profile
+        try:
+            record = self.iam.get_instance_profile(InstanceProfileName=name, aws_retry=True)["InstanceProfile"]
+        except is_boto3_error_code(PROFILE_NOT_FOUND_CODES):
+            record = None
+        except AWS_ERRORS as exc:
+            raise AwsCallError(f"GetInstanceProfile {name}", exc) from exc
+        if record is None and self.options.state == "present" and not self.options.check_mode:
+            record = self._wait_for_profile(name)
+        if record is None:
+            if self.options.check_mode and self.options.state == "present":
+                self.warn(f"instance profile {name!r} does not exist yet: planned as if it did (check mode)")
+                return ProfileRef(name, profile if is_profile_arn(profile) else None)
+            raise ProfileNotFoundError(name)
+        if is_profile_arn(profile) and record["Arn"] != profile:
+            raise InputError(f"instance profile {name!r} has ARN {record['Arn']}, not {profile}: fix the ARN")
+        return ProfileRef(record["InstanceProfileName"], record["Arn"])
+
+    def _wait_for_profile(self, name):
+        """IAM is eventually consistent: a profile created a moment ago may not be visible yet."""
+        delay = max(1, min(5, self.options.wait_timeout // 10 or 1))
+        attempts = max(1, int(self.options.wait_timeout // delay))
+        try:
+            waiter = self.iam.get_waiter("instance_profile_exists")
+            waiter.wait(InstanceProfileName=name, WaiterConfig={"Delay": delay, "MaxAttempts": attempts})
+        except AWS_ERRORS as exc:
+            # botocore's WaiterError: "Max attempts exceeded" means the profile never appeared;
+            # anything else (access denied, a terminal failure) is an error of its own.
+            if "Max attempts exceeded" in str(exc) or error_code(exc) in PROFILE_NOT_FOUND_CODES:
+                return None
+            raise AwsCallError(f"waiting for instance profile {name}", exc) from exc
+        return self.iam.get_instance_profile(InstanceProfileName=name, aws_retry=True)["InstanceProfile"]
+
+    def find_groups(self, names=None, tag_filters=None):
+        """Describe the groups named and/or matching the tag filters; unknown names are an InputError."""
+        filters = []
+        for key, value in (tag_filters or {}).items():
+            values = value if isinstance(value, list) else [value]
+            if values == [None] or values == ["*"]:
+                filters.append({"Name": "tag-key", "Values": [key]})
+            else:
+                filters.append({"Name": f"tag:{key}", "Values": [str(v) for v in values]})
+        groups = {}
+        name_batches = list(chunks(sorted(set(names or [])), ASG_BATCH_SIZE)) if names else [None]
+        for batch in name_batches:
+            params = {"MaxRecords": ASG_BATCH_SIZE}
+            if batch:
+                params["AutoScalingGroupNames"] = batch
+            if filters:
+                params["Filters"] = filters
+            for group in self._pages(self.autoscaling.describe_auto_scaling_groups, "AutoScalingGroups",
+                                     "DescribeAutoScalingGroups", params):
+                groups[group["AutoScalingGroupName"]] = group
+        if names:
+            missing = sorted(set(names) - set(groups))
+            if missing and not filters:
+                raise InputError(f"Auto Scaling group(s) not found: {', '.join(missing)}: check the names and region")
+            if missing and filters:
+                # The name exists but does not carry the tags: report it all the same.
+                raise InputError(
+                    f"Auto Scaling group(s) {', '.join(missing)} not found or not matching tag_filters"
+                )
+        if not groups:
+            raise InputError(f"no Auto Scaling group matches tag_filters {tag_filters}: check the tags and region")
+        return [groups[name] for name in sorted(groups)]
+
+    @staticmethod
+    def _pages(method, key, action, params):
+        """Every item under ``key`` of every page; a failed call is an AwsCallError naming ``action``."""
+        try:
+            for page in pages(method, params, aws_retry=True):
+                yield from page.get(key) or []
+        except AWS_ERRORS as exc:
+            raise AwsCallError(action, exc) from exc
+
+    def read_template(self, ref, pinned_versions):
+        """TemplateState with $Latest, $Default and the pinned versions the groups use."""
+        versions = [LATEST, DEFAULT] + sorted({str(v) for v in pinned_versions}, key=int)
+        params = {"Versions": versions}
+        if ref["id"]:
+            params["LaunchTemplateId"] = ref["id"]
+        else:
+            params["LaunchTemplateName"] = ref["name"]
+        label = ref["name"] or ref["id"]
+        try:
+            records = self.ec2.describe_launch_template_versions(aws_retry=True, **params)["LaunchTemplateVersions"]
+        except AWS_ERRORS as exc:
+            if error_code(exc) in TEMPLATE_NOT_FOUND_CODES:
+                raise GroupError(
+                    f"launch template {label} (versions {', '.join(versions)}) not found: "
+                    f"{error_message(exc) or error_code(exc)}. Point the group at an existing launch template"
+                ) from exc
+            raise AwsCallError(f"DescribeLaunchTemplateVersions {label}", exc) from exc
+        if not records:
+            raise GroupError(f"launch template {label} not found. Point the group at an existing launch template")
+        return TemplateState.from_versions(records)
+
+    def read_associations(self, instance_ids):
+        """{instance id: [association records]} for the instances, batched, batches concurrently."""
+        found = {i: [] for i in instance_ids}
+        batches = list(chunks(list(instance_ids), ASSOCIATION_BATCH_SIZE))
+
+        def one(batch):
+            params = {"Filters": [{"Name": "instance-id", "Values": batch}], "MaxResults": ASSOCIATION_PAGE_SIZE}
+            return list(self._pages(self.ec2.describe_iam_instance_profile_associations,
+                                    "IamInstanceProfileAssociations", "DescribeIamInstanceProfileAssociations", params))
+
+        for records in self._map(one, batches):
+            for record in records:
+                found.setdefault(record["InstanceId"], []).append(record)
+        return found
+
+    def _map(self, func, items):
+        items = list(items)
+        if len(items) <= 1 or self.options.max_concurrency == 1:
+            return [func(item) for item in items]
+        with ThreadPoolExecutor(max_workers=min(self.options.max_concurrency, len(items))) as pool:
+            return list(pool.map(func, items))
+
+    # --- whole run: named steps ----------------------------------------------
+    def run(self, profile, names=None, tag_filters=None):
+        """Plan everything, fail before any change on bad input, then apply; returns the result dict."""
+        desired = self.resolve_profile(profile)
+        groups = self.find_groups(names, tag_filters)
+        results = {g["AutoScalingGroupName"]: self._new_result(g) for g in groups}
+        if self.options.manage_launch_template:
+            refs_by_group, templates = self._read_templates(groups, results)
+            self._roll_templates(groups, refs_by_group, templates, desired, results)
+        if self.options.manage_instances:
+            self._roll_instances(groups, desired, results)
+        return self._report(results, desired)
+
+    def _read_templates(self, groups, results):
+        """Each group's launch template references and every template's state (reads only).
+
+        Stops with a PlanningError, before anything is changed, when a group's templates cannot be used."""
+        refs_by_group = {}
+        problems = []
+        for group in groups:
+            name = group["AutoScalingGroupName"]
+            try:
+                refs_by_group[name] = template_references(group)
+            except GroupError as exc:
+                results[name]["status"] = "failed"
+                results[name]["error"] = str(exc)
+                problems.append(name)
+        pinned = {}
+        first_ref = {}
+        for refs in refs_by_group.values():
+            for ref in refs:
+                key = ref["id"] or ref["name"]
+                first_ref.setdefault(key, ref)
+                if follows(ref["version"]) == "pinned":
+                    pinned.setdefault(key, set()).add(ref["version"])
+
+        def read(key):
+            try:
+                return key, self.read_template(first_ref[key], pinned.get(key, ())), None
+            except InstanceProfileError as exc:
+                return key, None, exc
+
+        templates = {}
+        for key, state, exc in self._map(read, sorted(first_ref)):
+            if exc is not None:
+                for name, refs in refs_by_group.items():
+                    if any((r["id"] or r["name"]) == key for r in refs):
+                        results[name]["status"] = "failed"
+                        results[name]["error"] = f"Auto Scaling group {name!r}: {exc}"
+                        if name not in problems:
+                            problems.append(name)
+            else:
+                templates[key] = state
+                if state.id != key:
+                    templates[state.id] = state
+        if problems:
+            raise PlanningError(
+                "nothing was changed: " + "; ".join(results[name]["error"] for name in sorted(problems)),
+                list(results.values()),
+            )
+        return refs_by_group, templates
+
+    def _roll_templates(self, groups, refs_by_group, templates, desired, results):
+        """Launch templates: groups sharing a template in sequence, templates concurrently."""
+        by_template = bucket_by_template(
+            [(g, {templates[r["id"] or r["name"]].id for r in refs_by_group.get(g["AutoScalingGroupName"], [])})
+             for g in groups if g["AutoScalingGroupName"] in refs_by_group]
+        )
+
+        def roll(template_groups):
+            for group in template_groups:
+                self._roll_group_templates(group, refs_by_group.get(group["AutoScalingGroupName"], []),
+                                           templates, desired, results[group["AutoScalingGroupName"]])
+
+        self._map(roll, by_template)
+
+    def _roll_instances(self, groups, desired, results):
+        """Instances: plan from batched association reads, apply in the thread pool."""
+        ready_groups = [g for g in groups if results[g["AutoScalingGroupName"]]["status"] != "failed"]
+        instance_ids = []
+        for group in ready_groups:
+            ready, skipped = in_service(group)
+            results[group["AutoScalingGroupName"]]["skipped_instances"] = skipped
+            instance_ids.extend(ready)
+        associations = self.read_associations(instance_ids) if instance_ids else {}
+        work = []
+        for group in ready_groups:
+            result = results[group["AutoScalingGroupName"]]
+            ready, _skipped = in_service(group)
+            for instance_id in ready:
+                plan = plan_instance(instance_id, associations.get(instance_id, []), desired,
+                                     self.options.state, self.options.replace)
+                result["instances"].append(plan)
+                if plan["action"] in CHANGING_ACTIONS:
+                    work.append((result, plan))
+        if not self.options.check_mode and work:
+            self._map(lambda item: self._apply_instance(item[1], desired), work)
+        for result, plan in work:
+            if not plan.get("error"):
+                result["changed"] = True
+        for result in results.values():
+            errors = [i["error"] for i in result["instances"] if i.get("error")]
+            if errors:
+                result["status"] = "failed"
+                result["error"] = (
+                    f"Auto Scaling group {result['name']!r}: {len(errors)} instance(s) could not be changed "
+                    f"(the others were), first error: {errors[0]}"
+                )
+
+    def _report(self, results, desired):
+        """The module's result: per-group status, summary, mismatches, diff."""
+        for result in results.values():
+            if result["status"] != "failed":
+                result["status"] = "changed" if result["changed"] else "ok"
+            mismatched = [i["instance_id"] for i in result["instances"] if i["action"] == ACTION_MISMATCH]
+            result["mismatched"] = mismatched
+        ordered = [results[name] for name in sorted(results)]
+        mismatched = [i for r in ordered for i in r["mismatched"]]
+        if mismatched and self.options.state == "present":
+            self.warn(
+                f"{len(mismatched)} instance(s) carry another instance profile and were left alone "
+                f"(set replace: true to replace it): {', '.join(mismatched[:20])}{' ...' if len(mismatched) > 20 else ''}"
+            )
+        return {
+            "changed": any(r["changed"] for r in ordered),
+            "instance_profile": desired.to_dict(),
+            "groups": ordered,
+            "summary": summarise(ordered),
+            "mismatched": mismatched,
+            "failed_groups": [r["name"] for r in ordered if r["status"] == "failed"],
+            "diff": build_diff(ordered),
+        }
+
+    @staticmethod
+    def _new_result(group):
+        return {
+            "name": group["AutoScalingGroupName"],
+            "status": "ok",
+            "changed": False,
+            "error": None,
+            "launch_templates": [],
+            "instance_refresh": None,
+            "instances": [],
+            "skipped_instances": [],
+            "mismatched": [],
+        }
+
+    def _roll_group_templates(self, group, refs, templates, desired, result):
+        name = group["AutoScalingGroupName"]
+        try:
+            plans = []
+            for ref in refs:
+                template = templates[ref["id"] or ref["name"]]
+                plan = plan_template(ref, template, desired, self.options.state, self.options.version_mode)
+                plans.append(plan)
+                if plan["create_version"]:
+                    self._create_version(template, plan)
+                elif plan["set_default"]:
+                    self._set_default(template, plan["version_after"])
+            request = group_update_request(group, plans)
+            if request and not self.options.check_mode:
+                try:
+                    self.autoscaling.update_auto_scaling_group(aws_retry=True, **request)
+                except AWS_ERRORS as exc:
+                    raise AwsCallError(f"UpdateAutoScalingGroup {name}", exc) from exc
+            result["launch_templates"] = [public_template_plan(p) for p in plans]
+            if any(p["changed"] for p in plans):
+                result["changed"] = True
+            if self.options.instance_refresh and any(p["create_version"] for p in plans):
+                result["instance_refresh"] = self._start_refresh(name)
+        except InstanceProfileError as exc:
+            result["status"] = "failed"
+            result["error"] = f"Auto Scaling group {name!r}: {exc}"
+            result["launch_templates"] = result["launch_templates"] or []
+
+    def _create_version(self, template, plan):
+        create = plan["create_version"]
+        make_default = plan["set_default"]
+        number = create["number"]
+        if not self.options.check_mode:
+            description = "fleetkeeper.aws.asg_instance_profile: " + (
+                "instance profile " + (profile_display(create["full_data"].get("IamInstanceProfile")) or "")
+                if self.options.state == "present" else "instance profile removed"
+            )
+            try:
+                answer = self.ec2.create_launch_template_version(
+                    aws_retry=True, LaunchTemplateId=template.id, VersionDescription=description[:255],
+                    **create["request"]
+                )["LaunchTemplateVersion"]
+            except AWS_ERRORS as exc:
+                raise AwsCallError(f"CreateLaunchTemplateVersion {template.name or template.id}", exc) from exc
+            number = int(answer["VersionNumber"])
+            if make_default:
+                self._set_default(template, number)
+        template.record_version(number, create["full_data"], make_default=make_default)
+        plan["created_version"] = number
+        plan["version_after"] = number
+        if plan["spec_after"] not in (LATEST, DEFAULT, None):
+            plan["spec_after"] = str(number)
+            plan["update_group"] = plan["spec_after"] != plan["spec_before"]
+
+    def _set_default(self, template, number):
+        if not self.options.check_mode:
+            try:
+                self.ec2.modify_launch_template(aws_retry=True, LaunchTemplateId=template.id,
+                                                DefaultVersion=str(number))
+            except AWS_ERRORS as exc:
+                raise AwsCallError(f"ModifyLaunchTemplate {template.name or template.id}", exc) from exc
+        template.default = number
+
+    def _start_refresh(self, name):
+        if self.options.check_mode:
+            return {"id": None, "would_start": True}
+        params = {"AutoScalingGroupName": name}
+        if self.options.instance_refresh_preferences:
+            params["Preferences"] = self.options.instance_refresh_preferences
+        try:
+            answer = self.autoscaling.start_instance_refresh(aws_retry=True, **params)
+        except is_boto3_error_code("InstanceRefreshInProgress"):
+            self.warn(f"Auto Scaling group {name!r}: an instance refresh is already in progress; none started")
+            return {"id": None, "in_progress": True}
+        except AWS_ERRORS as exc:
+            raise AwsCallError(f"StartInstanceRefresh {name}", exc) from exc
+        return {"id": answer.get("InstanceRefreshId")}
+
+    # --- one instance -------------------------------------------------------
+    def _apply_instance(self, plan, desired):
+        """Carry out one instance's plan; records ``error`` on the plan instead of raising."""
+        try:
+            if plan["wait_for_disassociation"]:
+                self._wait_until_unassociated(plan["instance_id"])
+            if plan["action"] == ACTION_ASSOCIATE:
+                self._associate(plan, desired)
+            elif plan["action"] == ACTION_REPLACE:
+                self._replace(plan, desired)
+            elif plan["action"] == ACTION_DISASSOCIATE:
+                self._disassociate(plan["association_id"], plan["instance_id"])
+            plan["done"] = True
+        except InstanceProfileError as exc:
+            plan["error"] = str(exc)
+            plan["done"] = False
+        except AWS_ERRORS as exc:
+            plan["error"] = f"{plan['action']} {plan['instance_id']} failed: {exc}"
+            plan["done"] = False
+
+    def _iam_retry(self, action, call):
+        """Retry EC2's 'Invalid IAM Instance Profile' (IAM not yet propagated) with backoff up to wait_timeout."""
+        deadline = self.clock() + self.options.wait_timeout
+        delay = 1.0
+        while True:
+            try:
+                return call()
+            except AWS_ERRORS as exc:
+                if not is_iam_not_ready(exc) or self.clock() + delay > deadline:
+                    raise
+                self.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 15.0)
+
+    def _associate(self, plan, desired):
+        instance_id = plan["instance_id"]
+        try:
+            answer = self._iam_retry("associate", lambda: self.ec2.associate_iam_instance_profile(
+                aws_retry=True, InstanceId=instance_id, IamInstanceProfile={"Arn": desired.arn}))
+        except AWS_ERRORS as exc:
+            if error_code(exc) != INCORRECT_STATE:
+                raise AwsCallError(f"AssociateIamInstanceProfile {instance_id}", exc) from exc
+            # Someone associated it since we looked: look again and act on what is there.
+            assoc = current_association(self._instance_associations(instance_id))
+            arn = (assoc or {}).get("IamInstanceProfile", {}).get("Arn")
+            if assoc and assoc.get("State") in LIVE_STATES and desired.matches(arn):
+                plan["association_id"] = assoc["AssociationId"]
+                return
+            if assoc and assoc.get("State") in LIVE_STATES and self.options.replace:
+                plan["association_id"] = assoc["AssociationId"]
+                plan["profile_before"] = arn
+                plan["action"] = ACTION_REPLACE
+                self._replace(plan, desired)
+                return
+            raise AwsCallError(f"AssociateIamInstanceProfile {instance_id}", exc) from exc
+        plan["association_id"] = answer["IamInstanceProfileAssociation"]["AssociationId"]
+
+    def _replace(self, plan, desired):
+        instance_id = plan["instance_id"]
+        try:
+            answer = self._iam_retry("replace", lambda: self.ec2.replace_iam_instance_profile_association(
+                aws_retry=True, AssociationId=plan["association_id"], IamInstanceProfile={"Arn": desired.arn}))
+        except AWS_ERRORS as exc:
+            if error_code(exc) not in (INCORRECT_STATE, ASSOCIATION_NOT_FOUND):
+                raise AwsCallError(f"ReplaceIamInstanceProfileAssociation {instance_id}", exc) from exc
+            # Replace is refused while the association is changing (or the instance is stopped):
+            # fall back to disassociate, wait until it is gone, associate.
+            plan["fallback"] = "disassociate+associate"
+            if error_code(exc) == INCORRECT_STATE:
+                self._disassociate(plan["association_id"], instance_id)
+            self._wait_until_unassociated(instance_id)
+            answer = self._iam_retry("associate", lambda: self.ec2.associate_iam_instance_profile(
+                aws_retry=True, InstanceId=instance_id, IamInstanceProfile={"Arn": desired.arn}))
+        plan["association_id"] = answer["IamInstanceProfileAssociation"]["AssociationId"]
+
+    def _disassociate(self, association_id, instance_id):
+        try:
+            self.ec2.disassociate_iam_instance_profile(aws_retry=True, AssociationId=association_id)
+        except AWS_ERRORS as exc:
+            if error_code(exc) == ASSOCIATION_NOT_FOUND:
+                return  # already gone
+            if error_code(exc) == INCORRECT_STATE:
+                # Still associating: wait for it to settle, then try once more.
+                self._wait_for_state(instance_id, association_id, (ASSOCIATED,))
+                try:
+                    self.ec2.disassociate_iam_instance_profile(aws_retry=True, AssociationId=association_id)
+                    return
+                except AWS_ERRORS as again:
+                    if error_code(again) == ASSOCIATION_NOT_FOUND:
+                        return
+                    raise AwsCallError(f"DisassociateIamInstanceProfile {instance_id}", again) from again
+            raise AwsCallError(f"DisassociateIamInstanceProfile {instance_id}", exc) from exc
+
+    def _instance_associations(self, instance_id):
+        params = {"Filters": [{"Name": "instance-id", "Values": [instance_id]}]}
+        return list(self._pages(self.ec2.describe_iam_instance_profile_associations,
+                                "IamInstanceProfileAssociations", "DescribeIamInstanceProfileAssociations", params))
+
+    def _poll(self, what, done):
+        deadline = self.clock() + self.options.wait_timeout
+        delay = 1.0
+        while True:
+            if done():
+                return
+            if self.clock() + delay > deadline:
+                raise InstanceProfileError(f"timed out after {self.options.wait_timeout}s waiting for {what}")
+            self.sleep(delay)
+            delay = min(delay * 1.5, 10.0)
+
+    def _wait_until_unassociated(self, instance_id):
+        def gone():
+            records = self._instance_associations(instance_id)
+            return not [a for a in records if a.get("State") in LIVE_STATES + (DISASSOCIATING,)]
+
+        self._poll(f"the instance profile association of {instance_id} to be removed", gone)
+
+    def _wait_for_state(self, instance_id, association_id, states):
+        def settled():
+            records = [a for a in self._instance_associations(instance_id) if a.get("AssociationId") == association_id]
+            return not records or records[0].get("State") in states
+
+        self._poll(f"association {association_id} of {instance_id} to settle", settled)
