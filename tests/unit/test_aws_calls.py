@@ -1,0 +1,37 @@
+# Copyright: fleetkeeper.aws contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The one paginator and error reader (plugins/module_utils/aws_calls.py)."""
+
+from __future__ import annotations
+
+import botocore.exceptions
+
+from ansible_collections.fleetkeeper.aws.plugins.module_utils import aws_calls
+
+
+def test_pages_follow_the_token_and_pass_extra_arguments():
+    calls = []
+    answers = {None: {"Items": [1], "NextToken": "a"}, "a": {"Items": [2], "NextToken": "b"}, "b": {"Items": [3]}}
+
+    def call(**kwargs):
+        calls.append(kwargs)
+        return answers[kwargs.get("NextToken")]
+
+    request = {"MaxResults": 2}
+    assert [p["Items"] for p in aws_calls.pages(call, request, aws_retry=True)] == [[1], [2], [3]]
+    assert calls == [{"MaxResults": 2, "aws_retry": True}, {"MaxResults": 2, "NextToken": "a", "aws_retry": True},
+                     {"MaxResults": 2, "NextToken": "b", "aws_retry": True}]
+    assert request == {"MaxResults": 2}  # the caller's request is not changed
+
+
+def test_an_empty_token_ends_the_pages():
+    assert len(list(aws_calls.pages(lambda **_: {"NextToken": ""}, {}))) == 1
+
+
+def test_error_readers():
+    exc = botocore.exceptions.ClientError(
+        {"Error": {"Code": "AccessDenied", "Message": "no"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "Op")
+    assert (aws_calls.error_code(exc), aws_calls.error_message(exc), aws_calls.http_status(exc)) == \
+        ("AccessDenied", "no", 403)
+    other = botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+    assert (aws_calls.error_code(other), aws_calls.error_message(other), aws_calls.http_status(other)) == ("", "", None)
