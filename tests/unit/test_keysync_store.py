@@ -8,6 +8,9 @@ import hashlib
 import io
 import json
 import os
+import stat
+import threading
+import time
 
 import pytest
 
@@ -19,6 +22,8 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import (
     KeySyncConfig,
     ListingError,
     LockError,
+    UnsafePathError,
+    UserBackendError,
 )
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_s3 import sync
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_store import (
@@ -39,7 +44,13 @@ class FakeS3:
         self.calls = {"list": 0, "get": 0}
         self.fail_list = None
         self.fail_get = None
+        self.fail_keys = {}       # key -> exception, or "truncate"
         self.cut_listing = False
+        self.repeat_token = False
+        self.get_delay = 0.0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._guard = threading.Lock()
 
     def list_objects_v2(self, Bucket, Prefix, MaxKeys, ContinuationToken=None):  # noqa: N803 - boto3 names
         self.calls["list"] += 1
@@ -53,14 +64,28 @@ class FakeS3:
                   "Contents": [{"Key": k, "ETag": '"%s"' % hashlib.md5(self.objects[k]).hexdigest(),
                                 "Size": len(self.objects[k])} for k in page]}
         if truncated and not self.cut_listing:
-            result["NextContinuationToken"] = str(start + len(page))
+            result["NextContinuationToken"] = "0" if self.repeat_token else str(start + len(page))
         return result
 
     def get_object(self, Bucket, Key, IfMatch=None):  # noqa: N803
-        self.calls["get"] += 1
-        if self.fail_get:
-            raise self.fail_get
-        return {"Body": io.BytesIO(self.objects[Key])}
+        with self._guard:
+            self.calls["get"] += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.get_delay:
+                time.sleep(self.get_delay)
+            if self.fail_get:
+                raise self.fail_get
+            fault = self.fail_keys.get(Key)
+            if fault == "truncate":
+                return {"Body": io.BytesIO(self.objects[Key][:-3])}
+            if fault is not None:
+                raise fault
+            return {"Body": io.BytesIO(self.objects[Key])}
+        finally:
+            with self._guard:
+                self.in_flight -= 1
 
 
 def put(s3, users):
@@ -117,8 +142,8 @@ def test_check_mode_reports_and_writes_nothing(root):
     assert tree(root) == {}
 
 
-@pytest.mark.parametrize("fault", ["list", "cut", "get"])
-def test_s3_trouble_changes_nothing(root, fault):
+@pytest.mark.parametrize("fault", ["list", "cut", "loop"])
+def test_listing_trouble_changes_nothing(root, fault):
     s3 = FakeS3(page_size=1)
     put(s3, {"alice": ed25519_line("a"), "bob": ed25519_line("b")})
     config = make_config(root)
@@ -134,11 +159,66 @@ def test_s3_trouble_changes_nothing(root, fault):
         s3.cut_listing = True
         expected = ListingError
     else:
-        s3.fail_get = RuntimeError("connection reset")
-        expected = DownloadError
+        s3.repeat_token = True
+        expected = ListingError
     with pytest.raises(expected, match="nothing was changed"):
         run(config, s3)
     assert tree(root) == before
+
+
+def test_a_listing_with_more_pages_than_any_prefix_holds_aborts(root):
+    from ansible_collections.fleetkeeper.aws.plugins.module_utils import keysync_s3
+    s3 = FakeS3(page_size=1)
+    put(s3, dict(("user%d" % i, ed25519_line()) for i in range(5)))
+    counter = keysync_s3.RequestCounter()
+    with pytest.raises(ListingError, match="past 3 pages"):
+        keysync_s3.list_key_objects(s3, "keys-bucket", "keys/", counter, max_pages=3)
+
+
+class Error(Exception):
+    def __init__(self, code, status):
+        super().__init__(code)
+        self.response = {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+
+
+@pytest.mark.parametrize("fault", [Error("AccessDenied", 403), Error("InvalidObjectState", 403),
+                                   Error("InternalError", 500), "truncate"],
+                         ids=["kms-access-denied", "archived", "5xx", "truncated"])
+def test_a_failed_download_affects_only_its_user(root, tmp_path, fault):
+    s3 = FakeS3()
+    alice_old = ed25519_line("a")
+    put(s3, {"alice": alice_old, "bob": ed25519_line("b"), "dave": ed25519_line("d")})
+    config = make_config(root)
+    run(config, s3)
+    put(s3, {"alice": ed25519_line("a2"), "carol": ed25519_line("c"), "erin": ed25519_line("e")})
+    del s3.objects["keys/dave.pub"]
+    s3.fail_keys = {"keys/alice.pub": fault, "keys/carol.pub": fault}
+    result = run(config, s3)
+    failed = dict((f["user"], f["message"]) for f in result["failed"])
+    assert set(failed) == {"alice", "carol"} and "keys/alice.pub" in failed["alice"]
+    assert "not created" in failed["carol"] and "carol" not in directory_users(root)["users"]
+    assert authorized_keys(root, "alice") == ""  # nothing newer than verified, and not the old keys either
+    assert result["users_created"] == ["erin"] and result["users_locked"] == ["dave"]
+    assert authorized_keys(root, "bob").startswith("ssh-ed25519")
+    out = io.StringIO()
+    err = io.StringIO()
+    path = write_config(tmp_path, root)
+    assert keysync_host.main(["--config", path], s3_factory=lambda c: s3, stdout=out, stderr=err) == 1
+    assert "error: user alice: download:" in err.getvalue() and "error: user carol: download:" in err.getvalue()
+    s3.fail_keys = {}
+    result = run(config, s3)
+    assert result["failed"] == [] and result["users_created"] == ["carol"]
+    assert authorized_keys(root, "alice").endswith(" a2\n")
+
+
+def test_downloads_run_concurrently_within_the_bound(root):
+    s3 = FakeS3()
+    s3.get_delay = 0.05
+    put(s3, dict(("user%d" % i, ed25519_line()) for i in range(40)))
+    started = time.monotonic()
+    run(make_config(root, download_workers=8), s3)
+    assert s3.max_in_flight == 8
+    assert time.monotonic() - started < 40 * 0.05 / 2
 
 
 def test_far_smaller_listing_is_refused_until_the_ratio_allows_it(root):
@@ -246,16 +326,32 @@ def test_shared_user_keeps_break_glass_lines(root):
     assert not run(config, s3)["changed"]
 
 
-def test_a_malformed_file_keeps_the_previous_keys(root):
+@pytest.mark.parametrize("body", ["this is not a key\n", "# only a comment\n",
+                                  'command="/bin/sh" ' + ed25519_line("x") + "\n"],
+                         ids=["garbage", "comments-only", "refused-option"])
+def test_an_object_without_a_valid_key_revokes_like_a_deleted_one(root, body):
     s3 = FakeS3()
-    good = ed25519_line("a")
-    put(s3, {"alice": good, "bob": ed25519_line("b")})
+    put(s3, {"alice": ed25519_line("a") + "\n" + ed25519_line("a2"), "bob": ed25519_line("b")})
     config = make_config(root)
     run(config, s3)
-    put(s3, {"alice": "this is not a key\n"})
+    put(s3, {"alice": body})
     result = run(config, s3)
-    assert authorized_keys(root, "alice") == good + "\n"
-    assert any(r["object"] == "keys/alice.pub" and "skipped" in r["reason"] for r in result["rejected"])
+    assert result["users_revoked"] == ["alice"] and result["users_locked"] == ["alice"]
+    assert authorized_keys(root, "alice") == "" and directory_users(root)["users"]["alice"]["locked"]
+    warning = [r["reason"] for r in result["rejected"] if r["object"] == "keys/alice.pub" and r["line"] is None]
+    assert warning and "revoked" in warning[0]
+
+
+def test_an_edit_leaves_exactly_the_valid_keys_of_the_current_object(root):
+    s3 = FakeS3()
+    first, second = ed25519_line("one"), ed25519_line("two")
+    put(s3, {"alice": first + "\n" + second, "bob": ed25519_line("b")})
+    config = make_config(root)
+    run(config, s3)
+    put(s3, {"alice": second + "\nnot a key\n"})
+    result = run(config, s3)
+    assert authorized_keys(root, "alice") == second + "\n"
+    assert any(r["user"] == "alice" and r["line"] == 2 for r in result["rejected"])
 
 
 def test_oversized_objects_are_not_downloaded(root):
@@ -321,7 +417,7 @@ def test_host_entry_point_exit_codes(tmp_path, root):
     bad = write_config(tmp_path, root, mode="shared_user")
     assert keysync_host.main(["--config", bad], s3_factory=lambda c: s3, stdout=out, stderr=io.StringIO()) == 2
     s3.fail_list = None
-    lock = os.path.join(root, "run", "lock", "fleetkeeper-keysync.lock")
+    lock = os.path.join(root, "run", "fleetkeeper", "keysync.lock")
     with SyncLock(lock, 0):
         config_path = write_config(tmp_path, root, lock_timeout=0)
         assert keysync_host.main(["--config", config_path], s3_factory=lambda c: s3,
