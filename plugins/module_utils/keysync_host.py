@@ -94,15 +94,15 @@ def summarise(result):
     if result["users_pending_removal"]:
         parts.append("missing (not yet locked): %s" % ", ".join(
             "%s (%d run(s))" % item for item in sorted(result["users_pending_removal"].items())))
-    if result["failed"]:
-        parts.append("FAILED for: %s" % ", ".join(sorted(set(f["user"] for f in result["failed"]))))
+    if result["failures"]:
+        parts.append("FAILED for: %s" % ", ".join(sorted(set(f["user"] for f in result["failures"]))))
     parts.append("changed" if result["changed"] else "no change")
     return "; ".join(parts)
 
 
 def failure_lines(result):
     """One line per failed user step: 'user: action: tool message'."""
-    return ["%s: %s: %s" % (item["user"], item["action"], item["message"]) for item in result.get("failed", [])]
+    return ["%s: %s: %s" % (item["user"], item["action"], item["message"]) for item in result.get("failures", [])]
 
 
 def main(argv=None, s3_factory=make_s3_client, stdout=None, stderr=None):
@@ -150,4 +150,4 @@ def main(argv=None, s3_factory=make_s3_client, stdout=None, stderr=None):
         stdout.write(json.dumps(result, sort_keys=True) + "\n")
     else:
         _say(stdout, "%s%s in %.2fs" % ("(check) " if args.check else "", summarise(result), result["elapsed"]))
-    return EXIT_FAILED if result["failed"] else 0
+    return EXIT_FAILED if result["failures"] else 0

@@ -338,7 +338,7 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
         "keys_removed": [],
         "files_written": [],
         "rejected": plan.rejected,
-        "failed": failures,
+        "failures": failures,
         "objects": stats,
         "requests": counter.as_dict(),
         "check_mode": check_mode,
@@ -383,7 +383,7 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
         result["rejected"].append({"object": config.prefix + name + ".pub", "user": name, "line": None,
                                    "reason": note})
     present = set(backend.list_users()) if (plan.create or removed) else set(users)
-    failed_creates = set(f["user"] for f in result["failed"] if f["action"] == "create")
+    failed_creates = set(f["user"] for f in result["failures"] if f["action"] == "create")
     new_state = {
         "version": STATE_VERSION,
         "bucket": config.bucket,
@@ -409,7 +409,7 @@ def _step(result, name, action, func, *args):
         return True, func(*args)
     except (KeySyncError, OSError) as exc:
         message = str(exc) if isinstance(exc, KeySyncError) else "%s: %s" % (type(exc).__name__, exc)
-        result["failed"].append({"user": name, "action": action, "message": message})
+        result["failures"].append({"user": name, "action": action, "message": message})
         return False, None
 
 
@@ -472,7 +472,7 @@ def _apply(config, plan, users, backend, store, result, log, locks_made, retired
     created = []
     for name, uid in plan.create:
         if grant_error:
-            result["failed"].append({"user": name, "action": "create", "message": grant_error})
+            result["failures"].append({"user": name, "action": "create", "message": grant_error})
             continue
         log("creating user %s (uid %d)" % (name, uid))
         ok, _none = _step(result, name, "create", backend.create_user, name, uid, wanted_groups, config.shell,
@@ -482,7 +482,7 @@ def _apply(config, plan, users, backend, store, result, log, locks_made, retired
             changed = True
     for name, groups in plan.add_groups:
         if grant_error:
-            result["failed"].append({"user": name, "action": "add groups", "message": grant_error})
+            result["failures"].append({"user": name, "action": "add groups", "message": grant_error})
             continue
         ok, _none = _step(result, name, "add groups", backend.add_groups, name, groups)
         changed = changed or ok

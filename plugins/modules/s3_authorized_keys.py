@@ -26,7 +26,7 @@ description:
     O(min_listing_ratio) of the last one, changes nothing and fails with the cause.
   - Revocations come first. Every lock and removal is applied before any creation or update, each user on its
     own; a failing C(useradd), C(usermod), C(userdel) or download affects only its user, every other change is
-    applied, and the module then fails naming each failed user (RV(failed)).
+    applied, and the module then fails naming each failed user (RV(failures)).
   - Change detection uses the ETag and Size of each object from the listing, kept in O(state_path); an unchanged
     bucket costs one ListObjectsV2 request per 1,000 keys and no downloads.
   - The same code runs on the host from the C(fleetkeeper.aws.bastion_keys) role's timer.
@@ -274,7 +274,7 @@ users_locked_by_admin:
   returned: always
   type: list
   elements: str
-failed:
+failures:
   description: Per-user steps that failed (user, action, message); every other change was applied.
   returned: always
   type: list
@@ -353,9 +353,9 @@ def main():
         module.warn("%s: %s" % (where, item["reason"]))
     if module._diff:  # pylint: disable=protected-access
         result["diff"] = diff
-    if result["failed"]:
+    if result["failures"]:
         module.fail_json(msg="the sync applied every other change, but failed for %d user step(s): %s"
-                         % (len(result["failed"]), "; ".join(failure_lines(result))), **result)
+                         % (len(result["failures"]), "; ".join(failure_lines(result))), **result)
     module.exit_json(**result)
 
 

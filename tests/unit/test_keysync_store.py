@@ -194,7 +194,7 @@ def test_a_failed_download_affects_only_its_user(root, tmp_path, fault):
     del s3.objects["keys/dave.pub"]
     s3.fail_keys = {"keys/alice.pub": fault, "keys/carol.pub": fault}
     result = run(config, s3)
-    failed = dict((f["user"], f["message"]) for f in result["failed"])
+    failed = dict((f["user"], f["message"]) for f in result["failures"])
     assert set(failed) == {"alice", "carol"} and "keys/alice.pub" in failed["alice"]
     assert "not created" in failed["carol"] and "carol" not in directory_users(root)["users"]
     assert authorized_keys(root, "alice") == ""  # nothing newer than verified, and not the old keys either
@@ -207,7 +207,7 @@ def test_a_failed_download_affects_only_its_user(root, tmp_path, fault):
     assert "error: user alice: download:" in err.getvalue() and "error: user carol: download:" in err.getvalue()
     s3.fail_keys = {}
     result = run(config, s3)
-    assert result["failed"] == [] and result["users_created"] == ["carol"]
+    assert result["failures"] == [] and result["users_created"] == ["carol"]
     assert authorized_keys(root, "alice").endswith(" a2\n")
 
 
@@ -466,7 +466,7 @@ def test_revocations_are_applied_before_any_creation_and_failures_stay_with_thei
     result = sync(config, s3, backend)
     ops = [op[0] for op in backend.operations]
     assert ops.index("useradd") > max(i for i, op in enumerate(ops) if op in ("lock", "userdel"))
-    failed = dict((f["user"], (f["action"], f["message"])) for f in result["failed"])
+    failed = dict((f["user"], (f["action"], f["message"])) for f in result["failures"])
     assert failed == {"erin": ("create", "useradd: group 'erin' already exists (exit 9)"),
                       "bob": ("userdel", "userdel: user bob is currently used by process 4242 (exit 8)")}
     db = directory_users(root)["users"]
@@ -477,7 +477,7 @@ def test_revocations_are_applied_before_any_creation_and_failures_stay_with_thei
     assert "bob" in state["locks_made"] and list(state["retired_uids"].values()) == ["dave"]
     # the next run retries userdel for bob, and erin's failure is reported again
     result = sync(config, s3, FlakyBackend(root, {("create", "erin"): "useradd: group 'erin' already exists"}))
-    assert result["users_removed"] == ["bob"] and [f["user"] for f in result["failed"]] == ["erin"]
+    assert result["users_removed"] == ["bob"] and [f["user"] for f in result["failures"]] == ["erin"]
 
 
 def test_the_marker_group_as_a_name_is_refused_and_the_run_goes_on(root):
@@ -495,10 +495,10 @@ def test_a_failing_lock_still_takes_the_keys_and_the_next_run_retries(root):
     run(config, s3)
     del s3.objects["keys/bob.pub"]
     result = sync(config, s3, FlakyBackend(root, {("lock", "bob"): "usermod: cannot lock /etc/shadow"}))
-    assert [f["user"] for f in result["failed"]] == ["bob"]
+    assert [f["user"] for f in result["failures"]] == ["bob"]
     assert authorized_keys(root, "bob", "/etc/ssh/authorized_keys") is None  # key file gone regardless
     result = run(config, s3)
-    assert result["users_locked"] == ["bob"] and result["failed"] == []
+    assert result["users_locked"] == ["bob"] and result["failures"] == []
 
 
 def test_a_removed_users_uid_is_never_handed_to_a_new_user(root):
@@ -623,9 +623,9 @@ def test_unsafe_local_files_are_refused_in_shared_user_mode_never_copied(root, t
     s3 = FakeS3()
     put(s3, {"alice": ed25519_line("a")})
     result = run(make_config(root, mode="shared_user", shared_user="ec2-user"), s3)
-    assert [f["user"] for f in result["failed"]] == ["ec2-user"]
+    assert [f["user"] for f in result["failures"]] == ["ec2-user"]
     assert kind.replace("fifo", "FIFO").replace("hardlink", "hard link").replace("huge", "bytes") in \
-        result["failed"][0]["message"]
+        result["failures"][0]["message"]
     assert secret.read_text() == "root:$6$hash:...\n"
     if kind == "hardlink":
         assert os.stat(path).st_nlink == 2  # left alone, not read, not replaced
