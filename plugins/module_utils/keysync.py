@@ -58,6 +58,10 @@ class ApplyError(KeySyncError):
     """Writing a file failed, or a path was unsafe."""
 
 
+class UnsafePathError(KeySyncError):
+    """The lock or state path is a symlink, or not root's alone: refused before anything is done."""
+
+
 # --------------------------------------------------------------------------
 # Key types and options
 
@@ -111,7 +115,8 @@ ECDSA_CURVES = {"ecdsa-sha2-nistp256": "nistp256", "ecdsa-sha2-nistp384": "nistp
 # --------------------------------------------------------------------------
 # Usernames
 
-USERNAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+# Always used with fullmatch(): "$" would also match before a final newline.
+USERNAME_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 # Accounts Debian, RHEL, Amazon Linux and Ubuntu images create, plus cloud-init defaults.
 DEFAULT_DENY_USERS = frozenset([
     "root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp", "proxy",
@@ -140,41 +145,62 @@ def _as_list(value):
 class KeySyncConfig:
     """Validated options shared by the module and the host-side entry point."""
 
-    # name: default; the module's argument_spec and the host config file use these names.
-    DEFAULTS = {
-        "bucket": None,
-        "prefix": "keys/",
-        "region": None,
-        "endpoint_url": None,
-        "mode": PER_USER,
-        "shared_user": None,
-        "marker_group": "fleetkeeper-keys",
-        "sudo_group": None,
-        "admin_users": [],
-        "deny_users": [],
-        "uid_min": 20000,
-        "uid_max": 59999,
-        "system_uid_max": 999,
-        "shell": "/bin/bash",
-        "home_base": "/home",
-        "authorized_keys_dir": None,
-        "allowed_options": [],
-        "prepend_options": [],
-        "max_object_size": 16384,
-        "max_keys_per_user": 16,
-        "removal": "lock",
-        "remove_after_runs": 1,
-        "min_listing_ratio": 0.5,
-        "allow_empty": False,
-        "state_path": "/var/lib/fleetkeeper-keysync/state.json",
-        "lock_path": "/run/lock/fleetkeeper-keysync.lock",
-        "lock_timeout": 300,
-        "root": "/",
-        "user_backend": "system",
-        "download_workers": 8,
-        # host-side entry point only: botocore's standard-mode attempts per request
-        "max_attempts": 5,
+    # The one list of options: the module's argument_spec is derived from it (``argument_spec()``) and the
+    # host's JSON configuration uses the same names. ``host_only`` options are not module options: the
+    # module takes region and endpoint from amazon.aws's connection options and retries with AWSRetry.
+    OPTIONS = {
+        "bucket": {"type": "str", "required": True},
+        "prefix": {"type": "str", "default": "keys/"},
+        "region": {"type": "str", "host_only": True},
+        "endpoint_url": {"type": "str", "host_only": True},
+        "mode": {"type": "str", "default": PER_USER, "choices": [PER_USER, SHARED_USER]},
+        "shared_user": {"type": "str"},
+        "marker_group": {"type": "str", "default": "fleetkeeper-keys"},
+        "sudo_group": {"type": "str"},
+        "admin_users": {"type": "list", "elements": "str", "default": []},
+        "deny_users": {"type": "list", "elements": "str", "default": []},
+        "uid_min": {"type": "int", "default": 20000},
+        "uid_max": {"type": "int", "default": 59999},
+        "uid_overrides": {"type": "dict", "default": {}},
+        "system_uid_max": {"type": "int", "default": 999},
+        "shell": {"type": "str", "default": "/bin/bash"},
+        "home_base": {"type": "path", "default": "/home"},
+        "authorized_keys_dir": {"type": "path"},
+        "allowed_options": {"type": "list", "elements": "str", "default": []},
+        "prepend_options": {"type": "list", "elements": "str", "default": []},
+        "max_object_size": {"type": "int", "default": 16384},
+        "max_keys_per_user": {"type": "int", "default": 16, "no_log": False},
+        "removal": {"type": "str", "default": "lock", "choices": list(REMOVAL_ACTIONS)},
+        "remove_after_runs": {"type": "int", "default": 1},
+        "min_listing_ratio": {"type": "float", "default": 0.5},
+        "allow_empty": {"type": "bool", "default": False},
+        "state_path": {"type": "path", "default": "/var/lib/fleetkeeper-keysync/state.json"},
+        "lock_path": {"type": "path", "default": "/run/fleetkeeper/keysync.lock"},
+        "lock_timeout": {"type": "int", "default": 300},
+        "root": {"type": "path", "default": "/"},
+        "user_backend": {"type": "str", "default": "system", "choices": ["system", "directory"]},
+        "download_workers": {"type": "int", "default": 16},
+        # botocore's standard-mode attempts per request (the module uses AWSRetry instead)
+        "max_attempts": {"type": "int", "default": 5, "host_only": True},
     }
+    DEFAULTS = dict((name, spec.get("default")) for name, spec in OPTIONS.items())
+
+    @classmethod
+    def argument_spec(cls):
+        """The module's argument_spec, derived from OPTIONS."""
+        spec = {}
+        for name, option in cls.OPTIONS.items():
+            if option.get("host_only"):
+                continue
+            entry = dict((k, v) for k, v in option.items() if k != "default" or v is not None)
+            if isinstance(entry.get("default"), (list, dict)):
+                entry["default"] = type(entry["default"])(entry["default"])
+            spec[name] = entry
+        return spec
+
+    @classmethod
+    def module_option_names(cls):
+        return [name for name, option in cls.OPTIONS.items() if not option.get("host_only")]
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.DEFAULTS))
@@ -183,7 +209,7 @@ class KeySyncConfig:
         for name, default in self.DEFAULTS.items():
             value = options.get(name)
             if value is None:
-                value = list(default) if isinstance(default, list) else default
+                value = type(default)(default) if isinstance(default, (list, dict)) else default
             setattr(self, name, value)
         self.validate()
 
@@ -232,11 +258,11 @@ class KeySyncConfig:
         self.admin_users = _as_list(self.admin_users)
         self.deny_users = _as_list(self.deny_users)
         for group in (self.marker_group, self.sudo_group):
-            if group is not None and not USERNAME_RE.match(group):
+            if group is not None and not USERNAME_RE.fullmatch(group):
                 raise ConfigError("group name %r is not a portable POSIX name" % group)
         if not self.marker_group:
             raise ConfigError("marker_group is required: it marks the accounts the sync owns")
-        if self.shared_user is not None and not USERNAME_RE.match(self.shared_user):
+        if self.shared_user is not None and not USERNAME_RE.fullmatch(self.shared_user):
             raise ConfigError("shared_user %r is not a portable POSIX name" % self.shared_user)
         for path_option in ("state_path", "lock_path", "home_base", "root"):
             value = getattr(self, path_option)
@@ -246,6 +272,30 @@ class KeySyncConfig:
             raise ConfigError("authorized_keys_dir must be an absolute path, not %r" % self.authorized_keys_dir)
         if self.user_backend not in ("system", "directory"):
             raise ConfigError("user_backend must be system or directory, not %r" % self.user_backend)
+        self._validate_uid_overrides()
+
+    def _validate_uid_overrides(self):
+        if not isinstance(self.uid_overrides, dict):
+            raise ConfigError("uid_overrides must be a mapping of username to UID, not %r" % (self.uid_overrides,))
+        overrides = {}
+        owners = {}
+        for name, uid in sorted(self.uid_overrides.items(), key=lambda item: str(item[0])):
+            if not isinstance(name, str) or not USERNAME_RE.fullmatch(name):
+                raise ConfigError("uid_overrides: %r is not a portable POSIX username" % (name,))
+            if isinstance(uid, bool):
+                uid = None
+            try:
+                uid = int(uid)
+            except (TypeError, ValueError):
+                raise ConfigError("uid_overrides: the UID of %s must be an integer, not %r" % (name, uid)) from None
+            if uid <= self.system_uid_max or uid > 4294967294:
+                raise ConfigError("uid_overrides: UID %d of %s is a system UID (at most system_uid_max %d) or out of range"
+                                  % (uid, name, self.system_uid_max))
+            if uid in owners:
+                raise ConfigError("uid_overrides: UID %d is given to both %s and %s" % (uid, owners[uid], name))
+            owners[uid] = name
+            overrides[name] = uid
+        self.uid_overrides = overrides
 
     @property
     def denied_users(self):
@@ -488,11 +538,13 @@ def decode_object(data):
 
 def validate_username(name, config):
     """Return None when ``name`` may be synced, else the reason it is refused."""
-    if not USERNAME_RE.match(name):
+    if not isinstance(name, str) or not USERNAME_RE.fullmatch(name):
         return ("username %r is not a portable POSIX name (lower-case letter or _ first, then letters, digits, "
                 "_ or -, at most 32 characters)" % name[:64])
     if name in config.denied_users:
         return "username %r is reserved (root, system, admin or denied accounts are never synced)" % name
+    if name in (config.marker_group, config.sudo_group):
+        return "username %r is the name of a group the sync grants; it is never an account" % name
     return None
 
 
@@ -511,16 +563,46 @@ def username_from_key(key, prefix):
     return name, None
 
 
-def deterministic_uid(name, uid_min, uid_max, taken=()):
-    """A UID derived from the name (CRC-32), stable across hosts; probe upwards past ``taken``."""
+def derived_uid(name, uid_min, uid_max):
+    """The UID a name gets on every host: CRC-32 of the name within ``uid_min``..``uid_max``.
+
+    There is no probing past UIDs taken on this host: that would give one name different UIDs on hosts with
+    different accounts. A collision is refused instead, and ``uid_overrides`` pins another UID.
+    """
     span = uid_max - uid_min + 1
-    start = zlib.crc32(name.encode("utf-8")) % span
-    taken = set(taken)
-    for step in range(span):
-        uid = uid_min + (start + step) % span
-        if uid not in taken:
-            return uid
-    raise UserBackendError("no free UID left in %d-%d" % (uid_min, uid_max))
+    return uid_min + zlib.crc32(name.encode("utf-8")) % span
+
+
+def wanted_uid(name, config):
+    """``uid_overrides[name]`` when pinned, else the name's derived UID."""
+    if name in config.uid_overrides:
+        return config.uid_overrides[name]
+    return derived_uid(name, config.uid_min, config.uid_max)
+
+
+def _pin_hint(name):
+    return "pin a UID for it with uid_overrides (for example uid_overrides: {%s: <free UID>})" % name
+
+
+def uid_conflicts(names, config):
+    """{name: reason} for listed names that would share a UID; decided from the names alone, so every host agrees.
+
+    A name whose UID is pinned keeps it; every other name on that UID is refused until it is pinned too.
+    """
+    by_uid = {}
+    for name in names:
+        by_uid.setdefault(wanted_uid(name, config), []).append(name)
+    conflicts = {}
+    for uid, group in by_uid.items():
+        if len(group) < 2:
+            continue
+        for name in group:
+            if name in config.uid_overrides:
+                continue  # overrides are unique (validated), so at most one pinned name per UID
+            others = ", ".join(sorted(n for n in group if n != name))
+            conflicts[name] = ("UID %d derived from the name %r is also the UID of %s; the user is not created on "
+                               "any host until you %s" % (uid, name, others, _pin_hint(name)))
+    return conflicts
 
 
 # --------------------------------------------------------------------------
@@ -528,17 +610,21 @@ def deterministic_uid(name, uid_min, uid_max, taken=()):
 
 
 def check_listing_size(valid_count, previous_count, config):
-    """Raise FailClosedError when the listing is empty or far smaller than before."""
+    """Raise FailClosedError when the listing is empty or far smaller than before.
+
+    ``valid_count`` counts only names the plan accepts (an object named like a system account or an existing
+    account the sync does not own cannot pad the listing past the ratio).
+    """
     if valid_count == 0 and config.allow_empty:
         return
     if valid_count == 0:
         raise FailClosedError(
             "the listing of s3://%s/%s holds no valid key files; refusing to lock or remove every user "
-            "(set allow_empty to sync an empty bucket on purpose)" % (config.bucket, config.prefix))
+            "(set allow_empty to sync an empty bucket on purpose); nothing was changed" % (config.bucket, config.prefix))
     if previous_count and valid_count < previous_count * config.min_listing_ratio:
         raise FailClosedError(
-            "the listing of s3://%s/%s holds %d key files, fewer than %.0f%% of the %d seen last time; "
-            "refusing to apply it (lower min_listing_ratio to accept a large removal)"
+            "the listing of s3://%s/%s holds %d accepted key files, fewer than %.0f%% of the %d seen last time; "
+            "refusing to apply it (lower min_listing_ratio to accept a large removal); nothing was changed"
             % (config.bucket, config.prefix, valid_count, config.min_listing_ratio * 100, previous_count))
 
 
@@ -547,7 +633,7 @@ def check_listing_size(valid_count, previous_count, config):
 
 
 class UserInfo:
-    """What the user backend knows about an account."""
+    """What the user backend knows about an account. ``locked``: expired or password-locked."""
 
     __slots__ = ("name", "uid", "gid", "home", "shell", "groups", "locked")
 
@@ -566,94 +652,152 @@ class UserInfo:
 
 
 class Plan:
-    """What one run will do. Lists hold user names; ``keys`` maps user -> wanted key lines."""
+    """What one run will do, in the order it is applied: every revocation first, then the grants.
+
+    ``revoke`` holds one dict per user whose access is taken away (object gone or without a valid key):
+    ``{"user", "uid", "lock": lock the account now, "userdel": remove it after locking, "drop_groups"}``.
+    """
 
     def __init__(self):
+        self.revoke = []
         self.create = []          # [(name, uid)]
         self.unlock = []
         self.add_groups = []      # [(name, [groups])]
-        self.lock = []
-        self.remove = []
-        self.pending_removal = {}  # name -> runs missing so far
+        self.remove_groups = []   # [(name, [groups])] grants the configuration no longer makes
+        self.pending_removal = {}  # name -> runs missing so far (locked; userdel waits for remove_after_runs)
         self.keys = {}            # name -> [lines]
         self.rejected = []        # [{"object", "user", "line", "reason"}]
         self.missing = {}         # name -> count, carried into the state
+        self.admin_locked = []    # locked by someone else: never unlocked by the sync
+        self.withheld = []        # existing users whose object could not be downloaded: no keys this run
+        self.granted = {}         # name -> groups the sync granted (state)
+        self.accepted = 0         # names the plan accepts (min_listing_ratio counts these)
 
     @property
     def user_changes(self):
-        return bool(self.create or self.unlock or self.add_groups or self.lock or self.remove)
+        return bool(self.create or self.unlock or self.add_groups or self.remove_groups
+                    or any(r["lock"] or r["userdel"] or r["drop_groups"] for r in self.revoke))
 
 
-def plan_per_user(desired, users, config, missing_before=None, rejected=None):
+def _reject_user(plan, config, name, reason):
+    plan.rejected.append({"object": config.prefix + name + ".pub", "user": name, "line": None, "reason": reason})
+
+
+def _granted_before(history, name, info, wanted_groups):
+    """Groups the sync granted ``name`` earlier. A state written before grants were recorded: the configured ones."""
+    if "granted" not in history:
+        return set(info.groups) & set(wanted_groups)
+    return set(history["granted"].get(name, ()))
+
+
+def _new_user_reason(name, uid, users_by_uid, retired, conflicts):
+    if name in conflicts:
+        return conflicts[name]
+    if uid in users_by_uid:
+        return ("UID %d (the UID of %r) belongs to account %r on this host; the user is not created here until you %s"
+                % (uid, name, users_by_uid[uid], _pin_hint(name)))
+    owner = retired.get(str(uid))
+    if owner is not None and owner != name:
+        return ("UID %d (the UID of %r) belonged to removed user %r whose files may remain on this host; the user is "
+                "not created here until you %s" % (uid, name, owner, _pin_hint(name)))
+    return None
+
+
+def plan_per_user(desired, users, config, history=None, rejected=None, withheld=(), listed=()):
     """Plan users for ``per_user`` mode.
 
-    ``desired``: {name: [PublicKey]} from valid objects. ``users``: {name: UserInfo} for every account
-    on the host. Returns a Plan; users that cannot be managed are moved to ``plan.rejected``.
+    ``desired``: {name: [PublicKey]} from objects with at least one valid key. ``users``: {name: UserInfo} for
+    every account on the host. ``history``: the previous state (``missing``, ``locks_made``, ``granted``,
+    ``retired_uids``). ``withheld``: names whose object could not be downloaded (an existing user gets no keys
+    this run, a new one is not created). ``listed``: every accepted name in the listing, for UID collisions.
+    Users that cannot be managed are moved to ``plan.rejected``.
     """
     plan = Plan()
     plan.rejected.extend(rejected or [])
-    missing_before = missing_before or {}
-    taken_uids = set(u.uid for u in users.values())
+    history = history or {}
+    missing_before = history.get("missing", {})
+    locks_made = set(history.get("locks_made", []))
+    retired = history.get("retired_uids", {})
+    withheld = set(withheld)
+    users_by_uid = dict((u.uid, u.name) for u in users.values())
     wanted_groups = [config.marker_group] + ([config.sudo_group] if config.sudo_group else [])
-    for name in sorted(desired):
-        keys = desired[name]
+    conflicts = uid_conflicts(sorted(set(desired) | withheld | set(listed)), config)
+    for name in sorted(set(desired) | withheld):
         reason = validate_username(name, config)
         info = users.get(name)
+        uid = None
         if reason is None and info is not None:
             if info.uid <= config.system_uid_max:
                 reason = "account %r exists as a system account (UID %d); never synced" % (name, info.uid)
             elif config.marker_group not in info.groups:
                 reason = ("account %r already exists and is not in group %r; existing accounts are never taken over"
                           % (name, config.marker_group))
+        elif reason is None:
+            uid = wanted_uid(name, config)
+            reason = _new_user_reason(name, uid, users_by_uid, retired, conflicts)
         if reason:
-            plan.rejected.append({"object": config.prefix + name + ".pub", "user": name, "line": None, "reason": reason})
+            _reject_user(plan, config, name, reason)
+            continue
+        plan.accepted += 1
+        if name in withheld:
+            if info is not None:
+                plan.withheld.append(name)
+                plan.keys[name] = []
+                plan.granted[name] = sorted(_granted_before(history, name, info, wanted_groups))
             continue
         if info is None:
-            uid = deterministic_uid(name, config.uid_min, config.uid_max, taken_uids)
-            taken_uids.add(uid)
+            users_by_uid[uid] = name
             plan.create.append((name, uid))
+            plan.granted[name] = list(wanted_groups)
         else:
             if info.locked:
-                plan.unlock.append(name)
-            missing_groups = [g for g in wanted_groups if g not in info.groups]
-            if missing_groups:
-                plan.add_groups.append((name, missing_groups))
-        plan.keys[name] = [k.line(config.prepend_options) for k in keys]
+                if name in locks_made:
+                    plan.unlock.append(name)
+                else:
+                    plan.admin_locked.append(name)
+                    _reject_user(plan, config, name, "account %r was locked by someone other than the sync; it stays "
+                                 "locked (unlock it by hand to let the user in)" % name)
+            granted = _granted_before(history, name, info, wanted_groups)
+            add = [g for g in wanted_groups if g not in info.groups]
+            drop = sorted((granted & info.groups) - set(wanted_groups))
+            if add:
+                plan.add_groups.append((name, add))
+            if drop:
+                plan.remove_groups.append((name, drop))
+            plan.granted[name] = sorted((granted - set(drop)) | set(add))
+        plan.keys[name] = [k.line(config.prepend_options) for k in desired[name]]
     for name in sorted(users):
         info = users[name]
-        if name in desired or config.marker_group not in info.groups:
+        if name in desired or name in withheld or config.marker_group not in info.groups:
             continue
         if name in config.denied_users or info.uid <= config.system_uid_max:
             continue  # a marked admin or system account is never touched
-        if config.removal == "keep":
-            plan.keys[name] = []
-            continue
         runs = missing_before.get(name, 0) + 1
-        if runs < config.remove_after_runs:
+        plan.missing[name] = runs
+        granted = _granted_before(history, name, info, wanted_groups)
+        drop = sorted((granted & info.groups) - {config.marker_group})
+        userdel = config.removal == "remove" and runs >= config.remove_after_runs
+        if config.removal == "remove" and not userdel:
             plan.pending_removal[name] = runs
-            plan.missing[name] = runs
-            continue
-        if config.removal == "remove":
-            plan.remove.append(name)
-        else:
-            plan.keys[name] = []
-            if not info.locked:
-                plan.lock.append(name)
-            plan.missing[name] = runs
+        plan.revoke.append({"user": name, "uid": info.uid, "userdel": userdel, "drop_groups": drop,
+                            "lock": config.removal in ("lock", "remove") and not info.locked})
+        plan.keys[name] = []
+        plan.granted[name] = sorted(granted - set(drop))
     return plan
 
 
-def plan_shared_user(desired, config, rejected=None):
+def plan_shared_user(desired, config, rejected=None, withheld=()):
     """Plan ``shared_user`` mode: every valid key into one account's file below the marker."""
     plan = Plan()
     plan.rejected.extend(rejected or [])
     lines = []
-    for name in sorted(desired):
+    for name in sorted(set(desired) | set(withheld)):
         reason = validate_username(name, config)
         if reason:
-            plan.rejected.append({"object": config.prefix + name + ".pub", "user": name, "line": None, "reason": reason})
+            _reject_user(plan, config, name, reason)
             continue
-        for key in desired[name]:
+        plan.accepted += 1
+        for key in desired.get(name, ()):
             lines.append(key.line(config.prepend_options))
     plan.keys[config.shared_user] = lines
     return plan

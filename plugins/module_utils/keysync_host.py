@@ -14,8 +14,10 @@ Credentials come from boto3's default chain (the instance profile on EC2);
 ``region`` and ``endpoint_url`` come from the JSON configuration file. Output
 goes to stdout/stderr, which systemd sends to the journal.
 
-Exit status: 0 done; 1 the sync failed (nothing was changed, the cause is
-printed); 2 bad configuration; 75 another run holds the lock.
+Exit status: 0 done; 1 the sync failed before any change (listing, fail-closed
+check, unsafe lock or state path), or it ran but one or more users failed
+(each named with the tool's message; every other change was applied);
+2 bad configuration; 75 another run holds the lock.
 """
 
 from __future__ import annotations
@@ -82,7 +84,9 @@ def summarise(result):
             result["objects"]["candidates"]),
     ]
     for label, key in (("created", "users_created"), ("unlocked", "users_unlocked"),
-                       ("locked", "users_locked"), ("removed", "users_removed")):
+                       ("locked", "users_locked"), ("sessions ended", "users_sessions_ended"),
+                       ("removed", "users_removed"), ("locked by an administrator, left locked",
+                                                      "users_locked_by_admin")):
         if result[key]:
             parts.append("%s: %s" % (label, ", ".join(result[key])))
     if result["keys_added"] or result["keys_removed"]:
@@ -90,8 +94,15 @@ def summarise(result):
     if result["users_pending_removal"]:
         parts.append("missing (not yet locked): %s" % ", ".join(
             "%s (%d run(s))" % item for item in sorted(result["users_pending_removal"].items())))
+    if result["failures"]:
+        parts.append("FAILED for: %s" % ", ".join(sorted(set(f["user"] for f in result["failures"]))))
     parts.append("changed" if result["changed"] else "no change")
     return "; ".join(parts)
+
+
+def failure_lines(result):
+    """One line per failed user step: 'user: action: tool message'."""
+    return ["%s: %s: %s" % (item["user"], item["action"], item["message"]) for item in result.get("failures", [])]
 
 
 def main(argv=None, s3_factory=make_s3_client, stdout=None, stderr=None):
@@ -126,12 +137,17 @@ def main(argv=None, s3_factory=make_s3_client, stdout=None, stderr=None):
     except KeySyncError as exc:
         _say(stderr, "error: %s" % exc)
         return EXIT_FAILED
+    except OSError as exc:
+        _say(stderr, "error: %s; nothing more was done" % exc)
+        return EXIT_FAILED
     for item in result["rejected"]:
         where = item["object"] + (":%s" % item["line"] if item["line"] else "")
         _say(stderr, "warning: %s: %s" % (where, item["reason"]))
+    for line in failure_lines(result):
+        _say(stderr, "error: user %s" % line)
     result["elapsed"] = round(time.monotonic() - start, 3)
     if args.json:
         stdout.write(json.dumps(result, sort_keys=True) + "\n")
     else:
         _say(stdout, "%s%s in %.2fs" % ("(check) " if args.check else "", summarise(result), result["elapsed"]))
-    return 0
+    return EXIT_FAILED if result["failures"] else 0

@@ -5,13 +5,18 @@
 """Bastion key sync, one run: list S3, download what changed, plan, apply, keep state.
 
 ``sync()`` is the single implementation behind both entry points (the module
-and ``keysync_host``). Its order is what makes it fail closed: every S3 call
-happens before anything on disk changes, so a failed or cut-short listing, a
-failed download or a suspicious listing raises before the first write.
+and ``keysync_host``). Its order is what makes it safe: every S3 call happens
+before anything on disk changes, so a failed or cut-short listing or a
+suspicious listing raises before the first write. A download that fails
+affects only its user. Then every revocation is applied before any grant, each
+user's account commands on their own: a failure is recorded and reported, and
+the run goes on.
 
 The S3 client is any boto3-compatible client; ``call_kwargs`` is added to every
 call (the module passes ``aws_retry=True`` for amazon.aws's retry wrapper; the
-host tool relies on botocore's standard retry mode).
+host tool relies on botocore's standard retry mode). The paginator and error
+reading below are our own, not amazon.aws's, because the host tool runs on hosts
+without amazon.aws installed.
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ import time
 
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import (
     PER_USER,
-    ApplyError,
     DownloadError,
     KeyLineError,
+    KeySyncError,
     ListingError,
     UserBackendError,
     check_listing_size,
@@ -40,6 +45,7 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import (
     MARKER_LINE,
 )
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_store import (
+    STATE_VERSION,
     KeyFileStore,
     SyncLock,
     load_state,
@@ -48,6 +54,8 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_store impo
 )
 
 PAGE_SIZE = 1000
+# 100 pages of 1,000 keys: no bastion has 100,000 users. More means a listing that never ends.
+MAX_PAGES = 100
 
 
 def _error_text(exc):
@@ -75,27 +83,33 @@ class RequestCounter:
         return {"list": self.list, "get": self.get}
 
 
-def list_key_objects(s3, bucket, prefix, counter, call_kwargs=None):
+def list_key_objects(s3, bucket, prefix, counter, call_kwargs=None, max_pages=MAX_PAGES):
     """Every object under ``prefix`` as {key: (etag, size)}; raise ListingError on any doubt."""
     call_kwargs = call_kwargs or {}
     objects = {}
     token = None
+    seen_tokens = set()
+    pages = 0
     while True:
         params = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": PAGE_SIZE}
         if token:
             params["ContinuationToken"] = token
+        if pages >= max_pages:
+            raise ListingError("listing s3://%s/%s goes on past %d pages (%d keys); no key prefix holds that many "
+                               "users, so nothing was changed" % (bucket, prefix, max_pages, len(objects)))
+        pages += 1
         counter.list += 1
         started = time.monotonic()
         try:
             page = s3.list_objects_v2(**dict(params, **call_kwargs))
         except Exception as exc:  # pylint: disable=broad-exception-caught
             raise ListingError("listing s3://%s/%s failed on page %d: %s; nothing was changed"
-                               % (bucket, prefix, counter.list, _error_text(exc))) from exc
+                               % (bucket, prefix, pages, _error_text(exc))) from exc
         counter.list_seconds += time.monotonic() - started
         contents = page.get("Contents", []) or []
         if "KeyCount" in page and page["KeyCount"] != len(contents) + len(page.get("CommonPrefixes", []) or []):
             raise ListingError("listing s3://%s/%s page %d says %s keys but carries %d; nothing was changed"
-                               % (bucket, prefix, counter.list, page["KeyCount"], len(contents)))
+                               % (bucket, prefix, pages, page["KeyCount"], len(contents)))
         for item in contents:
             objects[item["Key"]] = (item.get("ETag", ""), int(item.get("Size", 0)))
         if page.get("IsTruncated"):
@@ -103,12 +117,20 @@ def list_key_objects(s3, bucket, prefix, counter, call_kwargs=None):
             if not token:
                 raise ListingError("listing s3://%s/%s was cut short (truncated without a continuation token); "
                                    "nothing was changed" % (bucket, prefix))
+            if token in seen_tokens:
+                raise ListingError("listing s3://%s/%s repeated a continuation token on page %d (the listing loops); "
+                                   "nothing was changed" % (bucket, prefix, pages))
+            seen_tokens.add(token)
             continue
         return objects
 
 
 def download_objects(s3, bucket, wanted, counter, workers, call_kwargs=None):
-    """{key: bytes} for ``wanted`` {key: (etag, size)}; any failure raises DownloadError."""
+    """({key: bytes}, {key: error}) for ``wanted`` {key: (etag, size)}: a failure affects only its own object.
+
+    At most ``workers`` GETs run at once. Each carries ``If-Match`` with the listed ETag and its body must be
+    exactly the listed Size (a truncated body is a failure).
+    """
     call_kwargs = call_kwargs or {}
 
     def fetch(key):
@@ -117,31 +139,29 @@ def download_objects(s3, bucket, wanted, counter, workers, call_kwargs=None):
         if etag:
             params["IfMatch"] = etag
         response = s3.get_object(**dict(params, **call_kwargs))
-        body = response["Body"].read()
+        body = response["Body"].read(size + 1)
         if len(body) != size:
-            raise DownloadError("s3://%s/%s: got %d bytes, the listing said %d" % (bucket, key, len(body), size))
+            raise DownloadError("got %d bytes, the listing said %d" % (len(body), size))
         return body
 
     results = {}
+    errors = {}
     if not wanted:
-        return results
+        return results, errors
     counter.get += len(wanted)
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(workers, len(wanted))) as pool:
         futures = dict((pool.submit(fetch, key), key) for key in sorted(wanted))
-        errors = []
         for future in concurrent.futures.as_completed(futures):
             key = futures[future]
             try:
                 results[key] = future.result()
             except DownloadError as exc:
-                errors.append(str(exc))
+                errors[key] = "downloading s3://%s/%s failed: %s" % (bucket, key, exc)
             except Exception as exc:  # pylint: disable=broad-exception-caught
-                errors.append("s3://%s/%s: %s" % (bucket, key, _error_text(exc)))
+                errors[key] = "downloading s3://%s/%s failed: %s" % (bucket, key, _error_text(exc))
     counter.download_seconds += time.monotonic() - started
-    if errors:
-        raise DownloadError("%d download(s) failed; nothing was changed: %s" % (len(errors), "; ".join(sorted(errors)[:5])))
-    return results
+    return results, errors
 
 
 def _reject(rejected, obj, user, line, reason):
@@ -149,7 +169,13 @@ def _reject(rejected, obj, user, line, reason):
 
 
 def collect(s3, config, state, counter, call_kwargs=None):
-    """List, download what changed, parse: (desired {user: [PublicKey]}, new object state, rejected, stats)."""
+    """List, download what changed, parse.
+
+    Returns (desired {user: [PublicKey]}, new object state, rejected, stats, failed {user: reason}, listed names).
+    ``desired`` holds only users whose current object has at least one valid key: an object without one counts
+    as gone. ``failed`` holds users whose changed object could not be downloaded: they keep nothing newer than
+    what was verified (their old entry stays in the state, so the next run tries again).
+    """
     listing = list_key_objects(s3, config.bucket, config.prefix, counter, call_kwargs)
     same_source = state.get("bucket") == config.bucket and state.get("prefix") == config.prefix
     old_objects = state.get("objects", {}) if same_source else {}
@@ -167,11 +193,11 @@ def collect(s3, config, state, counter, call_kwargs=None):
             _reject(rejected, key, name, None, reason)
             continue
         if size > config.max_object_size:
-            _reject(rejected, key, name, None, "object is %d bytes, more than max_object_size %d; not downloaded"
-                    % (size, config.max_object_size))
+            _reject(rejected, key, name, None, "object is %d bytes, more than max_object_size %d; not downloaded; "
+                    "the user has no keys until it is fixed" % (size, config.max_object_size))
             continue
         if size == 0:
-            _reject(rejected, key, name, None, "object is empty")
+            _reject(rejected, key, name, None, "object is empty; the user has no keys until it holds a valid key")
             continue
         candidates[key] = (name, etag, size)
     to_fetch = {}
@@ -179,10 +205,16 @@ def collect(s3, config, state, counter, call_kwargs=None):
         old = old_objects.get(key)
         if not (old and old.get("etag") == etag and old.get("size") == size and etag):
             to_fetch[key] = (etag, size)
-    bodies = download_objects(s3, config.bucket, to_fetch, counter, config.download_workers, call_kwargs)
+    bodies, errors = download_objects(s3, config.bucket, to_fetch, counter, config.download_workers, call_kwargs)
     desired = {}
     new_objects = {}
+    failed = {}
     for key, (name, etag, size) in sorted(candidates.items()):
+        if key in errors:
+            failed[name] = errors[key]
+            if key in old_objects:
+                new_objects[key] = old_objects[key]  # its ETag differs from the listing's: fetched again next run
+            continue
         old = old_objects.get(key) or {}
         if key in bodies:
             try:
@@ -193,17 +225,10 @@ def collect(s3, config, state, counter, call_kwargs=None):
             entry = {"etag": etag, "size": size, "user": name,
                      "keys": [k.line() for k in keys],
                      "rejected": [[n, r] for n, r in bad_lines]}
-            if not keys:
-                # Skipped file: the user keeps the keys from the last good version, if any.
-                entry["keys"] = old.get("keys", [])
-                entry["skipped"] = True
         else:
             entry = old
         for number, reason in entry.get("rejected", []):
             _reject(rejected, key, name, number, reason)
-        if entry.get("skipped"):
-            _reject(rejected, key, name, None, "no valid key in the file; skipped (previous keys kept: %d)"
-                    % len(entry.get("keys", [])))
         new_objects[key] = entry
         parsed = []
         for line in entry.get("keys", []):
@@ -213,9 +238,14 @@ def collect(s3, config, state, counter, call_kwargs=None):
                 _reject(rejected, key, name, None, "stored key refused by the current policy: %s" % exc)
         if parsed:
             desired[name] = parsed
+        else:
+            refused = ", ".join("line %s" % n if n else "the file" for n, _r in entry.get("rejected", []))
+            _reject(rejected, key, name, None, "no valid key in the object (refused: %s); the user's access is "
+                    "revoked as if the object were deleted" % (refused or "nothing but comments"))
     stats = {"listed": len(listing), "candidates": len(candidates), "downloaded": len(bodies),
-             "reused": len(candidates) - len(bodies)}
-    return desired, new_objects, rejected, stats
+             "reused": len(candidates) - len(bodies) - len(errors), "failed": len(errors)}
+    listed = sorted(set(name for name, _etag, _size in candidates.values()))
+    return desired, new_objects, rejected, stats, failed, listed
 
 
 def _managed_lines(text, shared):
@@ -241,7 +271,11 @@ def _describe(keys_by_user):
 
 
 def sync(config, s3, backend, check_mode=False, call_kwargs=None, log=None):
-    """One run. Returns a result dict; raises a KeySyncError subclass (nothing changed on S3 trouble)."""
+    """One run. Returns a result dict; raises a KeySyncError subclass when nothing was changed.
+
+    A result with ``failed`` entries means the run went on past per-user failures: the entry points report
+    each one and exit non-zero.
+    """
     log = log or (lambda message: None)
     state_path = rooted(config.root, config.state_path)
     lock_path = rooted(config.root, config.lock_path)
@@ -251,53 +285,76 @@ def sync(config, s3, backend, check_mode=False, call_kwargs=None, log=None):
         return _sync_locked(config, s3, backend, False, call_kwargs, log, state_path)
 
 
+def _local_size_limit(config, candidates):
+    """The largest authorized_keys the sync could have written: anything larger is not read."""
+    per_key = len(",".join(config.prepend_options)) + 2
+    per_user = config.max_object_size + config.max_keys_per_user * per_key
+    if config.mode == PER_USER:
+        return per_user
+    # shared_user: every user's keys plus room for the break-glass lines above the marker
+    return per_user * (candidates + 1) + len(MARKER_LINE) + 1
+
+
 def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
     counter = RequestCounter()
     state = load_state(state_path)
     users = backend.list_users()
     managed = [u for u in users.values() if config.marker_group in u.groups and not u.locked]
-    desired, new_objects, rejected, stats = collect(s3, config, state, counter, call_kwargs)
-    previous = state.get("valid_count", 0) if state.get("bucket") == config.bucket else 0
-    if config.mode == PER_USER:
-        previous = max(previous, len(managed))
-    check_listing_size(len(desired), previous, config)
+    desired, new_objects, rejected, stats, failed, listed = collect(s3, config, state, counter, call_kwargs)
+    same_source = state.get("bucket") == config.bucket and state.get("prefix") == config.prefix
+    history = state if same_source else dict((k, v) for k, v in state.items() if k != "missing")
+    previous = state.get("valid_count", 0) if same_source else 0
 
     shared = config.mode != PER_USER
     if shared:
-        plan = plan_shared_user(desired, config, rejected)
         if config.shared_user not in users:
-            raise UserBackendError("shared_user %r does not exist on this host; create it first" % config.shared_user)
+            raise UserBackendError("shared_user %r does not exist on this host; create it first; nothing was changed"
+                                   % config.shared_user)
+        plan = plan_shared_user(desired, config, rejected, withheld=failed)
     else:
-        plan = plan_per_user(desired, users, config, state.get("missing", {}), rejected)
+        plan = plan_per_user(desired, users, config, history, rejected, withheld=failed, listed=listed)
+        previous = max(previous, len(managed))
+    check_listing_size(plan.accepted, previous, config)
 
-    store = KeyFileStore(config)
+    store = KeyFileStore(config, _local_size_limit(config, stats["candidates"]))
+    failures = []
+    for name in sorted(failed):
+        outcome = ("the user keeps no key newer than the last verified object (no key this run)" if name in users
+                   else "the user is not created")
+        failures.append({"user": name, "action": "download", "message": "%s; %s" % (failed[name], outcome)})
     result = {
         "changed": False,
         "users_created": [name for name, _uid in plan.create],
         "users_unlocked": list(plan.unlock),
         "users_groups_added": [{"user": n, "groups": g} for n, g in plan.add_groups],
-        "users_locked": list(plan.lock),
-        "users_removed": list(plan.remove),
+        "users_groups_removed": [{"user": n, "groups": g} for n, g in plan.remove_groups],
+        "users_revoked": [r["user"] for r in plan.revoke],
+        "users_locked": [r["user"] for r in plan.revoke if r["lock"]] if check_mode else [],
+        "users_removed": [r["user"] for r in plan.revoke if r["userdel"]] if check_mode else [],
+        "users_sessions_ended": [],
         "users_pending_removal": dict(plan.pending_removal),
+        "users_locked_by_admin": list(plan.admin_locked),
         "keys_added": [],
         "keys_removed": [],
         "files_written": [],
         "rejected": plan.rejected,
+        "failures": failures,
         "objects": stats,
         "requests": counter.as_dict(),
         "check_mode": check_mode,
     }
     before, after = {}, {}
     # Diff: only users whose managed lines change (an unchanged fleet costs no key parsing here).
-    for name in sorted(set(plan.keys) | set(plan.remove)):
+    removed = set(r["user"] for r in plan.revoke if r["userdel"])
+    for name in sorted(plan.keys):
         info = users.get(name)
         current = _managed_lines(store.read(info), shared) if info is not None else []
-        wanted = plan.keys.get(name, [] if name in plan.remove else current)
-        if current == wanted and name not in plan.remove:
+        wanted = plan.keys[name]
+        if current == wanted and name not in removed:
             continue
         if current or info is not None:
             before[name] = current
-        if name not in plan.remove:
+        if name not in removed:
             after[name] = wanted
         old_set, new_set = set(current), set(wanted)
         for item in key_summary(sorted(new_set - old_set)):
@@ -315,18 +372,28 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
                                         for n in plan.keys if users.get(n) is not None))
         return result
 
+    locks_made = set(history.get("locks_made", []))
+    retired = dict(history.get("retired_uids", {}))
     try:
-        changed = _apply(config, plan, users, backend, store, shared, result, log)
+        changed = _apply(config, plan, users, backend, store, result, log, locks_made, retired)
     finally:
         backend.flush()
         store.flush()
+    for name, note in store.notes:
+        result["rejected"].append({"object": config.prefix + name + ".pub", "user": name, "line": None,
+                                   "reason": note})
+    present = set(backend.list_users()) if (plan.create or removed) else set(users)
+    failed_creates = set(f["user"] for f in result["failures"] if f["action"] == "create")
     new_state = {
-        "version": 1,
+        "version": STATE_VERSION,
         "bucket": config.bucket,
         "prefix": config.prefix,
         "objects": new_objects,
-        "valid_count": len(desired),
-        "missing": plan.missing,
+        "valid_count": plan.accepted,
+        "missing": dict((n, c) for n, c in plan.missing.items() if n in present),
+        "locks_made": sorted(n for n in locks_made if n in present),
+        "granted": dict((n, g) for n, g in plan.granted.items() if n in present and n not in failed_creates),
+        "retired_uids": retired,
     }
     if new_state != state:
         save_state(state_path, new_state)
@@ -336,53 +403,118 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
     return result
 
 
-def _apply(config, plan, users, backend, store, shared, result, log):
-    """Carry out the plan: accounts first, then key files, then locks and removals. True when anything changed."""
+def _step(result, name, action, func, *args):
+    """Run one account or file step for one user; a failure is recorded and the run goes on. (ok, value)."""
+    try:
+        return True, func(*args)
+    except (KeySyncError, OSError) as exc:
+        message = str(exc) if isinstance(exc, KeySyncError) else "%s: %s" % (type(exc).__name__, exc)
+        result["failures"].append({"user": name, "action": action, "message": message})
+        return False, None
+
+
+def _revoke(config, entry, info, backend, store, result, log, locks_made, retired):
+    """Take one user's access away. Each step runs whatever the previous one did; True when anything changed."""
+    name = entry["user"]
     changed = False
-    wanted_groups = [config.marker_group] + ([config.sudo_group] if config.sudo_group else [])
-    if plan.create or plan.add_groups:
-        if backend.ensure_group(config.marker_group):
+    _ok, did = _step(result, name, "revoke keys", store.revoke, info)
+    changed = changed or bool(did)
+    if entry["lock"]:
+        log("locking user %s (no key file or no valid key)" % name)
+        ok, _none = _step(result, name, "lock", backend.lock_user, name)
+        if ok:
+            locks_made.add(name)
+            result["users_locked"].append(name)
             changed = True
-        if config.sudo_group and not backend.group_exists(config.sudo_group):
-            raise UserBackendError("sudo_group %r does not exist on this host" % config.sudo_group)
+    if entry["drop_groups"]:
+        ok, _none = _step(result, name, "remove groups", backend.remove_groups, name, entry["drop_groups"])
+        changed = changed or ok
+    _ok, ended = _step(result, name, "end sessions", backend.end_sessions, name, info.uid, info.gid)
+    if ended:
+        log("ended the sessions and processes of %s (UID %d)" % (name, info.uid))
+        result["users_sessions_ended"].append(name)
+        changed = True
+    if entry["userdel"]:
+        log("removing user %s (key file gone)" % name)
+        ok, _none = _step(result, name, "userdel", backend.remove_user, name)
+        if ok:
+            retired[str(info.uid)] = name
+            locks_made.discard(name)
+            result["users_removed"].append(name)
+            changed = True
+    return changed
+
+
+def _apply(config, plan, users, backend, store, result, log, locks_made, retired):
+    """Carry out the plan: every revocation first, then grants. Each user on their own. True when anything changed."""
+    changed = False
+    shared = config.mode != PER_USER
+    for entry in plan.revoke:
+        if _revoke(config, entry, users[entry["user"]], backend, store, result, log, locks_made, retired):
+            changed = True
+    for name in plan.withheld:  # download failed: no keys this run, nothing else changes
+        _ok, did = _step(result, name, "withhold keys", store.write, users[name], render_user([]))
+        changed = changed or bool(did)
+    wanted_groups = [config.marker_group] + ([config.sudo_group] if config.sudo_group else [])
+    for name, groups in plan.remove_groups:
+        ok, _none = _step(result, name, "remove groups", backend.remove_groups, name, groups)
+        changed = changed or ok
+    grant_error = None
+    if plan.create or plan.add_groups:
+        try:
+            if backend.ensure_group(config.marker_group):
+                changed = True
+            if config.sudo_group and not backend.group_exists(config.sudo_group):
+                raise UserBackendError("sudo_group %r does not exist on this host; create it or unset sudo_group"
+                                       % config.sudo_group)
+        except (KeySyncError, OSError) as exc:
+            grant_error = str(exc)
+    created = []
     for name, uid in plan.create:
+        if grant_error:
+            result["failures"].append({"user": name, "action": "create", "message": grant_error})
+            continue
         log("creating user %s (uid %d)" % (name, uid))
-        backend.create_user(name, uid, wanted_groups, config.shell, "%s/%s" % (config.home_base.rstrip("/"), name))
-        changed = True
+        ok, _none = _step(result, name, "create", backend.create_user, name, uid, wanted_groups, config.shell,
+                          "%s/%s" % (config.home_base.rstrip("/"), name))
+        if ok:
+            created.append(name)
+            changed = True
     for name, groups in plan.add_groups:
-        backend.add_groups(name, groups)
-        changed = True
+        if grant_error:
+            result["failures"].append({"user": name, "action": "add groups", "message": grant_error})
+            continue
+        ok, _none = _step(result, name, "add groups", backend.add_groups, name, groups)
+        changed = changed or ok
+    unlocked = []
     for name in plan.unlock:
         log("unlocking user %s" % name)
-        backend.unlock_user(name, config.shell)
-        changed = True
-    if plan.create:
+        ok, _none = _step(result, name, "unlock", backend.unlock_user, name, config.shell)
+        if ok:
+            locks_made.discard(name)
+            unlocked.append(name)
+            changed = True
+    result["users_created"] = created
+    result["users_unlocked"] = unlocked
+    if created:
         users = backend.list_users()
+    revoked = set(entry["user"] for entry in plan.revoke) | set(plan.withheld)
     for name in sorted(plan.keys):
         info = users.get(name)
-        if info is None:
+        if info is None or name in revoked:
             continue
         text = plan.keys[name]
         if shared:
-            content = render_shared(store.read(info), text)
+            ok, current = _step(result, name, "read authorized_keys", store.read_strict, info)
+            if not ok:
+                continue
+            content = render_shared(current, text)
         else:
             content = render_user(text)
-        try:
-            if store.write(info, content):
-                result["files_written"].append(name)
-                changed = True
-        except (ApplyError, OSError) as exc:
-            result["rejected"].append({"object": config.prefix + name + ".pub", "user": name, "line": None,
-                                       "reason": "authorized_keys not written: %s" % exc})
-    for name in plan.lock:
-        log("locking user %s (key file gone)" % name)
-        backend.lock_user(name)
-        changed = True
-    for name in plan.remove:
-        log("removing user %s (key file gone)" % name)
-        store.delete(users[name])
-        backend.remove_user(name)
-        changed = True
+        _ok, did = _step(result, name, "write authorized_keys", store.write, info, content)
+        if did:
+            result["files_written"].append(name)
+            changed = True
     return changed
 
 

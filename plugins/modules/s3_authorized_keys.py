@@ -20,10 +20,13 @@ description:
   - In O(mode=shared_user) every valid key goes into the authorized_keys of O(shared_user) below a marker line;
     the lines above the marker (break-glass keys) are kept as they are.
   - Usernames and key lines are validated. Key options such as C(command=) or C(from=) are refused unless named in
-    O(allowed_options). Malformed lines and files are skipped and reported in RV(rejected); the rest of the sync
-    proceeds.
-  - Fails closed. A listing that errors or is cut short, a download that fails, or a listing that is empty or
-    smaller than O(min_listing_ratio) of the last one changes nothing and fails with the cause.
+    O(allowed_options). Refused lines are reported in RV(rejected); a user is left with exactly the valid keys of
+    their current object, and an object without a valid key revokes the user like a deleted object.
+  - Fails closed. A listing that errors, loops or is cut short, or that is empty or smaller than
+    O(min_listing_ratio) of the last one, changes nothing and fails with the cause.
+  - Revocations come first. Every lock and removal is applied before any creation or update, each user on its
+    own; a failing C(useradd), C(usermod), C(userdel) or download affects only its user, every other change is
+    applied, and the module then fails naming each failed user (RV(failures)).
   - Change detection uses the ETag and Size of each object from the listing, kept in O(state_path); an unchanged
     bucket costs one ListObjectsV2 request per 1,000 keys and no downloads.
   - The same code runs on the host from the C(fleetkeeper.aws.bastion_keys) role's timer.
@@ -72,6 +75,15 @@ options:
     description: Highest UID for synced users.
     type: int
     default: 59999
+  uid_overrides:
+    description:
+      - Pinned UIDs, as username to UID. A user's UID is its pinned UID, else the CRC-32 of the name within
+        O(uid_min)-O(uid_max), so it is the same on every host.
+      - A new user whose UID another listed name also gets, that an account on the host already has, or that
+        belonged to a removed user (recorded in O(state_path)) is not created, with an error naming the UID;
+        pin a free UID for it here.
+    type: dict
+    default: {}
   system_uid_max:
     description: Accounts with a UID up to this are system accounts and never synced or touched.
     type: int
@@ -109,13 +121,18 @@ options:
     default: 16
   removal:
     description:
-      - What happens to a marked user whose key file is gone. V(lock) empties its keys and expires the account,
-        V(remove) deletes the account and its home, V(keep) only empties its keys.
+      - What happens to a marked user whose key file is gone or holds no valid key. In every case its keys are
+        removed, the groups the sync granted (other than O(marker_group)) are taken away and its sessions and
+        processes are ended at once. V(lock) also expires the account and sets a no-login shell; V(remove) locks
+        it the same way, then deletes it and its home with C(userdel) (a failing C(userdel) leaves the user locked
+        and is retried next run); V(keep) leaves the account unlocked.
     type: str
     choices: [lock, remove, keep]
     default: lock
   remove_after_runs:
-    description: Lock or remove a user only after its key file has been missing for this many runs in a row.
+    description:
+      - With O(removal=remove), delete the account only after its key file has been missing for this many runs in
+        a row. Access is revoked in the first run whatever this says.
     type: int
     default: 1
   min_listing_ratio:
@@ -129,13 +146,19 @@ options:
     type: bool
     default: false
   state_path:
-    description: State file with the ETag and Size of every object seen; shared with the host-side timer.
+    description:
+      - State file with the ETag and Size of every object seen, the locks and group grants the sync made and the
+        UIDs of removed users; shared with the host-side timer. Its directory must be root's alone, like
+        O(lock_path)'s.
     type: path
     default: /var/lib/fleetkeeper-keysync/state.json
   lock_path:
-    description: Lock file that keeps two runs from overlapping.
+    description:
+      - Lock file that keeps two runs from overlapping. Its directory is created root-only (0700); a directory
+        that is a symlink, someone else's or writable by others (such as C(/run/lock)), or a lock file that is a
+        symlink, is refused and the run fails before doing anything.
     type: path
-    default: /run/lock/fleetkeeper-keysync.lock
+    default: /run/fleetkeeper/keysync.lock
   lock_timeout:
     description: Seconds to wait for a running sync to finish.
     type: int
@@ -154,9 +177,9 @@ options:
     choices: [system, directory]
     default: system
   download_workers:
-    description: Parallel downloads of changed key files.
+    description: At most this many downloads of new or changed key files run at once.
     type: int
-    default: 8
+    default: 16
 extends_documentation_fragment:
   - amazon.aws.common.modules
   - amazon.aws.region.modules
@@ -231,6 +254,32 @@ users_removed:
   returned: always
   type: list
   elements: str
+users_revoked:
+  description: Users whose access was taken away this run (object gone or without a valid key).
+  returned: always
+  type: list
+  elements: str
+users_sessions_ended:
+  description: Revoked users whose sessions and processes were ended.
+  returned: always
+  type: list
+  elements: str
+users_groups_removed:
+  description: Groups the sync had granted and the configuration no longer grants, taken away.
+  returned: always
+  type: list
+  elements: dict
+users_locked_by_admin:
+  description: Users with a valid key file whose account someone else locked; the sync leaves them locked.
+  returned: always
+  type: list
+  elements: str
+failures:
+  description: Per-user steps that failed (user, action, message); every other change was applied.
+  returned: always
+  type: list
+  elements: dict
+  sample: [{"user": "fleetkeeper-keys", "action": "create", "message": "useradd ... failed (exit 9): group exists"}]
 users_pending_removal:
   description: Users whose key file is missing, with the number of runs so far (below O(remove_after_runs)).
   returned: always
@@ -261,7 +310,7 @@ objects:
   description: Objects listed, valid candidates, downloaded and reused from the state file.
   returned: always
   type: dict
-  sample: {"listed": 3, "candidates": 2, "downloaded": 0, "reused": 2}
+  sample: {"listed": 3, "candidates": 2, "downloaded": 0, "reused": 2, "failed": 0}
 requests:
   description: S3 requests made (ListObjectsV2 pages and GetObject calls).
   returned: always
@@ -279,67 +328,34 @@ from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import KeySyncConfig
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import KeySyncError
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_host import failure_lines
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_s3 import sync
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_store import make_backend
 
-OPTION_NAMES = [
-    "bucket", "prefix", "mode", "shared_user", "marker_group", "sudo_group", "admin_users", "deny_users",
-    "uid_min", "uid_max", "system_uid_max", "shell", "home_base", "authorized_keys_dir", "allowed_options",
-    "prepend_options", "max_object_size", "max_keys_per_user", "removal", "remove_after_runs",
-    "min_listing_ratio", "allow_empty", "state_path", "lock_path", "lock_timeout", "root", "user_backend",
-    "download_workers",
-]
-
-
 def main():
-    argument_spec = dict(
-        bucket=dict(type="str", required=True),
-        prefix=dict(type="str", default="keys/"),
-        mode=dict(type="str", default="per_user", choices=["per_user", "shared_user"]),
-        shared_user=dict(type="str"),
-        marker_group=dict(type="str", default="fleetkeeper-keys"),
-        sudo_group=dict(type="str"),
-        admin_users=dict(type="list", elements="str", default=[]),
-        deny_users=dict(type="list", elements="str", default=[]),
-        uid_min=dict(type="int", default=20000),
-        uid_max=dict(type="int", default=59999),
-        system_uid_max=dict(type="int", default=999),
-        shell=dict(type="str", default="/bin/bash"),
-        home_base=dict(type="path", default="/home"),
-        authorized_keys_dir=dict(type="path"),
-        allowed_options=dict(type="list", elements="str", default=[]),
-        prepend_options=dict(type="list", elements="str", default=[]),
-        max_object_size=dict(type="int", default=16384),
-        max_keys_per_user=dict(type="int", default=16, no_log=False),
-        removal=dict(type="str", default="lock", choices=["lock", "remove", "keep"]),
-        remove_after_runs=dict(type="int", default=1),
-        min_listing_ratio=dict(type="float", default=0.5),
-        allow_empty=dict(type="bool", default=False),
-        state_path=dict(type="path", default="/var/lib/fleetkeeper-keysync/state.json"),
-        lock_path=dict(type="path", default="/run/lock/fleetkeeper-keysync.lock"),
-        lock_timeout=dict(type="int", default=300),
-        root=dict(type="path", default="/"),
-        user_backend=dict(type="str", default="system", choices=["system", "directory"]),
-        download_workers=dict(type="int", default=8),
-    )
     module = AnsibleAWSModule(
-        argument_spec=argument_spec,
+        argument_spec=KeySyncConfig.argument_spec(),
         required_if=[("mode", "shared_user", ["shared_user"])],
         supports_check_mode=True,
     )
     try:
-        config = KeySyncConfig(**dict((name, module.params[name]) for name in OPTION_NAMES))
+        config = KeySyncConfig(**dict((name, module.params[name]) for name in KeySyncConfig.module_option_names()))
         s3 = module.client("s3", retry_decorator=AWSRetry.jittered_backoff())
         result = sync(config, s3, make_backend(config), check_mode=module.check_mode,
                       call_kwargs={"aws_retry": True})
     except KeySyncError as exc:
         module.fail_json(msg=str(exc), error_type=type(exc).__name__)
+    except OSError as exc:
+        module.fail_json(msg="key sync failed: %s" % exc, error_type=type(exc).__name__)
     diff = result.pop("diff")
     for item in result["rejected"]:
         where = item["object"] + (":%s" % item["line"] if item["line"] else "")
         module.warn("%s: %s" % (where, item["reason"]))
     if module._diff:  # pylint: disable=protected-access
         result["diff"] = diff
+    if result["failures"]:
+        module.fail_json(msg="the sync applied every other change, but failed for %d user step(s): %s"
+                         % (len(result["failures"]), "; ".join(failure_lines(result))), **result)
     module.exit_json(**result)
 
 

@@ -122,7 +122,7 @@ def test_bad_input_is_skipped_with_reasons_and_the_rest_syncs(aws, bucket, tmp_p
     assert "portable POSIX" in reasons["keys/Upper.pub"][0]
     assert any("'command' is not allowed" in r for r in reasons["keys/dave.pub"])
     assert any("base64" in r for r in reasons["keys/erin.pub"])
-    assert any("skipped" in r for r in reasons["keys/frank.pub"])
+    assert any("no valid key" in r for r in reasons["keys/frank.pub"]) and "frank" not in directory_users(root)["users"]
     assert "never taken over" in reasons["keys/carol.pub"][0]
     assert "nested" in reasons["keys/team/gina.pub"][0]
     assert "max_object_size" in reasons["keys/huge.pub"][0]
@@ -138,8 +138,7 @@ def test_bad_input_is_skipped_with_reasons_and_the_rest_syncs(aws, bucket, tmp_p
 
 @pytest.mark.parametrize("fault,operation", [
     ("deny", "ListObjectsV2"),
-    ("deny", "GetObject"),
-    ("truncate", "GetObject"),
+    ("truncate", "ListObjectsV2"),
 ])
 def test_module_fails_closed(aws, bucket, tmp_path, fault, operation):
     root = tmp_path / "root"
@@ -151,6 +150,25 @@ def test_module_fails_closed(aws, bucket, tmp_path, fault, operation):
     result = run_module(MODULE, args(aws, root), env=aws.env())
     assert result.failed and "nothing was changed" in result["msg"], result.result
     assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("fault", ["deny", "truncate", "error"])
+def test_module_a_failed_download_affects_only_its_user(aws, bucket, tmp_path, fault):
+    root = tmp_path / "root"
+    assert run_module(MODULE, args(aws, root), env=aws.env()).changed
+    upload_keys(bucket, BUCKET, {"alice": ed25519_line("rotated"), "carol": ed25519_line("new")}, create=False)
+    bucket.delete_object(Bucket=BUCKET, Key="keys/bob.pub")
+    aws.proxy.inject(fault, service="s3", operation="GetObject")
+    result = run_module(MODULE, args(aws, root), env=aws.env())
+    assert result.failed, result.result
+    failed = sorted(f["user"] for f in result["failures"])
+    assert failed == ["alice", "carol"] and "alice" in result["msg"] and "carol" in result["msg"]
+    assert result["users_locked"] == ["bob"] and result["users_created"] == []
+    assert authorized_keys(root, "alice") == "" and "carol" not in directory_users(root)["users"]
+    aws.proxy.clear_faults()
+    again = run_module(MODULE, args(aws, root), env=aws.env())
+    assert not again.failed and again["users_created"] == ["carol"], again.result
+    assert authorized_keys(root, "alice").endswith(" rotated\n")
 
 
 def test_module_refuses_an_empty_listing(aws, bucket, tmp_path):
@@ -227,10 +245,6 @@ def test_host_tool_syncs_and_an_unchanged_bucket_costs_one_list(aws, bucket, tmp
     ("error", "ListObjectsV2", "InternalError"),
     ("throttle", "ListObjectsV2", "SlowDown"),
     ("truncate", "ListObjectsV2", ""),
-    ("error", "GetObject", "InternalError"),
-    ("throttle", "GetObject", "SlowDown"),
-    ("truncate", "GetObject", ""),
-    ("drop", "GetObject", "Connection"),
 ])
 def test_host_tool_fails_closed_with_the_cause(aws, bucket, tmp_path, host_tool, fault, operation, cause):
     root = tmp_path / "root"
@@ -247,6 +261,26 @@ def test_host_tool_fails_closed_with_the_cause(aws, bucket, tmp_path, host_tool,
     aws.proxy.clear_faults()
     after = run_host(host_tool, aws, config)
     assert after.returncode == 0 and "locked: bob" in after.stdout and "created: carol" in after.stdout, after.stdout
+
+
+@pytest.mark.parametrize("fault,cause", [
+    ("error", "InternalError"), ("throttle", "SlowDown"), ("truncate", "bytes"), ("drop", "Connection"),
+    ("deny", "AccessDenied"),
+])
+def test_host_tool_a_failed_download_affects_only_its_user(aws, bucket, tmp_path, host_tool, fault, cause):
+    root = tmp_path / "root"
+    config = host_config(tmp_path, aws, root)
+    assert run_host(host_tool, aws, config).returncode == 0
+    upload_keys(bucket, BUCKET, {"carol": ed25519_line("new")}, create=False)
+    bucket.delete_object(Bucket=BUCKET, Key="keys/bob.pub")
+    aws.proxy.inject(fault, service="s3", operation="GetObject")
+    proc = run_host(host_tool, aws, config)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "error: user carol: download:" in proc.stderr and cause in proc.stderr, proc.stderr
+    assert "locked: bob" in proc.stdout and "carol" not in directory_users(root)["users"]
+    aws.proxy.clear_faults()
+    after = run_host(host_tool, aws, config)
+    assert after.returncode == 0 and "created: carol" in after.stdout, after.stdout
 
 
 def test_host_tool_reports_a_bad_config(aws, tmp_path, host_tool):

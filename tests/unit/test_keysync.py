@@ -20,14 +20,16 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import (
     UserInfo,
     check_listing_size,
     decode_object,
-    deterministic_uid,
+    derived_uid,
     parse_key_file,
     parse_key_line,
     plan_per_user,
     plan_shared_user,
     render_shared,
+    uid_conflicts,
     username_from_key,
     validate_username,
+    wanted_uid,
 )
 from tests.support.keysync import (
     blob_line,
@@ -201,9 +203,27 @@ def test_shared_render_keeps_lines_above_the_marker_and_is_idempotent(above, man
 
 # --- names, uids, listing checks ------------------------------------------
 
-@pytest.mark.parametrize("name", ["root", "admin", "-oProxyCommand", "../x", "Alice", "a" * 33, "", "sshd", "bad$"])
+@pytest.mark.parametrize("name", ["root", "admin", "-oProxyCommand", "../x", "Alice", "a" * 33, "", "sshd", "bad$",
+                                  "alice\n", "alice\r", "alice\t", "ali\x00ce", "alice\x7f", "alice\u0085",
+                                  "fleetkeeper-keys", "sudo"])
 def test_refused_usernames(name):
-    assert validate_username(name, config()) is not None
+    assert validate_username(name, config(sudo_group="sudo")) is not None
+
+
+PORTABLE = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=34), st.sampled_from(["", "\n", "\r\n", "\x00", "\x1b", "\u2028"]))
+def test_usernames_are_checked_whole(name, tail):
+    """Accepted exactly when every character is portable: a trailing newline or any control character refuses."""
+    candidate = name + tail
+    accepted = validate_username(candidate, config()) is None
+    portable = (all(c in PORTABLE for c in candidate) and candidate[0] not in "-0123456789"
+                and len(candidate) <= 32 and candidate not in config().denied_users | {"fleetkeeper-keys"})
+    assert accepted == portable
+    if tail:
+        assert not accepted
 
 
 @pytest.mark.parametrize("key,expected", [
@@ -216,11 +236,36 @@ def test_username_from_object_key(key, expected):
     assert username_from_key(key, "keys/") == expected
 
 
-def test_deterministic_uids_are_stable_and_probe_past_taken():
-    first = deterministic_uid("alice", 20000, 59999)
-    assert first == deterministic_uid("alice", 20000, 59999)
-    assert 20000 <= first <= 59999
-    assert deterministic_uid("alice", 20000, 59999, taken={first}) == first + 1 or first == 59999
+def test_uids_come_from_the_name_alone_or_from_uid_overrides():
+    first = derived_uid("alice", 20000, 59999)
+    assert first == derived_uid("alice", 20000, 59999) and 20000 <= first <= 59999
+    assert wanted_uid("alice", config(uid_overrides={"alice": 45000})) == 45000
+    # two names on one UID: both refused on every host (decided from the names), until one is pinned
+    cfg = config(uid_min=20000, uid_max=20000)
+    conflicts = uid_conflicts(["alice", "bob"], cfg)
+    assert set(conflicts) == {"alice", "bob"} and "uid_overrides" in conflicts["alice"]
+    pinned = config(uid_min=20000, uid_max=20000, uid_overrides={"bob": 20000})
+    assert set(uid_conflicts(["alice", "bob"], pinned)) == {"alice"}
+    with pytest.raises(ConfigError, match="given to both"):
+        config(uid_overrides={"alice": 30000, "bob": 30000})
+    with pytest.raises(ConfigError, match="system UID"):
+        config(uid_overrides={"alice": 10})
+
+
+def test_a_collision_with_a_local_account_or_a_removed_users_uid_is_refused_not_probed():
+    key = parse_key_line(ED)
+    cfg = config()
+    uid = derived_uid("alice", 20000, 59999)
+    other = users(UserInfo("zed", uid, uid, "/home/zed", "/bin/bash", ["zed"]))
+    plan = plan_per_user({"alice": [key]}, other, cfg)
+    assert not plan.create and "belongs to account 'zed'" in plan.rejected[0]["reason"]
+    assert "uid_overrides" in plan.rejected[0]["reason"]
+    plan = plan_per_user({"alice": [key]}, {}, cfg, history={"retired_uids": {str(uid): "olduser"}})
+    assert not plan.create and "removed user 'olduser'" in plan.rejected[0]["reason"]
+    plan = plan_per_user({"alice": [key]}, {}, cfg, history={"retired_uids": {str(uid): "alice"}})
+    assert plan.create == [("alice", uid)]  # the same user coming back gets its own UID
+    plan = plan_per_user({"alice": [key]}, other, config(uid_overrides={"alice": 41000}))
+    assert plan.create == [("alice", 41000)]
 
 
 def test_empty_and_far_smaller_listings_fail_closed():
@@ -265,22 +310,55 @@ def test_plan_creates_new_users_and_never_takes_over_or_touches_admins():
         UserInfo("carol", 30000, 30000, "/home/carol", "/bin/bash", ["fleetkeeper-keys"], locked=True),
         UserInfo("dave", 30001, 30001, "/home/dave", "/bin/bash", ["fleetkeeper-keys"]),
     )
-    plan = plan_per_user({"alice": [key], "bob": [key], "carol": [key], "daemonish": [key]}, existing, cfg)
+    history = {"locks_made": ["carol"], "granted": {}}
+    plan = plan_per_user({"alice": [key], "bob": [key], "carol": [key], "daemonish": [key]}, existing, cfg, history)
     assert [name for name, _keys in plan.create] == ["alice"]
     assert plan.unlock == ["carol"] and plan.add_groups == [("carol", ["sudo"])]
-    assert plan.lock == ["dave"] and plan.keys["dave"] == []
+    assert [r["user"] for r in plan.revoke] == ["dave"] and plan.revoke[0]["lock"] and plan.keys["dave"] == []
     reasons = dict((r["user"], r["reason"]) for r in plan.rejected)
     assert "never taken over" in reasons["bob"] and "system account" in reasons["daemonish"]
-    assert "admin" not in plan.keys and "admin" not in plan.lock  # marked admin account is left alone
+    assert "admin" not in plan.keys  # marked admin account is left alone
+    assert plan.accepted == 2  # alice, carol: bob and daemonish do not count towards min_listing_ratio
 
 
-def test_removal_waits_for_n_missing_runs_then_removes():
+def test_an_account_locked_by_someone_else_stays_locked_and_is_reported():
+    key = parse_key_line(ED)
+    existing = users(UserInfo("carol", 30000, 30000, "/home/carol", "/bin/bash", ["fleetkeeper-keys"], locked=True))
+    plan = plan_per_user({"carol": [key]}, existing, config(), {"locks_made": []})
+    assert plan.unlock == [] and plan.admin_locked == ["carol"]
+    assert "locked by someone other than the sync" in plan.rejected[0]["reason"]
+
+
+def test_groups_the_sync_granted_follow_the_configuration_and_others_are_left_alone():
+    key = parse_key_line(ED)
+    existing = users(UserInfo("carol", 30000, 30000, "/home/carol", "/bin/bash",
+                              ["fleetkeeper-keys", "sudo", "docker"]))
+    history = {"granted": {"carol": ["fleetkeeper-keys", "sudo"]}}
+    plan = plan_per_user({"carol": [key]}, existing, config(), history)
+    assert plan.remove_groups == [("carol", ["sudo"])] and plan.granted["carol"] == ["fleetkeeper-keys"]
+    # docker was never granted by the sync: the configuration granting it later does not make it ours to take
+    plan = plan_per_user({"carol": [key]}, existing, config(sudo_group="docker"), history)
+    assert plan.remove_groups == [("carol", ["sudo"])] and plan.add_groups == []
+    # a revoked user loses every granted group but the marker
+    plan = plan_per_user({}, existing, config(sudo_group="sudo"), history)
+    assert plan.revoke[0]["drop_groups"] == ["sudo"]
+
+
+def test_revocation_happens_at_once_and_userdel_waits_for_n_missing_runs():
     cfg = config(removal="remove", remove_after_runs=3)
     existing = users(UserInfo("dave", 30001, 30001, "/home/dave", "/bin/bash", ["fleetkeeper-keys"]))
-    plan = plan_per_user({}, existing, cfg, missing_before={"dave": 1})
-    assert plan.pending_removal == {"dave": 2} and not plan.remove
-    plan = plan_per_user({}, existing, cfg, missing_before={"dave": 2})
-    assert plan.remove == ["dave"]
+    plan = plan_per_user({}, existing, cfg, {"missing": {"dave": 1}})
+    assert plan.pending_removal == {"dave": 2}
+    assert plan.revoke == [{"user": "dave", "uid": 30001, "lock": True, "userdel": False, "drop_groups": []}]
+    plan = plan_per_user({}, existing, cfg, {"missing": {"dave": 2}})
+    assert plan.revoke[0]["userdel"]
+
+
+def test_a_failed_download_creates_nobody_and_gives_an_existing_user_no_keys():
+    existing = users(UserInfo("dave", 30001, 30001, "/home/dave", "/bin/bash", ["fleetkeeper-keys"]))
+    plan = plan_per_user({}, existing, config(), {}, withheld=["dave", "erin"])
+    assert plan.create == [] and plan.revoke == [] and plan.withheld == ["dave"] and plan.keys == {"dave": []}
+    assert plan.accepted == 2
 
 
 def test_shared_mode_collects_every_valid_key():
@@ -288,3 +366,13 @@ def test_shared_mode_collects_every_valid_key():
     plan = plan_shared_user({"alice": [parse_key_line(ED)], "root": [parse_key_line(ED)]}, cfg)
     assert plan.keys["ec2-user"] == ["restrict " + parse_key_line(ED).line()]
     assert plan.rejected[0]["user"] == "root"
+
+
+def test_the_module_argument_spec_is_derived_from_the_one_option_table():
+    spec = KeySyncConfig.argument_spec()
+    assert set(spec) == set(KeySyncConfig.OPTIONS) - {"region", "endpoint_url", "max_attempts"}
+    assert spec["bucket"] == {"type": "str", "required": True}
+    assert spec["lock_path"]["default"] == "/run/fleetkeeper/keysync.lock"
+    assert spec["download_workers"]["default"] == 16
+    spec["admin_users"]["default"].append("x")
+    assert KeySyncConfig.DEFAULTS["admin_users"] == []

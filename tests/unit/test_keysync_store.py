@@ -8,6 +8,9 @@ import hashlib
 import io
 import json
 import os
+import stat
+import threading
+import time
 
 import pytest
 
@@ -19,6 +22,8 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import (
     KeySyncConfig,
     ListingError,
     LockError,
+    UnsafePathError,
+    UserBackendError,
 )
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_s3 import sync
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_store import (
@@ -39,7 +44,13 @@ class FakeS3:
         self.calls = {"list": 0, "get": 0}
         self.fail_list = None
         self.fail_get = None
+        self.fail_keys = {}       # key -> exception, or "truncate"
         self.cut_listing = False
+        self.repeat_token = False
+        self.get_delay = 0.0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._guard = threading.Lock()
 
     def list_objects_v2(self, Bucket, Prefix, MaxKeys, ContinuationToken=None):  # noqa: N803 - boto3 names
         self.calls["list"] += 1
@@ -53,14 +64,28 @@ class FakeS3:
                   "Contents": [{"Key": k, "ETag": '"%s"' % hashlib.md5(self.objects[k]).hexdigest(),
                                 "Size": len(self.objects[k])} for k in page]}
         if truncated and not self.cut_listing:
-            result["NextContinuationToken"] = str(start + len(page))
+            result["NextContinuationToken"] = "0" if self.repeat_token else str(start + len(page))
         return result
 
     def get_object(self, Bucket, Key, IfMatch=None):  # noqa: N803
-        self.calls["get"] += 1
-        if self.fail_get:
-            raise self.fail_get
-        return {"Body": io.BytesIO(self.objects[Key])}
+        with self._guard:
+            self.calls["get"] += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.get_delay:
+                time.sleep(self.get_delay)
+            if self.fail_get:
+                raise self.fail_get
+            fault = self.fail_keys.get(Key)
+            if fault == "truncate":
+                return {"Body": io.BytesIO(self.objects[Key][:-3])}
+            if fault is not None:
+                raise fault
+            return {"Body": io.BytesIO(self.objects[Key])}
+        finally:
+            with self._guard:
+                self.in_flight -= 1
 
 
 def put(s3, users):
@@ -117,8 +142,8 @@ def test_check_mode_reports_and_writes_nothing(root):
     assert tree(root) == {}
 
 
-@pytest.mark.parametrize("fault", ["list", "cut", "get"])
-def test_s3_trouble_changes_nothing(root, fault):
+@pytest.mark.parametrize("fault", ["list", "cut", "loop"])
+def test_listing_trouble_changes_nothing(root, fault):
     s3 = FakeS3(page_size=1)
     put(s3, {"alice": ed25519_line("a"), "bob": ed25519_line("b")})
     config = make_config(root)
@@ -134,11 +159,66 @@ def test_s3_trouble_changes_nothing(root, fault):
         s3.cut_listing = True
         expected = ListingError
     else:
-        s3.fail_get = RuntimeError("connection reset")
-        expected = DownloadError
+        s3.repeat_token = True
+        expected = ListingError
     with pytest.raises(expected, match="nothing was changed"):
         run(config, s3)
     assert tree(root) == before
+
+
+def test_a_listing_with_more_pages_than_any_prefix_holds_aborts(root):
+    from ansible_collections.fleetkeeper.aws.plugins.module_utils import keysync_s3
+    s3 = FakeS3(page_size=1)
+    put(s3, dict(("user%d" % i, ed25519_line()) for i in range(5)))
+    counter = keysync_s3.RequestCounter()
+    with pytest.raises(ListingError, match="past 3 pages"):
+        keysync_s3.list_key_objects(s3, "keys-bucket", "keys/", counter, max_pages=3)
+
+
+class Error(Exception):
+    def __init__(self, code, status):
+        super().__init__(code)
+        self.response = {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+
+
+@pytest.mark.parametrize("fault", [Error("AccessDenied", 403), Error("InvalidObjectState", 403),
+                                   Error("InternalError", 500), "truncate"],
+                         ids=["kms-access-denied", "archived", "5xx", "truncated"])
+def test_a_failed_download_affects_only_its_user(root, tmp_path, fault):
+    s3 = FakeS3()
+    alice_old = ed25519_line("a")
+    put(s3, {"alice": alice_old, "bob": ed25519_line("b"), "dave": ed25519_line("d")})
+    config = make_config(root)
+    run(config, s3)
+    put(s3, {"alice": ed25519_line("a2"), "carol": ed25519_line("c"), "erin": ed25519_line("e")})
+    del s3.objects["keys/dave.pub"]
+    s3.fail_keys = {"keys/alice.pub": fault, "keys/carol.pub": fault}
+    result = run(config, s3)
+    failed = dict((f["user"], f["message"]) for f in result["failures"])
+    assert set(failed) == {"alice", "carol"} and "keys/alice.pub" in failed["alice"]
+    assert "not created" in failed["carol"] and "carol" not in directory_users(root)["users"]
+    assert authorized_keys(root, "alice") == ""  # nothing newer than verified, and not the old keys either
+    assert result["users_created"] == ["erin"] and result["users_locked"] == ["dave"]
+    assert authorized_keys(root, "bob").startswith("ssh-ed25519")
+    out = io.StringIO()
+    err = io.StringIO()
+    path = write_config(tmp_path, root)
+    assert keysync_host.main(["--config", path], s3_factory=lambda c: s3, stdout=out, stderr=err) == 1
+    assert "error: user alice: download:" in err.getvalue() and "error: user carol: download:" in err.getvalue()
+    s3.fail_keys = {}
+    result = run(config, s3)
+    assert result["failures"] == [] and result["users_created"] == ["carol"]
+    assert authorized_keys(root, "alice").endswith(" a2\n")
+
+
+def test_downloads_run_concurrently_within_the_bound(root):
+    s3 = FakeS3()
+    s3.get_delay = 0.05
+    put(s3, dict(("user%d" % i, ed25519_line()) for i in range(40)))
+    started = time.monotonic()
+    run(make_config(root, download_workers=8), s3)
+    assert s3.max_in_flight == 8
+    assert time.monotonic() - started < 40 * 0.05 / 2
 
 
 def test_far_smaller_listing_is_refused_until_the_ratio_allows_it(root):
@@ -246,16 +326,32 @@ def test_shared_user_keeps_break_glass_lines(root):
     assert not run(config, s3)["changed"]
 
 
-def test_a_malformed_file_keeps_the_previous_keys(root):
+@pytest.mark.parametrize("body", ["this is not a key\n", "# only a comment\n",
+                                  'command="/bin/sh" ' + ed25519_line("x") + "\n"],
+                         ids=["garbage", "comments-only", "refused-option"])
+def test_an_object_without_a_valid_key_revokes_like_a_deleted_one(root, body):
     s3 = FakeS3()
-    good = ed25519_line("a")
-    put(s3, {"alice": good, "bob": ed25519_line("b")})
+    put(s3, {"alice": ed25519_line("a") + "\n" + ed25519_line("a2"), "bob": ed25519_line("b")})
     config = make_config(root)
     run(config, s3)
-    put(s3, {"alice": "this is not a key\n"})
+    put(s3, {"alice": body})
     result = run(config, s3)
-    assert authorized_keys(root, "alice") == good + "\n"
-    assert any(r["object"] == "keys/alice.pub" and "skipped" in r["reason"] for r in result["rejected"])
+    assert result["users_revoked"] == ["alice"] and result["users_locked"] == ["alice"]
+    assert authorized_keys(root, "alice") == "" and directory_users(root)["users"]["alice"]["locked"]
+    warning = [r["reason"] for r in result["rejected"] if r["object"] == "keys/alice.pub" and r["line"] is None]
+    assert warning and "revoked" in warning[0]
+
+
+def test_an_edit_leaves_exactly_the_valid_keys_of_the_current_object(root):
+    s3 = FakeS3()
+    first, second = ed25519_line("one"), ed25519_line("two")
+    put(s3, {"alice": first + "\n" + second, "bob": ed25519_line("b")})
+    config = make_config(root)
+    run(config, s3)
+    put(s3, {"alice": second + "\nnot a key\n"})
+    result = run(config, s3)
+    assert authorized_keys(root, "alice") == second + "\n"
+    assert any(r["user"] == "alice" and r["line"] == 2 for r in result["rejected"])
 
 
 def test_oversized_objects_are_not_downloaded(root):
@@ -321,8 +417,296 @@ def test_host_entry_point_exit_codes(tmp_path, root):
     bad = write_config(tmp_path, root, mode="shared_user")
     assert keysync_host.main(["--config", bad], s3_factory=lambda c: s3, stdout=out, stderr=io.StringIO()) == 2
     s3.fail_list = None
-    lock = os.path.join(root, "run", "lock", "fleetkeeper-keysync.lock")
+    lock = os.path.join(root, "run", "fleetkeeper", "keysync.lock")
     with SyncLock(lock, 0):
         config_path = write_config(tmp_path, root, lock_timeout=0)
         assert keysync_host.main(["--config", config_path], s3_factory=lambda c: s3,
                                  stdout=out, stderr=io.StringIO()) == 75
+
+
+# --- revocation first, each user on its own -------------------------------------------------------------------
+
+
+class FlakyBackend(DirectoryUserBackend):
+    """The directory backend with tool failures for chosen users, like useradd/userdel refusing."""
+
+    def __init__(self, root, fail=None):
+        super().__init__(root)
+        self.fail = fail or {}
+
+    def _maybe_fail(self, action, name):
+        if (action, name) in self.fail:
+            raise UserBackendError(self.fail[(action, name)])
+
+    def create_user(self, name, uid, groups, shell, home):
+        self._maybe_fail("create", name)
+        super().create_user(name, uid, groups, shell, home)
+
+    def remove_user(self, name):
+        self._maybe_fail("userdel", name)
+        super().remove_user(name)
+
+    def lock_user(self, name):
+        self._maybe_fail("lock", name)
+        super().lock_user(name)
+
+
+def test_revocations_are_applied_before_any_creation_and_failures_stay_with_their_user(root):
+    s3 = FakeS3()
+    put(s3, {"alice": ed25519_line("a"), "bob": ed25519_line("b"), "dave": ed25519_line("d")})
+    config = make_config(root, removal="remove")
+    run(config, s3)
+    del s3.objects["keys/bob.pub"]
+    del s3.objects["keys/dave.pub"]
+    put(s3, {"erin": ed25519_line("e"), "frank": ed25519_line("f")})
+    backend = FlakyBackend(root, {
+        ("create", "erin"): "useradd: group 'erin' already exists (exit 9)",
+        ("userdel", "bob"): "userdel: user bob is currently used by process 4242 (exit 8)",
+    })
+    result = sync(config, s3, backend)
+    ops = [op[0] for op in backend.operations]
+    assert ops.index("useradd") > max(i for i, op in enumerate(ops) if op in ("lock", "userdel"))
+    failed = dict((f["user"], (f["action"], f["message"])) for f in result["failures"])
+    assert failed == {"erin": ("create", "useradd: group 'erin' already exists (exit 9)"),
+                      "bob": ("userdel", "userdel: user bob is currently used by process 4242 (exit 8)")}
+    db = directory_users(root)["users"]
+    assert "dave" not in db and "frank" in db and "erin" not in db
+    assert db["bob"]["locked"] is True and authorized_keys(root, "bob") == ""  # revoked though userdel failed
+    assert result["users_removed"] == ["dave"] and sorted(result["users_locked"]) == ["bob", "dave"]
+    state = json.load(open(os.path.join(root, "var/lib/fleetkeeper-keysync/state.json"), encoding="utf-8"))
+    assert "bob" in state["locks_made"] and list(state["retired_uids"].values()) == ["dave"]
+    # the next run retries userdel for bob, and erin's failure is reported again
+    result = sync(config, s3, FlakyBackend(root, {("create", "erin"): "useradd: group 'erin' already exists"}))
+    assert result["users_removed"] == ["bob"] and [f["user"] for f in result["failures"]] == ["erin"]
+
+
+def test_the_marker_group_as_a_name_is_refused_and_the_run_goes_on(root):
+    s3 = FakeS3()
+    put(s3, {"alice": ed25519_line("a"), "fleetkeeper-keys": ed25519_line("m")})
+    result = run(make_config(root), s3)
+    assert result["users_created"] == ["alice"]
+    assert any(r["user"] == "fleetkeeper-keys" and "group" in r["reason"] for r in result["rejected"])
+
+
+def test_a_failing_lock_still_takes_the_keys_and_the_next_run_retries(root):
+    s3 = FakeS3()
+    put(s3, {"alice": ed25519_line("a"), "bob": ed25519_line("b")})
+    config = make_config(root, authorized_keys_dir="/etc/ssh/authorized_keys")
+    run(config, s3)
+    del s3.objects["keys/bob.pub"]
+    result = sync(config, s3, FlakyBackend(root, {("lock", "bob"): "usermod: cannot lock /etc/shadow"}))
+    assert [f["user"] for f in result["failures"]] == ["bob"]
+    assert authorized_keys(root, "bob", "/etc/ssh/authorized_keys") is None  # key file gone regardless
+    result = run(config, s3)
+    assert result["users_locked"] == ["bob"] and result["failures"] == []
+
+
+def test_a_removed_users_uid_is_never_handed_to_a_new_user(root):
+    s3 = FakeS3()
+    put(s3, {"alice": ed25519_line("a")})
+    config = make_config(root, removal="remove", uid_min=20000, uid_max=20000, allow_empty=True)
+    run(config, s3)
+    del s3.objects["keys/alice.pub"]
+    put(s3, {"bob": ed25519_line("b")})
+    result = run(config, s3)
+    assert result["users_removed"] == ["alice"] and result["users_created"] == []
+    assert any(r["user"] == "bob" and "belongs to account 'alice'" in r["reason"] for r in result["rejected"])
+    result = run(config, s3)  # alice is gone from the host, her UID is not: files she owned may remain
+    assert result["users_created"] == []
+    assert any(r["user"] == "bob" and "removed user 'alice'" in r["reason"] for r in result["rejected"])
+    pinned = make_config(root, removal="remove", uid_min=20000, uid_max=20000, allow_empty=True,
+                         uid_overrides={"bob": 20001})
+    assert run(pinned, s3)["users_created"] == ["bob"]
+    assert directory_users(root)["users"]["bob"]["uid"] == 20001
+
+
+def test_locks_made_by_someone_else_are_never_undone(root):
+    seed_directory_user(root, "carol", 30000, groups=["fleetkeeper-keys"])
+    db_path = os.path.join(root, "etc", "fleetkeeper-users.json")
+    db = json.load(open(db_path, encoding="utf-8"))
+    db["users"]["carol"]["locked"] = True
+    json.dump(db, open(db_path, "w", encoding="utf-8"))
+    s3 = FakeS3()
+    put(s3, {"carol": ed25519_line("c"), "dave": ed25519_line("d")})
+    config = make_config(root)
+    result = run(config, s3)
+    assert result["users_unlocked"] == [] and result["users_locked_by_admin"] == ["carol"]
+    assert directory_users(root)["users"]["carol"]["locked"] is True
+    # a lock the sync made is undone when the object comes back
+    del s3.objects["keys/dave.pub"]
+    assert run(config, s3)["users_locked"] == ["dave"]
+    put(s3, {"dave": ed25519_line("d")})
+    result = run(config, s3)
+    assert result["users_unlocked"] == ["dave"] and directory_users(root)["users"]["carol"]["locked"] is True
+
+
+def test_groups_granted_by_the_sync_are_taken_back_when_the_configuration_drops_them(root):
+    s3 = FakeS3()
+    put(s3, {"alice": ed25519_line("a")})
+    db_path = os.path.join(root, "etc", "fleetkeeper-users.json")
+    os.makedirs(os.path.dirname(db_path))
+    json.dump({"users": {}, "groups": ["sudo"], "operations": []}, open(db_path, "w", encoding="utf-8"))
+    run(make_config(root, sudo_group="sudo"), s3)
+    db = json.load(open(db_path, encoding="utf-8"))
+    db["users"]["alice"]["groups"].append("docker")  # an administrator's grant
+    json.dump(db, open(db_path, "w", encoding="utf-8"))
+    result = run(make_config(root), s3)
+    assert result["users_groups_removed"] == [{"user": "alice", "groups": ["sudo"]}]
+    assert sorted(directory_users(root)["users"]["alice"]["groups"]) == ["alice", "docker", "fleetkeeper-keys"]
+    assert not run(make_config(root), s3)["changed"]
+
+
+# --- local files that must not be read ------------------------------------------------------------------------
+
+
+def _keys_path(root, name="alice"):
+    return os.path.join(root, "home", name, ".ssh", "authorized_keys")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "hardlink", "huge", "socket", "foreign-owner", "ssh-dir-fifo"])
+def test_unsafe_local_files_are_replaced_unread_in_per_user_mode(root, tmp_path, kind):
+    s3 = FakeS3()
+    put(s3, {"alice": ed25519_line("a")})
+    config = make_config(root)
+    run(config, s3)
+    path = _keys_path(root)
+    os.unlink(path)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "hardlink":
+        other = tmp_path / "elsewhere"
+        other.write_text("precious\n")
+        os.link(str(other), path)
+    elif kind == "huge":
+        with open(path, "wb") as handle:
+            handle.truncate(1 << 30)  # sparse 1 GiB
+    elif kind == "socket":
+        import socket
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(path)
+    elif kind == "foreign-owner":
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give the file another owner")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write("ssh-ed25519 AAAA planted\n")
+        os.chown(path, 54321, 54321)
+    else:
+        os.rmdir(os.path.dirname(path))
+        os.mkfifo(os.path.dirname(path))
+    put(s3, {"alice": ed25519_line("changed")})
+    started = time.monotonic()
+    result = run(config, s3)
+    assert time.monotonic() - started < 10
+    st = os.lstat(path)
+    assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size < 1000
+    assert authorized_keys(root, "alice").endswith(" changed\n")
+    if kind == "hardlink":
+        assert (tmp_path / "elsewhere").read_text() == "precious\n"
+    assert any(r["user"] == "alice" and "replaced" in r["reason"] for r in result["rejected"])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "hardlink", "huge"])
+def test_unsafe_local_files_are_refused_in_shared_user_mode_never_copied(root, tmp_path, kind):
+    seed_directory_user(root, "ec2-user", 1000)
+    ssh_dir = os.path.join(root, "home", "ec2-user", ".ssh")
+    os.makedirs(ssh_dir)
+    path = os.path.join(ssh_dir, "authorized_keys")
+    secret = tmp_path / "secret"
+    secret.write_text("root:$6$hash:...\n")
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "hardlink":
+        os.link(str(secret), path)
+    else:
+        with open(path, "wb") as handle:
+            handle.truncate(1 << 30)
+    s3 = FakeS3()
+    put(s3, {"alice": ed25519_line("a")})
+    result = run(make_config(root, mode="shared_user", shared_user="ec2-user"), s3)
+    assert [f["user"] for f in result["failures"]] == ["ec2-user"]
+    assert kind.replace("fifo", "FIFO").replace("hardlink", "hard link").replace("huge", "bytes") in \
+        result["failures"][0]["message"]
+    assert secret.read_text() == "root:$6$hash:...\n"
+    if kind == "hardlink":
+        assert os.stat(path).st_nlink == 2  # left alone, not read, not replaced
+
+
+# --- lock and state paths ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["symlink-file", "symlink-dir", "world-writable-dir", "foreign-dir"])
+def test_unsafe_lock_paths_are_refused_with_a_clear_message(tmp_path, root, kind):
+    lock_dir = os.path.join(root, "run", "fleetkeeper")
+    os.makedirs(os.path.dirname(lock_dir), exist_ok=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    if kind == "symlink-file":
+        os.mkdir(lock_dir, 0o700)
+        os.symlink(str(elsewhere / "target"), os.path.join(lock_dir, "keysync.lock"))
+    elif kind == "symlink-dir":
+        os.symlink(str(elsewhere), lock_dir)
+    elif kind == "world-writable-dir":
+        os.mkdir(lock_dir)
+        os.chmod(lock_dir, 0o1777)
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give the directory another owner")
+        os.mkdir(lock_dir, 0o700)
+        os.chown(lock_dir, 54321, 54321)
+    s3 = FakeS3()
+    put(s3, {"alice": ed25519_line("a")})
+    with pytest.raises(UnsafePathError):
+        run(make_config(root), s3)
+    assert not os.path.exists(elsewhere / "target")
+    out, err = io.StringIO(), io.StringIO()
+    path = write_config(tmp_path, root)
+    assert keysync_host.main(["--config", path], s3_factory=lambda c: s3, stdout=out, stderr=err) == 1
+    assert "refusing" in err.getvalue() or "only root can write" in err.getvalue()
+    assert "Traceback" not in err.getvalue() and directory_users(root) == {}
+
+
+def test_the_default_lock_lives_in_a_root_only_directory(root):
+    s3 = FakeS3()
+    put(s3, {"alice": ed25519_line("a")})
+    run(make_config(root), s3)
+    for directory in ("run/fleetkeeper", "var/lib/fleetkeeper-keysync"):
+        st = os.stat(os.path.join(root, directory))
+        assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid()
+
+
+# --- the system backend's process and group commands ----------------------------------------------------------
+
+
+def test_system_backend_ends_sessions_then_kills_whatever_remains(monkeypatch):
+    commands = []
+    backend = SystemUserBackend(runner=commands.append)
+    alive = {"pids": [101, 102]}
+    kills = []
+    monkeypatch.setattr(backend, "processes_of", lambda uid: list(alive["pids"]))
+    monkeypatch.setattr(backend, "logind_running", lambda: True)
+
+    def kill_all_as(uid, gid):
+        kills.append((uid, gid))
+        alive["pids"] = [103] if len(kills) == 1 else []   # one process respawned after the first kill
+
+    monkeypatch.setattr(backend, "kill_all_as", kill_all_as)
+    monkeypatch.setattr(os, "kill", lambda pid, sig: None)
+    assert backend.end_sessions("alice", 23456, 23456) is True
+    assert commands == [["loginctl", "terminate-user", "--", "alice"]] and kills == [(23456, 23456)] * 2
+    alive["pids"] = []
+    assert backend.end_sessions("alice", 23456, 23456) is False  # nothing running: nothing done
+    with pytest.raises(UserBackendError, match="system UID"):
+        backend.end_sessions("daemon", 1, 1)
+    backend.remove_groups("alice", ["sudo", "docker"])
+    assert commands[-2:] == [["gpasswd", "--delete", "alice", "sudo"], ["gpasswd", "--delete", "alice", "docker"]]
+
+
+def test_system_backend_reports_processes_that_survive(monkeypatch):
+    backend = SystemUserBackend(runner=lambda argv: None)
+    monkeypatch.setattr(backend, "processes_of", lambda uid: [4242])
+    monkeypatch.setattr(backend, "logind_running", lambda: False)
+    monkeypatch.setattr(backend, "kill_all_as", lambda uid, gid: None)
+    monkeypatch.setattr(backend, "KILL_ROUNDS", 2)
+    monkeypatch.setattr(os, "kill", lambda pid, sig: None)
+    with pytest.raises(UserBackendError, match="survived 2 rounds"):
+        backend.end_sessions("alice", 23456, 23456)
