@@ -89,11 +89,18 @@ def read_staged(stage: str, path: str) -> str:
 
 
 class CacheServer:
-    """named configured from the role's templates (Debian layout, paths moved into workdir), in a namespace."""
+    """named configured from the role's templates (Debian layout, paths moved into workdir), in a namespace.
 
-    def __init__(self, ns, workdir: str, overrides: dict | None = None, threads: int = 1, port: int = 53):
+    ``root``: the unpacked BIND to run (dnsservers.SERVER_ROOT, bookworm's, by default; dnsservers.BPO_ROOT
+    for 9.20 from bookworm-backports); the templates are rendered for that root's ``named -v``, as the role
+    renders them for the installed version. ``wrapper``: a command prefix such as ``("taskset", "-c", "0")``.
+    """
+
+    def __init__(self, ns, workdir: str, overrides: dict | None = None, threads: int = 1, port: int = 53,
+                 root: str | None = None, wrapper: tuple = ()):
         from tests.support import dnsservers
 
+        root = root or dnsservers.SERVER_ROOT
         self.ns, self.dir, self.port = ns, workdir, port
         os.makedirs(os.path.join(workdir, "cache"), exist_ok=True)
         values = {
@@ -105,12 +112,14 @@ class CacheServer:
             "dns_cache_port": port,
         }
         values.update(overrides or {})
-        version = dnsservers.named_version().split("-")[0]
+        version = dnsservers.named_version(root).split("-")[0]
         staged = render_named_conf({"cache": {"family": "Debian", "overrides": values, "version": version,
                                               "absolute": True}}, workdir)
         _stage, self.conf, self.values = staged["cache"]
         self.log = os.path.join(workdir, "named.log")
-        self.proc = ns.popen([dnsservers.binary_path("named"), "-g", "-n", str(threads), "-c", self.conf],
+        self.proc = ns.popen([*wrapper, dnsservers.binary_path("named", root), "-g", "-n", str(threads),
+                              "-c", self.conf],
+                             env=dnsservers.server_env(root),
                              stdout=open(self.log, "w", encoding="utf-8"),  # noqa: SIM115
                              stderr=subprocess.STDOUT)
         dnsservers.wait_udp_dns(ns, "127.0.0.1", port, "localhost.")
