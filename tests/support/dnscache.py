@@ -122,7 +122,12 @@ class CacheServer:
                              env=dnsservers.server_env(root),
                              stdout=open(self.log, "w", encoding="utf-8"),  # noqa: SIM115
                              stderr=subprocess.STDOUT)
-        dnsservers.wait_udp_dns(ns, "127.0.0.1", port, "localhost.")
+        try:
+            dnsservers.wait_udp_dns(ns, "127.0.0.1", port, "localhost.")
+        except dnsservers.DnsServerError as exc:
+            self.stop()
+            with open(self.log, encoding="utf-8", errors="replace") as handle:
+                raise dnsservers.DnsServerError("%s; named's log ends:\n%s" % (exc, handle.read()[-2000:])) from exc
 
     def stop(self) -> None:
         self.ns.stop(self.proc)
