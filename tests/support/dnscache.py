@@ -77,10 +77,14 @@ def render_named_conf(cases: dict, workdir: str) -> dict:
     return staged
 
 
-def checkconf(stage: str, main_conf: str, checkconf_bin: str | None = None) -> subprocess.CompletedProcess:
-    """named-checkconf on the staged tree as it will be loaded (chrooted into the stage, as the role does)."""
+def checkconf(stage: str, main_conf: str, checkconf_bin: str | None = None,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """named-checkconf on the staged tree as it will be loaded (chrooted into the stage, as the role does).
+
+    ``checkconf_bin``/``env``: another BIND's checker, such as 9.20's unpacked by tests.support.dnsservers.
+    """
     binary = checkconf_bin or shutil.which("named-checkconf") or "/usr/bin/named-checkconf"
-    return subprocess.run([binary, "-t", stage, main_conf], capture_output=True, text=True, check=False)
+    return subprocess.run([binary, "-t", stage, main_conf], capture_output=True, text=True, check=False, env=env)
 
 
 def read_staged(stage: str, path: str) -> str:
@@ -117,13 +121,19 @@ class CacheServer:
                                               "absolute": True}}, workdir)
         _stage, self.conf, self.values = staged["cache"]
         self.log = os.path.join(workdir, "named.log")
-        self.proc = ns.popen([*wrapper, dnsservers.binary_path("named", root), "-g", "-n", str(threads),
-                              "-c", self.conf],
-                             env=dnsservers.server_env(root),
-                             stdout=open(self.log, "w", encoding="utf-8"),  # noqa: SIM115
-                             stderr=subprocess.STDOUT)
+        self.argv = [*wrapper, dnsservers.binary_path("named", root), "-g", "-n", str(threads), "-c", self.conf]
+        self.env = dnsservers.server_env(root)
+        self.start()
+
+    def start(self) -> None:
+        """Start named on the rendered configuration (again after stop(): an empty cache, same files)."""
+        from tests.support import dnsservers
+
+        self.proc = self.ns.popen(self.argv, env=self.env,
+                                  stdout=open(self.log, "w", encoding="utf-8"),  # noqa: SIM115
+                                  stderr=subprocess.STDOUT)
         try:
-            dnsservers.wait_udp_dns(ns, "127.0.0.1", port, "localhost.")
+            dnsservers.wait_udp_dns(self.ns, "127.0.0.1", self.port, "localhost.")
         except dnsservers.DnsServerError as exc:
             self.stop()
             with open(self.log, encoding="utf-8", errors="replace") as handle:

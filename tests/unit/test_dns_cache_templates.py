@@ -10,11 +10,13 @@ the main file with every include resolved inside the stage (Debian's
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 
 import pytest
 
+from tests.support import dnsservers
 from tests.support.dnscache import checkconf, read_staged, render_named_conf
 
 pytestmark = pytest.mark.skipif(shutil.which("named-checkconf") is None,
@@ -175,3 +177,16 @@ def test_fetch_limits_gated_on_bind_914(rendered):
     assert "fetches-per-" not in text
     lines = statements(text)
     assert "clients-per-query 10;" in lines and "max-clients-per-query 100;" in lines
+
+
+BPO_CHECKCONF = dnsservers.binary_path("named-checkconf", dnsservers.BPO_ROOT)
+
+
+@pytest.mark.skipif(not os.path.exists(BPO_CHECKCONF),
+                    reason="BIND 9.20 not unpacked (python -m tests.support.dnsservers fetch-backports)")
+@pytest.mark.parametrize("case", ["fetch_limits_bind920", "fetch_limits"])
+def test_bind_920_checkconf_accepts(rendered, case):
+    """9.20 (bookworm-backports, Debian 13) removed options 9.18 still takes: its own checker reads the files."""
+    stage, main, _values = rendered[case]
+    result = checkconf(stage, main, BPO_CHECKCONF, dnsservers.server_env(dnsservers.BPO_ROOT))
+    assert result.returncode == 0, result.stdout + result.stderr
