@@ -44,6 +44,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,6 +62,11 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils import dns_cache_s
 ZONE = "bench.example"
 UP_ADDR, CLIENT_ADDR = "198.18.54.2", "198.18.54.1"
 LIMIT_PPS = 1024
+# Cores: the server under test alone on one, dnsperf (and the upstream, busy only
+# while a cache fills) on the other. Both at nice -10, so that other work on a
+# shared machine takes less of the phases (each a few seconds long).
+SERVER_CPU = ("nice", "-n", "-10", "taskset", "-c", "0")
+CLIENT_CPU = ("nice", "-n", "-10", "taskset", "-c", "1")
 DEFAULT_OUTPUT = os.path.join(ROOT, "benchmarks", "results", "dns_cache.json")
 NAMES, NX_NAMES = 5000, 250
 
@@ -83,6 +90,49 @@ def make_queries(path: str, count: int, seed: int = 8) -> dict:
     nx = sum(1 for name in picks if name.startswith("nx"))
     return {"queries_in_file": count, "distinct_names": len(set(picks)), "nxdomain_share": round(nx / count, 4),
             "population": len(population), "zipf_s": 1.0}
+
+
+def paced_cache_floor(queries: str, rate: int, seconds: int, limit: int = LIMIT_PPS, burst: int = 100,
+                      timeout: float = 2.0) -> dict:
+    """Failures in the cold-start phase of a model cache that paces itself perfectly (computed, not measured).
+
+    The model replays the same query file at ``rate`` for ``seconds``: each name's first miss joins a
+    FIFO queue; the queue is sent upstream exactly as fast as the limit's token bucket (``limit`` per
+    second, ``burst``) allows, so nothing is ever dropped or retried; an upstream answer is instant; a
+    client query fails when its name's answer comes more than ``timeout`` after it was asked. This is
+    the floor for any cache that asks each name once and never exceeds the limit: a real server that
+    sends faster loses packets to the limit, one that refuses (fetch quotas) fails the refused queries.
+    """
+    with open(queries, encoding="utf-8") as handle:
+        names = [line.split()[0] for _, line in zip(range(rate * seconds), handle)]
+    answered: dict = {}  # name -> time its answer arrived
+    queued: set = set()
+    queue: list = []
+    misses: list = []  # (name, time asked) of queries that found no answer
+    head, tokens, last = 0, float(burst), 0.0
+    for i, name in enumerate(names):
+        now = i / rate
+        tokens = min(float(burst), tokens + (now - last) * limit)
+        last = now
+        while head < len(queue) and tokens >= 1:
+            answered[queue[head]] = now
+            head, tokens = head + 1, tokens - 1
+        if name in answered:
+            continue
+        if name not in queued:
+            queued.add(name)
+            queue.append(name)
+        misses.append((name, now))
+    end = len(names) / rate
+    while head < len(queue):  # the rest of the queue drains after the phase
+        end += 1.0 / limit
+        answered[queue[head]] = end
+        head += 1
+    failed = sum(1 for name, asked in misses if answered[name] - asked > timeout)
+    return {"model": "perfectly paced FIFO cache, %d/s burst %d, instant upstream, %.0f s client timeout"
+                     % (limit, burst, timeout),
+            "queries": len(names), "failed": failed, "failed_share": round(failed / len(names), 5),
+            "upstream_queries": len(queue)}
 
 
 def nft_setup(ns: dnsservers.Netns) -> None:
@@ -121,15 +171,27 @@ class Target:
 
 
 class BindTarget(Target):
+    """BIND configured from the role's own templates and defaults (plus --bind-option overrides)."""
+
     name = "bind"
 
-    def __init__(self, ns, work, overrides=None):
+    def __init__(self, ns, work, overrides=None, name="bind", root=None):
         self.ns, self.work, self.overrides = ns, work, overrides or {}
+        self.name, self.root = name, root or dnsservers.SERVER_ROOT
+        self.version = dnsservers.named_version(self.root)
+
+    server_proc = None
 
     def start(self):
-        self.server_proc = CacheServer(self.ns, os.path.join(self.work, "bind"),
+        # Rendered once (an ansible-playbook run); every start after that is named again on the same
+        # files, with an empty cache (BIND keeps its cache in memory only).
+        if self.server_proc is not None:
+            self.server_proc.start()
+            return
+        workdir = os.path.join(self.work, self.name)
+        self.server_proc = CacheServer(self.ns, workdir,
                                        dict({"dns_cache_upstreams": [{"address": UP_ADDR, "port": 53}]},
-                                            **self.overrides), threads=1)
+                                            **self.overrides), threads=1, root=self.root, wrapper=SERVER_CPU)
 
     def stop(self):
         self.server_proc.stop()
@@ -181,7 +243,7 @@ forward-zone:
 """ % {"dir": self.dir, "up": UP_ADDR})
 
     def start(self):
-        self.proc = self.ns.popen([dnsservers.binary_path("unbound"), "-d", "-c", self.conf],
+        self.proc = self.ns.popen([*SERVER_CPU, dnsservers.binary_path("unbound"), "-d", "-c", self.conf],
                                   stdout=open(os.path.join(self.dir, "log"), "w", encoding="utf-8"),  # noqa: SIM115
                                   stderr=subprocess.STDOUT)
         dnsservers.wait_udp_dns(self.ns, "127.0.0.1", 53)
@@ -205,7 +267,7 @@ class DnsmasqTarget(Target):
         os.makedirs(self.dir, exist_ok=True)
 
     def start(self):
-        self.proc = self.ns.popen([dnsservers.binary_path("dnsmasq"), "-k", "--conf-file=/dev/null", "--no-resolv",
+        self.proc = self.ns.popen([*SERVER_CPU, dnsservers.binary_path("dnsmasq"), "-k", "--conf-file=/dev/null", "--no-resolv",
                                    "--no-hosts", "--server=%s" % UP_ADDR, "--listen-address=127.0.0.1",
                                    "--bind-interfaces", "--port=53", "--cache-size=10000", "--user=root",
                                    "--pid-file=%s/pid" % self.dir],
@@ -237,7 +299,7 @@ def dnsperf(ns, target, queries, duration, qps=None, verbose=False, runs=None):
     window = min(65000, max(500, int(qps * 2.2))) if qps else 500
     # Two client threads: with one, dnsperf itself could not send, receive and (with -v) print 50,000
     # queries a second on this machine, and lost about 7% of them whichever server answered.
-    argv = ["dnsperf", "-s", target.server, "-d", queries, "-l", str(duration), "-t", "2", "-q", str(window),
+    argv = [*CLIENT_CPU, "dnsperf", "-s", target.server, "-d", queries, "-l", str(duration), "-t", "2", "-q", str(window),
             "-c", "4", "-T", "2"]
     if qps:
         argv += ["-Q", str(qps)]
@@ -258,7 +320,10 @@ def dnsperf(ns, target, queries, duration, qps=None, verbose=False, runs=None):
         line = text.split("Response codes:")[-1].splitlines()[0]
         rcodes = {code: int(n) for code, n in re.findall(r"([A-Z]+) (\d+) \(", line)}
     result["rcodes"] = rcodes
-    result["failed"] = int(result["lost"]) + rcodes.get("SERVFAIL", 0)
+    # Failed: no answer within the timeout, or an answer other than the two a client can use
+    # (NOERROR; NXDOMAIN for the names that do not exist): SERVFAIL, but also REFUSED from a server
+    # that refuses what it cannot forward at once.
+    result["failed"] = int(result["lost"]) + sum(n for code, n in rcodes.items() if code not in ("NOERROR", "NXDOMAIN"))
     if verbose:
         latencies = sorted(float(m.group(2)) for m in map(LINE.match, text.splitlines()) if m)
         if latencies:
@@ -269,8 +334,10 @@ def dnsperf(ns, target, queries, duration, qps=None, verbose=False, runs=None):
     return result
 
 
-def measure(ns_client, ns_up, target, queries, args):
-    out = {"target": target.name}
+def measure(ns_client, ns_up, target, queries, args, loads=(), phases=None):
+    """One round for one target, started afresh (cold): cold start, priming, saturation, then ``loads``."""
+    phases = args.phases if phases is None else phases
+    out = {"target": target.name, "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
     target.start()
     try:
         def snapshot():
@@ -281,10 +348,12 @@ def measure(ns_client, ns_up, target, queries, args):
         def delta(before, after, run):
             seconds = after["t"] - before["t"]
             item = dict(run)
+            item["upstream_queries"] = after["up_offered"] - before["up_offered"]
             item["upstream_qps"] = round((after["up_offered"] - before["up_offered"]) / seconds, 1)
             item["upstream_dropped"] = after["up_dropped"] - before["up_dropped"]
             item["upstream_share_of_offered"] = (round((after["up_offered"] - before["up_offered"]) / run["sent"], 5)
                                                  if run["sent"] else None)
+            item["failed_share"] = round(run["failed"] / run["sent"], 5) if run["sent"] else None
             if before["cache"] is not None:
                 hits = after["cache"][0] - before["cache"][0]
                 misses = after["cache"][1] - before["cache"][1]
@@ -295,15 +364,19 @@ def measure(ns_client, ns_up, target, queries, args):
             before = snapshot()
             run = dnsperf(ns_client, target, queries, args.warmup, qps=25000)
             out["cold_start"] = delta(before, snapshot(), run)
+            if "saturation" not in phases and not loads:
+                return out
             # Then every name once, under the upstream's limit, so that saturation and the
             # fixed loads measure a warm cache (the steady state of a long-running host).
             prime = dnsperf(ns_client, target, queries + ".all", 60, qps=900, runs=1)
             out["priming"] = {"sent": prime["sent"], "failed": prime["failed"]}
-        before = snapshot()
-        run = dnsperf(ns_client, target, queries, args.duration)
-        out["saturation"] = delta(before, snapshot(), run)
-        out["loads"] = []
-        for load in args.loads:
+        if "saturation" in phases:
+            before = snapshot()
+            run = dnsperf(ns_client, target, queries, args.duration)
+            out["saturation"] = delta(before, snapshot(), run)
+        if loads:
+            out["loads"] = []
+        for load in loads:
             before = snapshot()
             run = dnsperf(ns_client, target, queries, args.duration, qps=load, verbose=True)
             item = delta(before, snapshot(), run)
@@ -317,6 +390,56 @@ def measure(ns_client, ns_up, target, queries, args):
     return out
 
 
+def spread(values) -> dict | None:
+    """Median and range of a list of numbers (None when empty)."""
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    return {"median": round(statistics.median(values), 4), "min": round(values[0], 4),
+            "max": round(values[-1], 4), "n": len(values)}
+
+
+def summarize(results) -> dict:
+    """Per target: median and range over the rounds of saturation q/s, cold-start failures and upstream
+    queries; and the per-round ratio of each BIND to unbound (paired within a round, so the load other
+    work puts on the machine at that moment hits both sides)."""
+    summary = {}
+    by_target: dict = {}
+    for rnd in results["rounds"]:
+        for res in rnd["targets"]:
+            by_target.setdefault(res["target"], []).append(res)
+    for name, runs in by_target.items():
+        item = {}
+        if any("saturation" in r for r in runs):
+            item["saturation_qps"] = spread(r["saturation"]["qps"] for r in runs if "saturation" in r)
+        if any("cold_start" in r for r in runs):
+            item["cold_start_failed_share"] = spread(r["cold_start"]["failed_share"] for r in runs
+                                                     if "cold_start" in r)
+            item["cold_start_upstream_queries"] = spread(r["cold_start"]["upstream_queries"] for r in runs
+                                                         if "cold_start" in r)
+            item["cold_start_upstream_dropped"] = spread(r["cold_start"]["upstream_dropped"] for r in runs
+                                                         if "cold_start" in r)
+        summary[name] = item
+    ratios = {}
+    for name in by_target:
+        if not name.startswith("bind") or "unbound" not in by_target:
+            continue
+        per_round = []
+        for rnd in results["rounds"]:
+            sat = {r["target"]: r["saturation"]["qps"] for r in rnd["targets"] if "saturation" in r}
+            if name in sat and sat.get("unbound"):
+                per_round.append(sat[name] / sat["unbound"])
+        if per_round:
+            ratios["%s_vs_unbound_saturation" % name] = spread(per_round)
+    summary["ratios"] = ratios
+    return summary
+
+
+def load_runs(results) -> list:
+    """The fixed-load series (run in the last round), one entry per target."""
+    return [res for rnd in results["rounds"] for res in rnd["targets"] if res.get("loads")]
+
+
 def plot(results, path):
     try:
         import matplotlib
@@ -325,8 +448,8 @@ def plot(results, path):
     except ImportError:
         print("matplotlib not installed (pip install -r requirements-bench.txt): no plot")
         return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for res in results["targets"]:
+    fig, ((ax1, ax2), (ax3, ax4)) = plt.subplots(2, 2, figsize=(12, 9))
+    for res in load_runs(results):
         loads = [item["offered_qps"] for item in res["loads"]]
         ax1.plot(loads, [max(item["failed"] / max(item["sent"], 1) * 100, 0.001) for item in res["loads"]],
                  marker="o", label=res["target"])
@@ -336,37 +459,69 @@ def plot(results, path):
         ax.set_yscale("log")
         ax.set_xlabel("offered load (queries/s)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
     ax1.set_ylabel("failed queries (% of sent; 0 drawn at 0.001)")
-    ax1.set_title("Failed queries (lost + SERVFAIL)")
+    ax1.set_title("Failed queries (lost + SERVFAIL), warm cache")
     ax2.axhline(LIMIT_PPS, color="grey", linestyle="--", label="upstream limit")
     ax2.set_ylabel("queries/s reaching the upstream")
     ax2.set_title("Upstream load (limit %d packets/s)" % LIMIT_PPS)
+    names = [name for name in results["summary"] if name != "ratios"]
+    for ax, key, title, scale in (
+            (ax3, "saturation", "Saturation throughput per round (bar: median)", 1.0),
+            (ax4, "cold_start", "Cold start: failed %% of client queries, first %d s at 25,000 q/s"
+             % results["warmup_seconds"], 100.0)):
+        for pos, name in enumerate(names):
+            values = [r[key]["failed_share" if key == "cold_start" else "qps"] * scale
+                      for rnd in results["rounds"] for r in rnd["targets"] if r["target"] == name and key in r]
+            if not values:
+                continue
+            ax.scatter([pos] * len(values), values, alpha=0.6)
+            ax.hlines(statistics.median(values), pos - 0.3, pos + 0.3, color="black")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names)
+        ax.set_title(title)
+        ax.grid(True, axis="y", alpha=0.3)
+    ax3.set_ylabel("queries/s answered")
+    ax4.set_ylabel("failed (% of sent)")
+    ax4.axhline(1.0, color="grey", linestyle="--", label="target 1%")
+    for ax in (ax1, ax2, ax4):
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
+def _fmt(item, fmt="%.0f", scale=1.0) -> str:
+    if not item:
+        return "-"
+    return (fmt + " (" + fmt + "-" + fmt + ")") % (item["median"] * scale, item["min"] * scale, item["max"] * scale)
+
+
 def markdown(results) -> str:
     """The figures as Markdown tables (written into RESULTS.md between its figure markers)."""
-    out = ["Run: %s, BIND %s, %d CPUs, %d s per phase, one worker thread per server, upstream limit %d packets/s."
-           % (results.get("date", "?"), results["bind_version"], results["cpus"], results["phase_seconds"],
-              results["upstream_limit_pps"]), ""]
-    out += ["| target | saturation q/s | failed at saturation | cold start: upstream queries / client queries "
-            "(first %d s at 25,000 q/s) | hit ratio (cold) |" % results["warmup_seconds"],
-            "|---|---:|---:|---|---:|"]
-    for res in results["targets"]:
-        sat, cold = res["saturation"], res.get("cold_start")
-        cold_text = "-"
-        if cold:
-            upstream = round(cold["upstream_qps"] * results["warmup_seconds"])
-            cold_text = "%d / %d (%d failed)" % (upstream, cold["sent"], cold["failed"])
-        hit_ratio = cold.get("hit_ratio", "-") if cold else "-"
-        out.append("| %s | %.0f | %d | %s | %s |" % (res["target"], sat["qps"], sat["failed"], cold_text, hit_ratio))
-    if "bind_vs_best_peer_saturation" in results:
-        out += ["", "BIND / best peer at saturation: **%.2f**" % results["bind_vs_best_peer_saturation"]]
-    out += ["", "| target | offered q/s | answered q/s | p50 ms | p99 ms | failed (% of sent) | upstream q/s "
-            "(% of offered) | dropped by the limit | hit ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for res in results["targets"]:
+    versions = ", ".join("%s = BIND %s" % (k, v) for k, v in sorted(results["bind_versions"].items()))
+    out = ["Run: %s, %s, %d CPUs (server pinned to CPU 0, dnsperf to CPU 1), %d rounds with the targets "
+           "interleaved, %d s per phase, one worker thread per server, upstream limit %d packets/s. "
+           "Load average at the start of the rounds %s-%s (other work on the machine)."
+           % (results.get("date", "?"), versions, results["cpus"], len(results["rounds"]), results["phase_seconds"],
+              results["upstream_limit_pps"], results["load_average_range"][0], results["load_average_range"][1]),
+           "", "Median (min-max) over the rounds.", ""]
+    out += ["| target | saturation q/s | cold start: failed %% (first %d s at 25,000 q/s) | cold start: upstream "
+            "queries | cold start: dropped by the limit |" % results["warmup_seconds"], "|---|---:|---:|---:|---:|"]
+    for name, item in results["summary"].items():
+        if name == "ratios":
+            continue
+        out.append("| %s | %s | %s | %s | %s |" % (
+            name, _fmt(item.get("saturation_qps")), _fmt(item.get("cold_start_failed_share"), "%.2f", 100.0),
+            _fmt(item.get("cold_start_upstream_queries")), _fmt(item.get("cold_start_upstream_dropped"))))
+    if results["summary"].get("ratios"):
+        out += ["", "| ratio at saturation (per round) | median (min-max) |", "|---|---:|"]
+        for name, item in results["summary"]["ratios"].items():
+            out.append("| %s | %s |" % (name.replace("_saturation", "").replace("_", " "), _fmt(item, "%.3f")))
+    runs = load_runs(results)
+    if runs:
+        out += ["", "Fixed offered loads (last round, warm cache):", "",
+                "| target | offered q/s | answered q/s | p50 ms | p99 ms | failed (% of sent) | upstream q/s "
+                "(% of offered) | dropped by the limit | hit ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for res in runs:
         for item in res["loads"]:
             share = item.get("upstream_share_of_offered")
             out.append("| %s | %d | %.0f | %s | %s | %d (%.2f%%) | %.1f (%s) | %d | %s |" % (
@@ -392,26 +547,44 @@ def update_results_md(results, path) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n", maxsplit=1)[0])
-    parser.add_argument("--quick", action="store_true", help="2 s phases and fewer loads, for development")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 3 s phases and fewer loads, for development")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (every target once per round)")
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=15)
+    parser.add_argument("--phases", default="cold,saturation",
+                        help="cold (always, for caches) and saturation; fixed loads follow in the last round")
     parser.add_argument("--loads", default="500,1000,2000,5000,10000,25000,50000",
-                        help="offered loads in queries/s, comma-separated, or none (saturation only)")
-    parser.add_argument("--targets", default="bind,unbound,dnsmasq,direct")
+                        help="offered loads in queries/s (last round only), comma-separated, or none")
+    parser.add_argument("--targets", default="bind,bind920,unbound,dnsmasq,direct",
+                        help="bind (bookworm's 9.18), bind920 (bookworm-backports' 9.20), unbound, dnsmasq, direct")
     parser.add_argument("--output", default=DEFAULT_OUTPUT)
     parser.add_argument("--bind-option", action="append", default=[],
                         help="extra role variable for BIND as name=json-value (tuning experiments)")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="one more BIND 9.18 target, interleaved with the others, as NAME=json-object of role "
+                             "variables (e.g. 'fps64={\"dns_cache_fetches_per_server\": 64}'); "
+                             "NAME@920=... runs BIND 9.20")
+    parser.add_argument("--variant-phases", default="cold",
+                        help="phases for the variants: cold, or cold,saturation (no fixed loads)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.duration, args.warmup = 2, 3
+        args.duration, args.warmup, args.rounds = 3, 3, 2
         args.loads = "1000,10000,50000"
     args.loads = [] if args.loads == "none" else [int(x) for x in args.loads.split(",")]
+    args.phases = args.phases.split(",")
     if os.geteuid() != 0:
         sys.exit("run as root (network namespaces)")
-    for tool in ("dnsperf", "nft", "dig", "ip"):
+    # SIGTERM (timeout, kill) unwinds through the finally below: namespaces and servers go too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
+    if (os.cpu_count() or 1) < 2:
+        sys.exit("needs two CPUs: the server on one, dnsperf on the other")
+    for tool in ("dnsperf", "nft", "dig", "ip", "taskset"):
         if not shutil.which(tool):
-            sys.exit("%s is missing (Debian packages dnsperf, nftables, bind9-dnsutils, iproute2)" % tool)
+            sys.exit("%s is missing (Debian packages dnsperf, nftables, bind9-dnsutils, iproute2, util-linux)" % tool)
+    names = args.targets.split(",")
     dnsservers.fetch_servers()
+    if "bind920" in names:
+        dnsservers.fetch_bind_backports()
     overrides = {}
     for item in args.bind_option:
         key, value = item.split("=", 1)
@@ -419,35 +592,59 @@ def main(argv=None):
     work = tempfile.mkdtemp(prefix="fk-dns-bench-")
     queries = os.path.join(work, "queries.txt")
     mix = make_queries(queries, 1000000)
+    floor = paced_cache_floor(queries, 25000, args.warmup)
     client = dnsservers.Netns("bc")
     upstream_ns = dnsservers.Netns("bu")
-    results = {"tool": "dnsperf 2.10 (-c 4 -T 2 -t 2; -q 500 at saturation, 2.2 x load at fixed loads)", "bind_version": dnsservers.named_version(),
-               "query_mix": mix, "upstream_limit_pps": LIMIT_PPS, "phase_seconds": args.duration,
-               "warmup_seconds": args.warmup, "worker_threads": 1, "bind_overrides": overrides,
-               "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "load_average_at_start": os.getloadavg(), "targets": []}
+    results = {"tool": "dnsperf 2.10 (-c 4 -T 2 -t 2; -q 500 at saturation, 2.2 x load at fixed loads)",
+               "bind_versions": {}, "query_mix": mix, "upstream_limit_pps": LIMIT_PPS,
+               "phase_seconds": args.duration, "warmup_seconds": args.warmup, "worker_threads": 1,
+               "pinning": {"server": " ".join(SERVER_CPU), "client": " ".join(CLIENT_CPU)},
+               "bind_overrides": overrides, "cpus": os.cpu_count(), "cold_start_floor_model": floor,
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": []}
     try:
         dnsservers.veth_link(client, upstream_ns, CLIENT_ADDR, UP_ADDR)
         upstream = dnsservers.AuthServer(upstream_ns, UP_ADDR, ZONE, make_records(), workdir=os.path.join(work, "up"),
-                                         threads=1)
+                                         threads=1, wrapper=CLIENT_CPU)
         nft_setup(upstream_ns)
-        makers = {"bind": lambda: BindTarget(client, work, overrides), "unbound": lambda: UnboundTarget(client, work),
+        makers = {"bind": lambda: BindTarget(client, work, overrides),
+                  "bind920": lambda: BindTarget(client, work, overrides, "bind920", dnsservers.BPO_ROOT),
+                  "unbound": lambda: UnboundTarget(client, work),
                   "dnsmasq": lambda: DnsmasqTarget(client, work), "direct": DirectTarget}
-        for name in args.targets.split(","):
-            print("== %s" % name, flush=True)
-            res = measure(client, upstream_ns, makers[name](), queries, args)
-            print("  saturation %.0f q/s" % res["saturation"]["qps"], flush=True)
-            results["targets"].append(res)
+        targets = [makers[name]() for name in names]
+        results["variants"] = {}
+        for item in args.variant:
+            label, value = item.split("=", 1)
+            root = dnsservers.SERVER_ROOT
+            if label.endswith("@920"):
+                label, root = label[:-4] + "-920", dnsservers.BPO_ROOT
+                dnsservers.fetch_bind_backports()
+            results["variants"]["bind-" + label] = json.loads(value)
+            targets.append(BindTarget(client, work, dict(overrides, **json.loads(value)), "bind-" + label, root))
+        for target in targets:
+            if isinstance(target, BindTarget):
+                results["bind_versions"][target.name] = target.version
+        for number in range(args.rounds):
+            last = number == args.rounds - 1
+            rnd = {"round": number + 1, "targets": []}
+            for target in targets:
+                print("== round %d: %s" % (number + 1, target.name), flush=True)
+                variant = target.name in results["variants"]
+                res = measure(client, upstream_ns, target, queries, args, loads=args.loads if last and not variant else (),
+                              phases=args.variant_phases.split(",") if variant else None)
+                print("  cold failed %s, saturation %s q/s, load %s" % (
+                    res.get("cold_start", {}).get("failed_share"), res.get("saturation", {}).get("qps"),
+                    res["load_average_at_start"]), flush=True)
+                rnd["targets"].append(res)
+            results["rounds"].append(rnd)
         upstream.stop()
     finally:
         client.close()
         upstream_ns.close()
         shutil.rmtree(work, ignore_errors=True)
-    sat = {res["target"]: res["saturation"]["qps"] for res in results["targets"]}
-    peers = [sat[name] for name in ("unbound", "dnsmasq") if name in sat]
-    if "bind" in sat and peers:
-        results["bind_vs_best_peer_saturation"] = round(sat["bind"] / max(peers), 3)
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    loads = [r["load_average_at_start"][0] for rnd in results["rounds"] for r in rnd["targets"]]
+    results["load_average_range"] = [min(loads), max(loads)]
+    results["summary"] = summarize(results)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2, sort_keys=True)
         handle.write("\n")

@@ -77,10 +77,14 @@ def render_named_conf(cases: dict, workdir: str) -> dict:
     return staged
 
 
-def checkconf(stage: str, main_conf: str, checkconf_bin: str | None = None) -> subprocess.CompletedProcess:
-    """named-checkconf on the staged tree as it will be loaded (chrooted into the stage, as the role does)."""
+def checkconf(stage: str, main_conf: str, checkconf_bin: str | None = None,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """named-checkconf on the staged tree as it will be loaded (chrooted into the stage, as the role does).
+
+    ``checkconf_bin``/``env``: another BIND's checker, such as 9.20's unpacked by tests.support.dnsservers.
+    """
     binary = checkconf_bin or shutil.which("named-checkconf") or "/usr/bin/named-checkconf"
-    return subprocess.run([binary, "-t", stage, main_conf], capture_output=True, text=True, check=False)
+    return subprocess.run([binary, "-t", stage, main_conf], capture_output=True, text=True, check=False, env=env)
 
 
 def read_staged(stage: str, path: str) -> str:
@@ -89,11 +93,18 @@ def read_staged(stage: str, path: str) -> str:
 
 
 class CacheServer:
-    """named configured from the role's templates (Debian layout, paths moved into workdir), in a namespace."""
+    """named configured from the role's templates (Debian layout, paths moved into workdir), in a namespace.
 
-    def __init__(self, ns, workdir: str, overrides: dict | None = None, threads: int = 1, port: int = 53):
+    ``root``: the unpacked BIND to run (dnsservers.SERVER_ROOT, bookworm's, by default; dnsservers.BPO_ROOT
+    for 9.20 from bookworm-backports); the templates are rendered for that root's ``named -v``, as the role
+    renders them for the installed version. ``wrapper``: a command prefix such as ``("taskset", "-c", "0")``.
+    """
+
+    def __init__(self, ns, workdir: str, overrides: dict | None = None, threads: int = 1, port: int = 53,
+                 root: str | None = None, wrapper: tuple = ()):
         from tests.support import dnsservers
 
+        root = root or dnsservers.SERVER_ROOT
         self.ns, self.dir, self.port = ns, workdir, port
         os.makedirs(os.path.join(workdir, "cache"), exist_ok=True)
         values = {
@@ -105,15 +116,28 @@ class CacheServer:
             "dns_cache_port": port,
         }
         values.update(overrides or {})
-        version = dnsservers.named_version().split("-")[0]
+        version = dnsservers.named_version(root).split("-")[0]
         staged = render_named_conf({"cache": {"family": "Debian", "overrides": values, "version": version,
                                               "absolute": True}}, workdir)
         _stage, self.conf, self.values = staged["cache"]
         self.log = os.path.join(workdir, "named.log")
-        self.proc = ns.popen([dnsservers.binary_path("named"), "-g", "-n", str(threads), "-c", self.conf],
-                             stdout=open(self.log, "w", encoding="utf-8"),  # noqa: SIM115
-                             stderr=subprocess.STDOUT)
-        dnsservers.wait_udp_dns(ns, "127.0.0.1", port, "localhost.")
+        self.argv = [*wrapper, dnsservers.binary_path("named", root), "-g", "-n", str(threads), "-c", self.conf]
+        self.env = dnsservers.server_env(root)
+        self.start()
+
+    def start(self) -> None:
+        """Start named on the rendered configuration (again after stop(): an empty cache, same files)."""
+        from tests.support import dnsservers
+
+        self.proc = self.ns.popen(self.argv, env=self.env,
+                                  stdout=open(self.log, "w", encoding="utf-8"),  # noqa: SIM115
+                                  stderr=subprocess.STDOUT)
+        try:
+            dnsservers.wait_udp_dns(self.ns, "127.0.0.1", self.port, "localhost.")
+        except dnsservers.DnsServerError as exc:
+            self.stop()
+            with open(self.log, encoding="utf-8", errors="replace") as handle:
+                raise dnsservers.DnsServerError("%s; named's log ends:\n%s" % (exc, handle.read()[-2000:])) from exc
 
     def stop(self) -> None:
         self.ns.stop(self.proc)

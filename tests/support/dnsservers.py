@@ -11,7 +11,16 @@ between two such namespaces; every namespace is deleted when its owner closes.
 
 Needs root (network namespaces), ``ip`` and ``apt-get``.
 
+BIND 9.20 (Debian's bookworm-backports build) is unpacked the same way into a
+root of its own (``$FK_CACHE/dns-servers/bind-backports``): apt reads the
+backports suite through a private sources list and package lists under
+``$FK_CACHE/apt-backports``, so this machine's apt configuration and its
+installed packages are never touched. The backports build links against
+bookworm's libraries, so only ``liburcu8`` (not on the controller) is added
+from bookworm itself.
+
     python -m tests.support.dnsservers fetch     # download and unpack the servers
+    python -m tests.support.dnsservers fetch-backports   # BIND 9.20 from bookworm-backports
 """
 
 from __future__ import annotations
@@ -34,7 +43,13 @@ DEB_DIR = os.path.join(CACHE, "debs", "dns-servers")
 # Server packages plus the libraries they need that the controller's own
 # packages (bind9-utils pulls bind9-libs) do not bring.
 PACKAGES = ("bind9", "unbound", "dnsmasq-base", "libnetfilter-conntrack3", "libnfnetlink0")
-LIB_DIR = os.path.join(SERVER_ROOT, "usr", "lib", "x86_64-linux-gnu")
+# BIND from bookworm-backports (9.20), beside the bookworm packages above.
+BPO_ROOT = os.path.join(CACHE, "dns-servers", "bind-backports")
+BPO_SUITE = "bookworm-backports"
+BPO_PACKAGES = ("bind9", "bind9-libs", "bind9-utils")
+# From bookworm itself: what the backports build needs that the controller lacks.
+BPO_EXTRA_PACKAGES = ("liburcu8",)
+BPO_APT_DIR = os.path.join(CACHE, "apt-backports")
 
 _counter = itertools.count()
 
@@ -88,19 +103,75 @@ def _fetch_servers(force: bool) -> str:
     return SERVER_ROOT
 
 
-def binary_path(name: str) -> str:
-    return os.path.join(SERVER_ROOT, "usr", "sbin", name)
+def _private_apt_options() -> list:
+    """apt options that read only BPO_SUITE, with lists and caches under BPO_APT_DIR."""
+    etc = os.path.join(BPO_APT_DIR, "etc")
+    for sub in ("etc", "lists/partial", "cache/archives/partial"):
+        os.makedirs(os.path.join(BPO_APT_DIR, sub), exist_ok=True)
+    sources = os.path.join(etc, "sources.list")
+    with open(sources, "w", encoding="utf-8") as handle:
+        handle.write("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
+                     "http://deb.debian.org/debian %s main\n" % BPO_SUITE)
+    return ["-o", "Dir::Etc::sourcelist=" + sources, "-o", "Dir::Etc::sourceparts=/dev/null",
+            "-o", "Dir::State::lists=" + os.path.join(BPO_APT_DIR, "lists"),
+            "-o", "Dir::Cache=" + os.path.join(BPO_APT_DIR, "cache")]
 
 
-def server_env() -> dict:
+def fetch_bind_backports(force: bool = False) -> str:
+    """Download and unpack BIND from bookworm-backports once; return its root (see the module docstring)."""
+    os.makedirs(os.path.dirname(BPO_ROOT), exist_ok=True)
+    with open(os.path.join(os.path.dirname(BPO_ROOT), ".lock-backports"), "w", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stamp = " ".join(BPO_PACKAGES + BPO_EXTRA_PACKAGES) + " " + BPO_SUITE
+        stamp_path = os.path.join(BPO_ROOT, ".fk-stamp")
+        if not force and os.path.exists(stamp_path):
+            with open(stamp_path, encoding="utf-8") as handle:
+                if handle.read().strip() == stamp:
+                    return BPO_ROOT
+        debs = os.path.join(BPO_APT_DIR, "debs")
+        shutil.rmtree(debs, ignore_errors=True)
+        os.makedirs(debs)
+        os.chmod(debs, 0o755)
+        options = _private_apt_options()
+        steps = ((["apt-get", *options, "update"], None),
+                 (["apt-get", *options, "download", *("%s/%s" % (p, BPO_SUITE) for p in BPO_PACKAGES)], debs),
+                 (["apt-get", "download", *BPO_EXTRA_PACKAGES], debs))
+        for argv, cwd in steps:
+            proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise DnsServerError("%s failed:\n%s" % (" ".join(argv), proc.stderr))
+        shutil.rmtree(BPO_ROOT, ignore_errors=True)
+        os.makedirs(BPO_ROOT)
+        for deb in sorted(glob.glob(os.path.join(debs, "*.deb"))):
+            subprocess.run(["dpkg", "-x", deb, BPO_ROOT], check=True)
+        ldd = subprocess.run(["ldd", binary_path("named", BPO_ROOT)], capture_output=True, text=True, check=False,
+                             env=server_env(BPO_ROOT))
+        if "not found" in ldd.stdout:
+            raise DnsServerError("named from %s misses libraries:\n%s" % (BPO_SUITE, ldd.stdout))
+        with open(stamp_path, "w", encoding="utf-8") as handle:
+            handle.write(stamp + "\n")
+        return BPO_ROOT
+
+
+def binary_path(name: str, root: str = SERVER_ROOT) -> str:
+    """A server binary in an unpacked root (SERVER_ROOT: bookworm's packages; BPO_ROOT: BIND 9.20)."""
+    for sub in ("usr/sbin", "usr/bin"):
+        path = os.path.join(root, sub, name)
+        if os.path.exists(path):
+            return path
+    return os.path.join(root, "usr", "sbin", name)
+
+
+def server_env(root: str = SERVER_ROOT) -> dict:
     env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = LIB_DIR + (":" + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
+    lib_dir = os.path.join(root, "usr", "lib", "x86_64-linux-gnu")
+    env["LD_LIBRARY_PATH"] = lib_dir + (":" + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
     return env
 
 
-def named_version() -> str:
-    out = subprocess.run([binary_path("named"), "-v"], capture_output=True, text=True, check=True,
-                         env=server_env()).stdout
+def named_version(root: str = SERVER_ROOT) -> str:
+    out = subprocess.run([binary_path("named", root), "-v"], capture_output=True, text=True, check=True,
+                         env=server_env(root)).stdout
     return out.split()[1]
 
 
@@ -216,7 +287,7 @@ class AuthServer:
     """BIND 9 as an authoritative-only server for one zone (the tests' stand-in upstream)."""
 
     def __init__(self, ns: Netns, address: str, zone: str, records: dict, port: int = 53,
-                 workdir: str | None = None, threads: int = 1):
+                 workdir: str | None = None, threads: int = 1, wrapper: tuple = ()):
         self.ns, self.address, self.port, self.zone = ns, address, port, zone.rstrip(".") + "."
         self.dir = workdir or tempfile.mkdtemp(prefix="fk-dns-auth-")
         os.makedirs(self.dir, exist_ok=True)
@@ -235,7 +306,8 @@ class AuthServer:
                 'statistics-channels { inet 127.0.0.1 port 8053 allow { any; }; };\n'
                 'zone "%s" { type primary; file "%s/zone.db"; };\n'
                 % (self.dir, port, address, self.zone, self.dir))
-        self.proc = ns.popen([binary_path("named"), "-g", "-n", str(threads), "-c", conf],
+        # wrapper: a command prefix such as ("taskset", "-c", "1") (benchmarks pin processes to cores).
+        self.proc = ns.popen([*wrapper, binary_path("named"), "-g", "-n", str(threads), "-c", conf],
                              stdout=open(os.path.join(self.dir, "named.log"), "w", encoding="utf-8"),  # noqa: SIM115
                              stderr=subprocess.STDOUT)
         wait_udp_dns(ns, address, port, "ns." + self.zone)
@@ -261,6 +333,11 @@ def main(argv: list) -> int:
         print(fetch_servers(force="--force" in argv))
         print(named_version())
         return 0
+    if argv[:1] == ["fetch-backports"]:
+        root = fetch_bind_backports(force="--force" in argv)
+        print(root)
+        print(named_version(root))
+        return 0
     print(__doc__)
     return 2
 
@@ -269,5 +346,6 @@ if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
 
 
-__all__ = ["AuthServer", "DnsServerError", "Netns", "dig", "dig_status", "fetch_servers", "fetch_in_ns",
+__all__ = ["AuthServer", "BPO_ROOT", "DnsServerError", "Netns", "SERVER_ROOT", "binary_path", "dig", "dig_status",
+           "fetch_bind_backports", "fetch_servers", "fetch_in_ns",
            "have_netns", "named_version", "server_env", "veth_link", "wait_udp_dns", "zone_text"]

@@ -10,11 +10,13 @@ the main file with every include resolved inside the stage (Debian's
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 
 import pytest
 
+from tests.support import dnsservers
 from tests.support.dnscache import checkconf, read_staged, render_named_conf
 
 pytestmark = pytest.mark.skipif(shutil.which("named-checkconf") is None,
@@ -35,6 +37,13 @@ CASES = {
         "dns_cache_stats_enabled": False, "dns_cache_extra_options": ["max-udp-size 1232;"]}},
     "validating_bind911": {"family": "RedHat", "version": "9.11.36", "overrides": {
         "dns_cache_dnssec_validation": "auto", "dns_cache_validate_except": ["corp.internal"]}},
+    "fetch_limits": {"family": "Debian", "overrides": {
+        "dns_cache_fetches_per_server": 64, "dns_cache_fetches_per_zone": 200, "dns_cache_fetch_limit_response": "fail",
+        "dns_cache_clients_per_query": 50, "dns_cache_max_clients_per_query": 0}},
+    "fetch_limits_bind911": {"family": "RedHat", "version": "9.11.4", "overrides": {
+        "dns_cache_fetches_per_server": 64, "dns_cache_fetches_per_zone": 200}},
+    "fetch_limits_bind920": {"family": "Debian", "version": "9.20.23", "overrides": {
+        "dns_cache_fetches_per_server": 64}},
     "bad_upstream": {"family": "Debian", "overrides": {"dns_cache_upstreams": [{"address": "10.0.0.300"}]}},
     "bad_cache_size": {"family": "RedHat", "overrides": {"dns_cache_max_cache_size": "lots"}},
     "bad_extra_option": {"family": "Debian", "overrides": {"dns_cache_extra_options": ["no-such-option yes;"]}},
@@ -145,3 +154,39 @@ def test_variables_reach_the_config(rendered):
 def test_no_empty_or_stray_lines_in_blocks(rendered):
     text = options_text(rendered, "debian")
     assert not re.search(r"\n\s*;\s*\n", text)
+
+
+def test_fetch_limits_default(rendered):
+    lines = statements(options_text(rendered, "debian"))
+    assert "fetches-per-server 0;" in lines and "fetches-per-zone 0;" in lines
+    assert "clients-per-query 10;" in lines and "max-clients-per-query 100;" in lines
+
+
+def test_fetch_limits_reach_the_config(rendered):
+    lines = statements(options_text(rendered, "fetch_limits"))
+    assert "fetches-per-server 64 fail;" in lines
+    assert "fetches-per-zone 200 fail;" in lines
+    assert "clients-per-query 50;" in lines and "max-clients-per-query 0;" in lines
+    lines = statements(options_text(rendered, "fetch_limits_bind920"))
+    assert "fetches-per-server 64 drop;" in lines and "fetches-per-zone 0;" in lines
+
+
+def test_fetch_limits_gated_on_bind_914(rendered):
+    # BIND 9.11 has fetches-per-server/-zone only when built with --enable-fetchlimit: left out.
+    text = options_text(rendered, "fetch_limits_bind911")
+    assert "fetches-per-" not in text
+    lines = statements(text)
+    assert "clients-per-query 10;" in lines and "max-clients-per-query 100;" in lines
+
+
+BPO_CHECKCONF = dnsservers.binary_path("named-checkconf", dnsservers.BPO_ROOT)
+
+
+@pytest.mark.skipif(not os.path.exists(BPO_CHECKCONF),
+                    reason="BIND 9.20 not unpacked (python -m tests.support.dnsservers fetch-backports)")
+@pytest.mark.parametrize("case", ["fetch_limits_bind920", "fetch_limits"])
+def test_bind_920_checkconf_accepts(rendered, case):
+    """9.20 (bookworm-backports, Debian 13) removed options 9.18 still takes: its own checker reads the files."""
+    stage, main, _values = rendered[case]
+    result = checkconf(stage, main, BPO_CHECKCONF, dnsservers.server_env(dnsservers.BPO_ROOT))
+    assert result.returncode == 0, result.stdout + result.stderr
