@@ -89,7 +89,12 @@ def list_runs(cache: str | None = None) -> list:
 
 
 def images_in_use(cache: str | None = None) -> set:
-    return {s.get("image") for _run, s in list_runs(cache) if s and s.get("image")}
+    used = set()
+    for _run, st in list_runs(cache):
+        if st:
+            used |= {st["image"]} if st.get("image") else set()
+            used |= set((st.get("images") or {}).values())
+    return used
 
 
 def _root_namespace_networks() -> list:
@@ -687,11 +692,13 @@ def create(platforms, ephemeral_dir: str, instance_config_path: str | None = Non
     timings = run.state["timings"]
     try:
         mark = time.monotonic()
-        image = imagemod.image_dir(cache)
-        if not imagemod.is_complete(image):
-            with AptProxy(paths.apt_cache_dir(cache)) as proxy:
-                image = imagemod.ensure_image(cache, proxy_url=proxy.url, log=log)
-        run.state["image"] = image
+        images = {}  # one image per Debian release the platforms name
+        for release in sorted({h.release for h in topology.hosts.values()}):
+            images[release] = imagemod.image_dir(cache, release)
+            if not imagemod.is_complete(images[release]):
+                with AptProxy(paths.apt_cache_dir(cache)) as proxy:
+                    images[release] = imagemod.ensure_image(cache, proxy_url=proxy.url, log=log, release=release)
+        run.state["images"] = images
         timings["image"] = round(time.monotonic() - mark, 1)
 
         mark = time.monotonic()
@@ -711,7 +718,7 @@ def create(platforms, ephemeral_dir: str, instance_config_path: str | None = Non
         host_keys = {}
         for name in topology.hosts:
             run.state["hosts"][name] = {"namespace": topology.host_ns(name)}
-            host_keys[name] = _prepare_host(run, topology, name, image, public_key)
+            host_keys[name] = _prepare_host(run, topology, name, images[topology.hosts[name].release], public_key)
         run.save()
         _write(run.path("known_hosts"), topo.known_hosts_lines(topology, host_keys))
         for name in topology.hosts:
