@@ -591,6 +591,12 @@ def _boot_host(run: Run, topology: topo.Topology, name: str) -> None:
     argv = ["systemd-nspawn", "--boot", f"--directory={root}", f"--machine={machine}", f"--hostname={name}",
             "--register=no", "--keep-unit", f"--network-namespace-path=/run/netns/{topology.host_ns(name)}",
             "--resolv-conf=off", "--timezone=off", "--link-journal=no", "--settings=no", "--console=read-only"]
+    env = None
+    if topology.hosts[name].net_admin:
+        # The host configures its own interfaces (NetworkManager, dhclient): only
+        # inside its own network namespace, which holds nothing but its veths.
+        argv.insert(-1, "--capability=CAP_NET_ADMIN")
+        env = dict(os.environ, SYSTEMD_NSPAWN_API_VFS_WRITABLE="network")
     cgroups = [os.path.join(base, f"fleetkeeper-{run.run_id}-{name}") for base in cgroup_bases()]
     for cgroup in cgroups:
         run.record("cgroups", cgroup)
@@ -599,7 +605,7 @@ def _boot_host(run: Run, topology: topo.Topology, name: str) -> None:
         # Enter the cgroups, then become systemd-nspawn (same PID, same start time).
         script = " && ".join(f'echo $$ > "${i + 1}/cgroup.procs"' for i in range(len(cgroups)))
         argv = ["sh", "-c", f'{script} && shift {len(cgroups)} && exec "$@"', "sh", *cgroups, *argv]
-    process = _spawn(run, argv, f"hosts/{name}/console.log")
+    process = _spawn(run, argv, f"hosts/{name}/console.log", env=env)
     run.state["hosts"][name]["nspawn"] = runstate.process_identity(process.pid)
     run.save()
 

@@ -88,6 +88,7 @@ class Host:
     proxy_jump: str | None = None
     groups: list = field(default_factory=list)
     release: str = DEFAULT_RELEASE
+    net_admin: bool = False
 
     def address_on(self, network: str) -> ipaddress.IPv4Address | None:
         for attachment in self.attachments:
@@ -237,8 +238,11 @@ def build_topology(platforms, run_id: str, public_subnet=None) -> Topology:
         release = platform.get("release", DEFAULT_RELEASE)
         if release not in RELEASES:
             raise TopologyError(f"platform {name!r}: release {release!r} is not one of {', '.join(RELEASES)}")
+        net_admin = platform.get("net_admin", False)
+        if not isinstance(net_admin, bool):
+            raise TopologyError(f"platform {name!r}: net_admin must be true or false, not {net_admin!r}")
         host = Host(name=name, index=index, proxy_jump=platform.get("proxy_jump"), groups=list(groups),
-                    release=release)
+                    release=release, net_admin=net_admin)
         hosts[name] = host
         seen = set()
         for entry in entries:
