@@ -45,17 +45,21 @@ BIN = os.path.dirname(sys.executable)
 DNS_SCENARIO = os.path.join(REPO_ROOT, "extensions", "molecule", "dns_cache")
 UPSTREAM_ADDRESS = "10.0.53.53"
 
-# The demo's test hosts: a bastion on the public and private networks, a
-# private host only the bastion reaches, and a dnsmasq on the private network
-# standing in for the VPC resolver.
+# The demo's test hosts (Debian 12): a bastion on the public and private
+# networks, a private host only the bastion reaches, and a BIND on the
+# private network standing in for the VPC resolver (authoritative for fk.test).
+# Group names differ from host names, so Ansible never has to choose between
+# a group and a host of the same name.
 PLATFORMS = [
-    {"name": "bastion", "groups": ["bastion", "dns_cache_hosts"],
+    {"name": "bastion", "groups": ["bastions", "dns_cache_hosts"],
      "networks": [{"name": "public", "address": "10.213.0.10"}, {"name": "private", "address": "10.0.53.10"}]},
-    {"name": "private", "groups": ["private", "dns_cache_hosts"], "proxy_jump": "bastion",
+    {"name": "private", "groups": ["app_hosts", "dns_cache_hosts"], "proxy_jump": "bastion",
      "networks": [{"name": "private", "address": "10.0.53.20"}]},
     {"name": "upstream", "groups": ["dns_upstream"], "proxy_jump": "bastion",
      "networks": [{"name": "private", "address": UPSTREAM_ADDRESS}]},
 ]
+# How each cache host's resolver starts out (the dns_cache scenario's prepare step reads it).
+MECHANISMS = {"bastion": "static", "private": "static"}
 
 
 def headline(number, text):
@@ -204,11 +208,13 @@ def step_hosts(emulator, ephemeral):
         for group in platform.get("groups", []):
             groups.setdefault(group, {"hosts": {}})["hosts"][platform["name"]] = None
     with open(os.path.join(inventory_dir, "groups.json"), "w", encoding="utf-8") as handle:
-        json.dump({"all": {"children": groups, "vars": {"dns_cache_test_upstream": UPSTREAM_ADDRESS}}}, handle)
+        json.dump({"all": {"children": groups, "vars": {"dns_cache_test_upstream": UPSTREAM_ADDRESS,
+                                                        "dns_cache_test_mechanisms": MECHANISMS,
+                                                        "molecule_ephemeral_directory": ephemeral}}}, handle)
     hosts = testhosts["testhosts_hosts"]
     note("hosts: " + ", ".join(f"{name} {facts['ansible_host']}" for name, facts in sorted(hosts.items())))
     playbook = os.path.join(BIN, "ansible-playbook")
-    note("the stand-in VPC resolver (dnsmasq) on the private network, as in the dns_cache Molecule scenario")
+    note("the stand-in VPC resolver (BIND, zone fk.test) on the private network, as in the dns_cache Molecule scenario")
     run([playbook, "-i", inventory_dir, os.path.join(DNS_SCENARIO, "prepare.yml")])
     site_vars = {
         "fleetkeeper_bastion_hosts": "bastion:private",
@@ -254,7 +260,10 @@ def step_hosts(emulator, ephemeral):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--skip-hosts", action="store_true", help="stop after the AWS steps (no test hosts)")
+    parser.add_argument("--work-dir", default=WORK, help=f"where the demo keeps its files (default {WORK})")
     args = parser.parse_args(argv)
+    global WORK  # pylint: disable=global-statement
+    WORK = os.path.abspath(args.work_dir)
     os.makedirs(WORK, exist_ok=True)
     ephemeral = os.path.join(WORK, "hosts")
 

@@ -151,7 +151,12 @@ def nsswitch_uses_resolve(text):
 
 
 def nsswitch_without_resolve(text):
-    """nsswitch.conf text with ``resolve [..]`` removed from the hosts line (``dns`` added if missing)."""
+    """nsswitch.conf text with ``resolve [..]`` removed from the hosts line (``dns`` added if missing).
+
+    Text whose hosts line has no ``resolve`` comes back unchanged, byte for byte:
+    a file whose meaning would not change is not rewritten (not even its spacing)."""
+    if not nsswitch_uses_resolve(text):
+        return text
     out = []
     for line in (text or "").splitlines():
         if line.strip().startswith("hosts:"):

@@ -6,7 +6,7 @@
     python -m tests.hosts destroy       # Molecule's destroy step
     python -m tests.hosts list          # runs, their owners and whether they are stale
     python -m tests.hosts cleanup [--all]
-    python -m tests.hosts build-image | prune-images
+    python -m tests.hosts build-image [--release bookworm|trixie|all] | prune-images
     python -m tests.hosts probe --ephemeral-dir D --host private --port 22
 
 See docs/testhosts.md.
@@ -96,12 +96,14 @@ def cmd_cleanup(args) -> int:
     return 1 if any(problems for _run, _reason, problems in cleaned) else 0
 
 
-def cmd_build_image(_args) -> int:
+def cmd_build_image(args) -> int:
     from tests.hosts.aptproxy import AptProxy  # pylint: disable=import-outside-toplevel
 
+    releases = imagemod.RELEASES if args.release == "all" else [args.release]
     with AptProxy(paths.apt_cache_dir()) as proxy:
-        path = imagemod.ensure_image(proxy_url=proxy.url)
-    print(json.dumps({"path": path, **imagemod.image_info(path)}, indent=2))
+        for release in releases:
+            path = imagemod.ensure_image(proxy_url=proxy.url, release=release)
+            print(json.dumps({"path": path, **imagemod.image_info(path)}, indent=2))
     return 0
 
 
@@ -183,7 +185,10 @@ def main(argv=None) -> int:
     cleanup = sub.add_parser("cleanup", help="destroy stale runs")
     cleanup.add_argument("--all", action="store_true", help="destroy every run, live or not")
     cleanup.set_defaults(func=cmd_cleanup)
-    sub.add_parser("build-image", help="build the image if its recipe changed").set_defaults(func=cmd_build_image)
+    build = sub.add_parser("build-image", help="build a release's image if its recipe changed")
+    build.add_argument("--release", choices=[*imagemod.RELEASES, "all"], default=imagemod.DEFAULT_RELEASE,
+                       help=f"Debian release (default {imagemod.DEFAULT_RELEASE}; all: every release)")
+    build.set_defaults(func=cmd_build_image)
     sub.add_parser("prune-images", help="remove images of old recipes").set_defaults(func=cmd_prune_images)
     probe_parser = sub.add_parser("probe", help="try to reach a host's addresses from the controller")
     probe_parser.add_argument("--ephemeral-dir")

@@ -1,10 +1,14 @@
 # Copyright: fleetkeeper.aws contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The Debian 12 root file system every test host boots from.
+"""The Debian root file systems test hosts boot from: Debian 12 (bookworm, the
+default) or Debian 13 (trixie), chosen per host by its platform's ``release``.
 
-Built once with debootstrap and cached under ``<cache>/images/<recipe hash>/``;
-a change to :data:`RECIPE` or :data:`POST_BUILD` changes the hash, so the next
-run builds a new image (old ones stay until ``python -m tests.hosts prune-images``).
+Each release is built once with debootstrap and cached under
+``<cache>/images/<recipe hash>/``; a change to a release's recipe (:func:`recipe`)
+or post-build script (:func:`post_build`) changes the hash, so the next run
+builds a new image (old ones stay until ``python -m tests.hosts prune-images``).
+The bookworm recipe and script are exactly what they were before releases
+existed, so its hash (and every image already cached) stays valid.
 Concurrent builders serialise on a lock file, build into a temporary directory
 and rename it into place, so a reader never sees a half-built image.
 
@@ -23,6 +27,9 @@ import subprocess
 import time
 
 from tests.hosts import paths
+
+DEFAULT_RELEASE = "bookworm"
+RELEASES = ("bookworm", "trixie")
 
 RECIPE = {
     "suite": "bookworm",
@@ -61,13 +68,29 @@ rm -rf /var/lib/apt/lists/* /var/log/*.log /var/log/apt/* /tmp/* /var/tmp/*
 """
 
 
-def recipe_hash() -> str:
-    text = json.dumps({"recipe": RECIPE, "post": POST_BUILD}, sort_keys=True)
+def check_release(release: str) -> str:
+    if release not in RELEASES:
+        raise ValueError(f"release {release!r} is not one of {', '.join(RELEASES)}")
+    return release
+
+
+def recipe(release: str = DEFAULT_RELEASE) -> dict:
+    """debootstrap's arguments for ``release`` (the bookworm dict is :data:`RECIPE` itself)."""
+    return dict(RECIPE, suite=check_release(release))
+
+
+def post_build(release: str = DEFAULT_RELEASE) -> str:
+    """The post-build script for ``release``: :data:`POST_BUILD` with its suites renamed."""
+    return POST_BUILD.replace(DEFAULT_RELEASE, check_release(release))
+
+
+def recipe_hash(release: str = DEFAULT_RELEASE) -> str:
+    text = json.dumps({"recipe": recipe(release), "post": post_build(release)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def image_dir(cache: str | None = None) -> str:
-    return os.path.join(paths.images_dir(cache), recipe_hash())
+def image_dir(cache: str | None = None, release: str = DEFAULT_RELEASE) -> str:
+    return os.path.join(paths.images_dir(cache), recipe_hash(release))
 
 
 def is_complete(path: str) -> bool:
@@ -108,14 +131,16 @@ def _remove_stale_temp_dirs(images: str, log) -> None:
             shutil.rmtree(os.path.join(images, name), ignore_errors=True)
 
 
-def ensure_image(cache: str | None = None, proxy_url: str | None = None, log=print) -> str:
-    """Return the path of a complete image for the current recipe, building it if needed."""
+def ensure_image(cache: str | None = None, proxy_url: str | None = None, log=print,
+                 release: str = DEFAULT_RELEASE) -> str:
+    """Return the path of a complete image of ``release``'s current recipe, building it if needed."""
     images = paths.images_dir(cache)
     os.makedirs(images, exist_ok=True)
-    target = image_dir(cache)
+    target = image_dir(cache, release)
     if is_complete(target):
         return target
-    digest = recipe_hash()
+    digest = recipe_hash(release)
+    build = recipe(release)
     with open(os.path.join(images, f".{digest}.lock"), "w", encoding="utf-8") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if is_complete(target):  # another builder finished while we waited
@@ -125,20 +150,20 @@ def ensure_image(cache: str | None = None, proxy_url: str | None = None, log=pri
             shutil.rmtree(target)
         temp = os.path.join(images, f".tmp-{digest}-{os.getpid()}")
         started = time.monotonic()
-        log(f"building test host image {digest} (debootstrap {RECIPE['suite']}, a few minutes)")
+        log(f"building test host image {digest} (debootstrap {build['suite']}, a few minutes)")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C")
         if proxy_url:
             env["http_proxy"] = proxy_url
         try:
             subprocess.run(
-                ["debootstrap", f"--variant={RECIPE['variant']}", f"--arch={RECIPE['arch']}",
-                 f"--include={','.join(RECIPE['include'])}", RECIPE["suite"], temp, RECIPE["mirror"]],
+                ["debootstrap", f"--variant={build['variant']}", f"--arch={build['arch']}",
+                 f"--include={','.join(build['include'])}", build["suite"], temp, build["mirror"]],
                 check=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             )
-            subprocess.run(["chroot", temp, "/bin/sh", "-c", POST_BUILD], check=True, env=env,
+            subprocess.run(["chroot", temp, "/bin/sh", "-c", post_build(release)], check=True, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             _unmount_below(temp)
-            info = {"recipe": RECIPE, "hash": digest, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            info = {"recipe": build, "hash": digest, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "build_seconds": round(time.monotonic() - started, 1), "size_bytes": _dir_size(temp)}
             with open(os.path.join(temp, ".fleetkeeper-image.json"), "w", encoding="utf-8") as handle:
                 json.dump(info, handle, indent=2)
@@ -163,16 +188,17 @@ def image_info(path: str) -> dict:
 
 
 def prune_images(cache: str | None = None, keep: str | None = None, log=print) -> list:
-    """Remove images of older recipes that no live run uses (see ``teardown.images_in_use``)."""
+    """Remove images of older recipes that no live run uses (see ``teardown.images_in_use``);
+    the current recipe of every release is kept."""
     from tests.hosts.teardown import images_in_use  # pylint: disable=import-outside-toplevel
 
     images = paths.images_dir(cache)
-    keep = keep or recipe_hash()
+    keep = {keep} if keep else {recipe_hash(r) for r in RELEASES}
     used = images_in_use(cache)
     removed = []
     for name in sorted(os.listdir(images)) if os.path.isdir(images) else []:
         path = os.path.join(images, name)
-        if name.startswith(".") or name == keep or path in used or not os.path.isdir(path):
+        if name.startswith(".") or name in keep or path in used or not os.path.isdir(path):
             continue
         log(f"removing image {name}")
         shutil.rmtree(path)

@@ -237,6 +237,12 @@ def _boot_host(run: Run, topology: topo.Topology, name: str) -> None:
     argv = ["systemd-nspawn", "--boot", f"--directory={root}", f"--machine={machine}", f"--hostname={name}",
             "--register=no", "--keep-unit", f"--network-namespace-path=/run/netns/{topology.host_ns(name)}",
             "--resolv-conf=off", "--timezone=off", "--link-journal=no", "--settings=no", "--console=read-only"]
+    env = None
+    if topology.hosts[name].net_admin:
+        # The host configures its own interfaces (NetworkManager, dhclient): only
+        # inside its own network namespace, which holds nothing but its veths.
+        argv.insert(-1, "--capability=CAP_NET_ADMIN")
+        env = dict(os.environ, SYSTEMD_NSPAWN_API_VFS_WRITABLE="network")
     cgroups = [os.path.join(base, f"fleetkeeper-{run.run_id}-{name}") for base in cgroup_bases()]
     for cgroup in cgroups:
         run.record("cgroups", cgroup)
@@ -245,7 +251,7 @@ def _boot_host(run: Run, topology: topo.Topology, name: str) -> None:
         # Enter the cgroups, then become systemd-nspawn (same PID, same start time).
         script = " && ".join(f'echo $$ > "${i + 1}/cgroup.procs"' for i in range(len(cgroups)))
         argv = ["sh", "-c", f'{script} && shift {len(cgroups)} && exec "$@"', "sh", *cgroups, *argv]
-    process = _spawn(run, argv, f"hosts/{name}/console.log")
+    process = _spawn(run, argv, f"hosts/{name}/console.log", env=env)
     run.state["hosts"][name]["nspawn"] = runstate.process_identity(process.pid)
     run.save()
 
@@ -338,11 +344,13 @@ def create(platforms, ephemeral_dir: str, instance_config_path: str | None = Non
     timings = run.state["timings"]
     try:
         mark = time.monotonic()
-        image = imagemod.image_dir(cache)
-        if not imagemod.is_complete(image):
-            with AptProxy(paths.apt_cache_dir(cache)) as proxy:
-                image = imagemod.ensure_image(cache, proxy_url=proxy.url, log=log)
-        run.state["image"] = image
+        images = {}  # one image per Debian release the platforms name
+        for release in sorted({h.release for h in topology.hosts.values()}):
+            images[release] = imagemod.image_dir(cache, release)
+            if not imagemod.is_complete(images[release]):
+                with AptProxy(paths.apt_cache_dir(cache)) as proxy:
+                    images[release] = imagemod.ensure_image(cache, proxy_url=proxy.url, log=log, release=release)
+        run.state["images"] = images
         timings["image"] = round(time.monotonic() - mark, 1)
 
         mark = time.monotonic()
@@ -362,7 +370,7 @@ def create(platforms, ephemeral_dir: str, instance_config_path: str | None = Non
         host_keys = {}
         for name in topology.hosts:
             run.state["hosts"][name] = {"namespace": topology.host_ns(name)}
-            host_keys[name] = _prepare_host(run, topology, name, image, public_key)
+            host_keys[name] = _prepare_host(run, topology, name, images[topology.hosts[name].release], public_key)
         run.save()
         _write(run.path("known_hosts"), topo.known_hosts_lines(topology, host_keys))
         for name in topology.hosts:

@@ -75,7 +75,12 @@ def list_runs(cache: str | None = None) -> list:
 
 
 def images_in_use(cache: str | None = None) -> set:
-    return {s.get("image") for _run, s in list_runs(cache) if s and s.get("image")}
+    used = set()
+    for _run, st in list_runs(cache):
+        if st:
+            used |= {st["image"]} if st.get("image") else set()
+            used |= set((st.get("images") or {}).values())
+    return used
 
 
 def _root_namespace_networks() -> list:

@@ -32,6 +32,8 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
+from tests.hosts.image import DEFAULT_RELEASE, RELEASES
+
 PUBLIC = "public"
 PUBLIC_POOL = ipaddress.ip_network("10.213.0.0/16")
 DEFAULT_PREFIX = 24
@@ -85,6 +87,8 @@ class Host:
     attachments: list = field(default_factory=list)
     proxy_jump: str | None = None
     groups: list = field(default_factory=list)
+    release: str = DEFAULT_RELEASE
+    net_admin: bool = False
 
     def address_on(self, network: str) -> ipaddress.IPv4Address | None:
         for attachment in self.attachments:
@@ -231,7 +235,14 @@ def build_topology(platforms, run_id: str, public_subnet=None) -> Topology:
         if not isinstance(entries, list):
             raise TopologyError(f"platform {name!r}: networks must be a list of {{name, address}}")
         groups = platform.get("groups") or []
-        host = Host(name=name, index=index, proxy_jump=platform.get("proxy_jump"), groups=list(groups))
+        release = platform.get("release", DEFAULT_RELEASE)
+        if release not in RELEASES:
+            raise TopologyError(f"platform {name!r}: release {release!r} is not one of {', '.join(RELEASES)}")
+        net_admin = platform.get("net_admin", False)
+        if not isinstance(net_admin, bool):
+            raise TopologyError(f"platform {name!r}: net_admin must be true or false, not {net_admin!r}")
+        host = Host(name=name, index=index, proxy_jump=platform.get("proxy_jump"), groups=list(groups),
+                    release=release, net_admin=net_admin)
         hosts[name] = host
         seen = set()
         for entry in entries:
@@ -394,6 +405,7 @@ def host_facts(topology: Topology, name: str, aws_endpoint: bool) -> dict:
         "interfaces": {a.network: a.ifname for a in host.attachments},
         "networks": [a.network for a in host.attachments],
         "proxy_jump": host.proxy_jump,
+        "release": host.release,
         "namespace": topology.host_ns(name),
         "service_address": service,
         "resolver": service,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import os
 import subprocess
+import tarfile
 
 import yaml
 
@@ -32,6 +33,15 @@ def test_build_install_and_document(tmp_path):
     )
     tarballs = glob.glob(str(tmp_path / "fleetkeeper-aws-*.tar.gz"))
     assert len(tarballs) == 1, build.stdout
+    # Every file header points at COPYING: the tarball carries the full GPLv3 text.
+    with tarfile.open(tarballs[0]) as tarball:
+        copying = tarball.extractfile("COPYING")
+        assert copying is not None, "COPYING is missing from the built collection"
+        text = copying.read().decode("utf-8")
+    with open(os.path.join(REPO_ROOT, "COPYING"), encoding="utf-8") as handle:
+        assert text == handle.read()
+    assert text.lstrip().startswith("GNU GENERAL PUBLIC LICENSE") and "Version 3, 29 June 2007" in text
+    assert "How to Apply These Terms to Your New Programs" in text  # the whole text, not a stub
     install_dir = tmp_path / "collections"
     subprocess.run(
         [os.path.join(BIN_DIR, "ansible-galaxy"), "collection", "install", "--no-deps", "--force", "-p", str(install_dir), tarballs[0]],

@@ -138,6 +138,10 @@ def test_idempotent_and_never_rotates(servers, options, search):
     ("hosts: files myhostname resolve [!UNAVAIL=return] dns\n", "hosts: files myhostname dns\n"),
     ("hosts:      files resolve myhostname\n", "hosts: files myhostname dns\n"),
     ("passwd: files\nhosts: files dns\n", "passwd: files\nhosts: files dns\n"),
+    # No `resolve`: left alone byte for byte, odd spacing and all (no change reported on a first run).
+    ("passwd:         files\nhosts:          files dns\n", "passwd:         files\nhosts:          files dns\n"),
+    ("hosts:\tfiles  myhostname dns  # resolve\n", "hosts:\tfiles  myhostname dns  # resolve\n"),
+    ("hosts: files\n", "hosts: files\n"),
     ("hosts: files mdns4_minimal [NOTFOUND=return] dns resolve\n",
      "hosts: files mdns4_minimal [NOTFOUND=return] dns\n"),
 ])

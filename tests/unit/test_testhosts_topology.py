@@ -9,6 +9,7 @@ import shlex
 
 import pytest
 
+from tests.hosts import image as imagemod
 from tests.hosts import topology as topo
 
 SMOKE = [
@@ -116,6 +117,7 @@ def test_prefix_other_than_24_is_honoured():
       {"name": "b", "networks": [{"name": "y", "address": "10.0.1.4"}], "proxy_jump": "a"}], "must be on the public"),
     ([{"name": "a"}, {"name": "b", "proxy_jump": "a", "networks": [{"name": "p", "address": "10.0.0.5"}]}],
      "shares no network"),
+    ([{"name": "a", "release": "buster"}], "release 'buster' is not one of bookworm, trixie"),
 ])
 def test_invalid_scenarios_are_refused_with_a_message_that_says_what_to_fix(platforms, message):
     with pytest.raises(topo.TopologyError, match=message):
@@ -225,3 +227,24 @@ def test_run_ids_are_validated():
     for bad in ("", "ABCDEF", "abc", "a1b2c3d", "../../x"):
         with pytest.raises(topo.TopologyError):
             topo.validate_run_id(bad)
+
+
+def test_release_defaults_to_bookworm_and_is_given_to_ansible():
+    t = topo.build_topology([SMOKE[0], dict(SMOKE[1], release="trixie")], "abc123", "10.213.77.0/24")
+    assert t.hosts["bastion"].release == "bookworm"
+    assert t.hosts["private"].release == "trixie"
+    variables = topo.testhosts_vars(t, KEY, KNOWN, "/x")
+    assert variables["testhosts_hosts"]["bastion"]["release"] == "bookworm"
+    assert variables["testhosts_hosts"]["private"]["release"] == "trixie"
+
+
+def test_each_release_has_its_own_image_and_bookworm_keeps_the_hash_it_had():
+    # The digest every cached bookworm image carries since before releases existed.
+    assert imagemod.recipe_hash() == imagemod.recipe_hash("bookworm") == "3e5c3b46e04332ad"
+    assert imagemod.recipe_hash("trixie") != imagemod.recipe_hash("bookworm")
+    assert imagemod.recipe("trixie")["suite"] == "trixie"
+    script = imagemod.post_build("trixie")
+    assert "trixie-security" in script and "bookworm" not in script
+    assert imagemod.image_dir("/c", "trixie").endswith("/" + imagemod.recipe_hash("trixie"))
+    with pytest.raises(ValueError, match="not one of"):
+        imagemod.recipe_hash("sid")
