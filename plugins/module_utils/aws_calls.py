@@ -30,6 +30,18 @@ def pages(call, request, token="NextToken", **kwargs):
         request[token] = next_token
 
 
+def items(call, request, key, token="NextToken", **kwargs):
+    """Every item under ``key`` across the pages of ``call`` (see :func:`pages`)."""
+    for page in pages(call, request, token, **kwargs):
+        yield from page.get(key) or []
+
+
+def chunks(items_, size):
+    """``items_`` in slices of at most ``size`` (API batch limits)."""
+    for start in range(0, len(items_), size):
+        yield items_[start:start + size]
+
+
 def error_code(exc):
     """The AWS error code of a botocore ClientError ("" for anything else)."""
     response = getattr(exc, "response", None) or {}

@@ -56,7 +56,6 @@ VERSION_CHOICES = (VERSION_KEEP, VERSION_LATEST, VERSION_DEFAULT, VERSION_PINNED
 LATEST = "$Latest"
 DEFAULT = "$Default"
 
-ASG_BATCH_SIZE = 100  # DescribeAutoScalingGroups: names per call and MaxRecords
 ASSOCIATION_BATCH_SIZE = 100  # instance ids per DescribeIamInstanceProfileAssociations filter
 ASSOCIATION_PAGE_SIZE = 1000  # MaxResults maximum
 
@@ -501,11 +500,6 @@ def bucket_by_template(groups_with_templates):
                 rest.append((bucket_ids, bucket_groups))
         buckets = rest + [(merged_ids, merged_groups)]
     return [bucket_groups for _ids, bucket_groups in buckets]
-
-
-def chunks(items, size):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 def summarise(groups):

@@ -29,15 +29,18 @@ except ImportError:  # AnsibleAWSModule reports the missing SDK
 
 from ansible_collections.amazon.aws.plugins.module_utils.botocore import is_boto3_error_code
 
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.autoscaling_groups import GroupSelectionError
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.autoscaling_groups import find_groups as select_groups
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import chunks
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import error_code
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import error_message
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import pages
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import (
-    ACTION_ASSOCIATE, ACTION_DISASSOCIATE, ACTION_MISMATCH, ACTION_REPLACE, ASG_BATCH_SIZE, ASSOCIATED,
+    ACTION_ASSOCIATE, ACTION_DISASSOCIATE, ACTION_MISMATCH, ACTION_REPLACE, ASSOCIATED,
     ASSOCIATION_BATCH_SIZE, ASSOCIATION_NOT_FOUND, ASSOCIATION_PAGE_SIZE, CHANGING_ACTIONS, DEFAULT,
     DISASSOCIATING, INCORRECT_STATE, LATEST, LIVE_STATES, PROFILE_NOT_FOUND_CODES, TEMPLATE_NOT_FOUND_CODES,
     VERSION_CHOICES, VERSION_KEEP, AwsCallError, GroupError, InputError, InstanceProfileError, PlanningError,
-    ProfileNotFoundError, ProfileRef, TemplateState, bucket_by_template, build_diff, chunks, current_association,
+    ProfileNotFoundError, ProfileRef, TemplateState, bucket_by_template, build_diff, current_association,
     follows, group_update_request, in_service, is_iam_not_ready, is_profile_arn, plan_instance, plan_template,
     profile_display, profile_name_from_arn, public_template_plan, summarise, template_references,
 )
@@ -147,36 +150,12 @@ class Roller:
 
     def find_groups(self, names=None, tag_filters=None):
         """Describe the groups named and/or matching the tag filters; unknown names are an InputError."""
-        filters = []
-        for key, value in (tag_filters or {}).items():
-            values = value if isinstance(value, list) else [value]
-            if values == [None] or values == ["*"]:
-                filters.append({"Name": "tag-key", "Values": [key]})
-            else:
-                filters.append({"Name": f"tag:{key}", "Values": [str(v) for v in values]})
-        groups = {}
-        name_batches = list(chunks(sorted(set(names or [])), ASG_BATCH_SIZE)) if names else [None]
-        for batch in name_batches:
-            params = {"MaxRecords": ASG_BATCH_SIZE}
-            if batch:
-                params["AutoScalingGroupNames"] = batch
-            if filters:
-                params["Filters"] = filters
-            for group in self._pages(self.autoscaling.describe_auto_scaling_groups, "AutoScalingGroups",
-                                     "DescribeAutoScalingGroups", params):
-                groups[group["AutoScalingGroupName"]] = group
-        if names:
-            missing = sorted(set(names) - set(groups))
-            if missing and not filters:
-                raise InputError(f"Auto Scaling group(s) not found: {', '.join(missing)}: check the names and region")
-            if missing and filters:
-                # The name exists but does not carry the tags: report it all the same.
-                raise InputError(
-                    f"Auto Scaling group(s) {', '.join(missing)} not found or not matching tag_filters"
-                )
-        if not groups:
-            raise InputError(f"no Auto Scaling group matches tag_filters {tag_filters}: check the tags and region")
-        return [groups[name] for name in sorted(groups)]
+        try:
+            return select_groups(self.autoscaling, names, tag_filters)
+        except GroupSelectionError as exc:
+            raise InputError(str(exc)) from exc
+        except AWS_ERRORS as exc:
+            raise AwsCallError("DescribeAutoScalingGroups", exc) from exc
 
     @staticmethod
     def _pages(method, key, action, params):
