@@ -113,6 +113,11 @@ def test_eventbridge_event():
     assert event["metadata"] is None and event["time"] == "2026-12-01T04:10:27Z"
 
 
+def test_a_notification_without_origin_and_destination_is_ec2_to_the_group():
+    event = parse_message(broken(Origin=None, Destination=None))
+    assert (event["origin"], event["destination"]) == ("EC2", "AutoScalingGroup")
+
+
 def test_eventbridge_terminate_event():
     document = dict(EVENTBRIDGE, **{"detail-type": "EC2 Instance-terminate Lifecycle Action"})
     document["detail"] = dict(EVENTBRIDGE["detail"], LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",

@@ -43,7 +43,8 @@ description:
   - "Each event has the key C(asg_lifecycle) with C(instance_id), C(asg_name), C(hook_name), C(token),
     C(transition) (C(autoscaling:EC2_INSTANCE_LAUNCHING) or C(autoscaling:EC2_INSTANCE_TERMINATING)),
     C(origin), C(destination) (C(EC2), C(AutoScalingGroup) or C(WarmPool): a warm-pool instance's
-    launch hook fires twice, first EC2 -> WarmPool, then WarmPool -> AutoScalingGroup), C(metadata)
+    launch hook fires twice, first EC2 -> WarmPool, then WarmPool -> AutoScalingGroup; a notification
+    without either is EC2 -> AutoScalingGroup for a launch), C(metadata)
     (the hook's NotificationMetadata string or null), C(account_id), C(region) (EventBridge only,
     else null), C(time), C(request_id) and C(format) (C(hook), C(sns) for the hook's notification through SNS, or
     C(eventbridge)); and the key
@@ -223,6 +224,11 @@ def _action(fields: dict, fmt: str, region: str | None = None, account: Any = No
         if value is not None and value not in PLACES:
             raise NotLifecycleMessage(f"{key} {str(value)[:40]!r} is not one of {sorted(PLACES)}")
         places[key] = value
+    if places["Origin"] is None and places["Destination"] is None:
+        # Notifications from before warm pools carry neither: the only path then was EC2 <-> group.
+        places = {"Origin": "EC2", "Destination": "AutoScalingGroup"}
+        if transition == TERMINATING:
+            places = {"Origin": "AutoScalingGroup", "Destination": "EC2"}
     account_id = fields.get("AccountId", account)
     return {
         "instance_id": instance_id,
@@ -323,7 +329,7 @@ class Settings:  # pylint: disable=too-few-public-methods,too-many-instance-attr
                                                  ("secret_key", "aws_secret_access_key"),
                                                  ("session_token", "aws_session_token"), ("region", "region_name"))
                         if args.get(a)}
-        self.endpoint_url = args.get("endpoint_url")
+        self.endpoint_url = args.get("endpoint_url") or None
 
 
 class Poller:
