@@ -76,6 +76,10 @@ options:
       - ASG lifecycle states whose instances become hosts, for example V(InService), V(Standby),
         V(Pending:Wait), V(Terminating:Wait), V(Detaching).
       - V(all) keeps every instance whatever its state (terminated instances included).
+      - Hosts in V(Pending:Wait) also get C(lifecycle_hook_names) (the launch lifecycle hooks of their group, one
+        C(DescribeLifecycleHooks) call per group holding such instances) and C(lifecycle_hook_name) when there is
+        exactly one, for the C(fleetkeeper.aws.provision) playbook. The action token is not known to the
+        inventory (only the hook's notification carries it).
     type: list
     elements: str
     default: [InService]
@@ -491,6 +495,23 @@ class InventoryModule(AWSInventoryBase):
             return self._describe_templates(ec2, ids, smaller)
         return logic.template_versions(entries)
 
+    def _launch_hooks(self, autoscaling, group_names, result):
+        """{group: sorted launch hook names} for the groups holding instances in Pending:Wait."""
+        hooks = {}
+        for name in group_names:
+            try:
+                response = autoscaling.describe_lifecycle_hooks(AutoScalingGroupName=name)
+            except botocore.exceptions.ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if logic.classify_error(code, exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")) != "denied":
+                    raise
+                result.warnings.append(f"{self.NAME}: autoscaling:DescribeLifecycleHooks is denied ({code}): "
+                                       "Pending:Wait hosts get no lifecycle_hook_name")
+                return hooks
+            hooks[name] = sorted(h["LifecycleHookName"] for h in response.get("LifecycleHooks", ())
+                                 if h.get("LifecycleTransition") == "autoscaling:EC2_INSTANCE_LAUNCHING")
+        return hooks
+
     def _fetch_region(self, region, clients, settings, pool):
         result = _RegionResult(region)
         ec2 = clients[("ec2", region)]
@@ -533,11 +554,24 @@ class InventoryModule(AWSInventoryBase):
                 if template_ids and self.get_option("resolve_launch_template_versions"):
                     action = "ec2:DescribeLaunchTemplates"
                     versions = self._describe_templates(ec2, template_ids)
+                hooks = {}
+                states = settings["lifecycle_states"]
+                if states is None or "Pending:Wait" in states:
+                    waiting = sorted({g["name"] for g in groups
+                                      if any(m.get("lifecycle_state") == "Pending:Wait" for m in g["instances"].values())})
+                    action = "autoscaling:DescribeLifecycleHooks"
+                    hooks = self._launch_hooks(clients[("autoscaling", region)], waiting, result)
                 action = "ec2:DescribeInstances"
                 for future in batches:
                     for instance in future.result():
                         group, member = members[instance["InstanceId"]]
-                        result.records.append(logic.instance_record(instance, region, group, member, versions))
+                        record = logic.instance_record(instance, region, group, member, versions)
+                        if record["lifecycle_state"] == "Pending:Wait" and hooks.get(group["name"]):
+                            # The action's token is in the hook's notification only: no API returns it.
+                            record["lifecycle_hook_names"] = hooks[group["name"]]
+                            if len(hooks[group["name"]]) == 1:
+                                record["lifecycle_hook_name"] = hooks[group["name"]][0]
+                        result.records.append(record)
             seen = {r["instance_id"] for r in result.records}
             for future in standalone:
                 for instance in future.result():

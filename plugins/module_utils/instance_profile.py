@@ -32,6 +32,10 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.autoscaling_groups import GroupSelectionError
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.autoscaling_groups import chunks
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.autoscaling_groups import find_groups as select_groups
+
 # Association states (DescribeIamInstanceProfileAssociations).
 ASSOCIATING = "associating"
 ASSOCIATED = "associated"
@@ -59,7 +63,6 @@ VERSION_CHOICES = (VERSION_KEEP, VERSION_LATEST, VERSION_DEFAULT, VERSION_PINNED
 LATEST = "$Latest"
 DEFAULT = "$Default"
 
-ASG_BATCH_SIZE = 100  # DescribeAutoScalingGroups: names per call and MaxRecords
 ASSOCIATION_BATCH_SIZE = 100  # instance ids per DescribeIamInstanceProfileAssociations filter
 ASSOCIATION_PAGE_SIZE = 1000  # MaxResults maximum
 
@@ -505,11 +508,6 @@ def bucket_by_template(groups_with_templates):
     return [bucket_groups for _ids, bucket_groups in buckets]
 
 
-def chunks(items, size):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 def summarise(groups):
     """Counts over the per-group results."""
     summary = {
@@ -661,36 +659,12 @@ class Roller:
 
     def find_groups(self, names=None, tag_filters=None):
         """Describe the groups named and/or matching the tag filters; unknown names are an InputError."""
-        filters = []
-        for key, value in (tag_filters or {}).items():
-            values = value if isinstance(value, list) else [value]
-            if values == [None] or values == ["*"]:
-                filters.append({"Name": "tag-key", "Values": [key]})
-            else:
-                filters.append({"Name": f"tag:{key}", "Values": [str(v) for v in values]})
-        groups = {}
-        name_batches = list(chunks(sorted(set(names or [])), ASG_BATCH_SIZE)) if names else [None]
-        for batch in name_batches:
-            params = {"MaxRecords": ASG_BATCH_SIZE}
-            if batch:
-                params["AutoScalingGroupNames"] = batch
-            if filters:
-                params["Filters"] = filters
-            for group in self._pages(self.autoscaling.describe_auto_scaling_groups, "AutoScalingGroups",
-                                     "DescribeAutoScalingGroups", params):
-                groups[group["AutoScalingGroupName"]] = group
-        if names:
-            missing = sorted(set(names) - set(groups))
-            if missing and not filters:
-                raise InputError(f"Auto Scaling group(s) not found: {', '.join(missing)}: check the names and region")
-            if missing and filters:
-                # The name exists but does not carry the tags: report it all the same.
-                raise InputError(
-                    f"Auto Scaling group(s) {', '.join(missing)} not found or not matching tag_filters"
-                )
-        if not groups:
-            raise InputError(f"no Auto Scaling group matches tag_filters {tag_filters}: check the tags and region")
-        return [groups[name] for name in sorted(groups)]
+        try:
+            return select_groups(self.autoscaling, names, tag_filters)
+        except GroupSelectionError as exc:
+            raise InputError(str(exc)) from exc
+        except Exception as exc:  # pylint: disable=broad-except
+            raise AwsCallError("DescribeAutoScalingGroups", exc) from exc
 
     def _pages(self, method, key, action, params):
         token = None

@@ -8,6 +8,11 @@ counts every API call by service and operation and can inject latency,
 throttling, server errors, dropped connections and truncated bodies. Code under
 test reaches either only through ``endpoint_url``, as it would reach AWS.
 
+The proxy also emulates what moto lacks for Auto Scaling launch lifecycle hooks
+(instances held in ``Pending:Wait``, CompleteLifecycleAction,
+RecordLifecycleActionHeartbeat, the hook's notifications to SQS/SNS): see
+``tests/support/lifecycle.py`` and docs/lifecycle.md.
+
 Run as a script it starts both and prints the proxy's URL, for manual use::
 
     python tests/support/awsemu.py --port 5000
@@ -32,6 +37,12 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+try:  # run as ``python tests/support/awsemu.py`` or imported as tests.support.awsemu
+    from tests.support.lifecycle import LifecycleEmulation, query_params
+except ImportError:  # pragma: no cover - script mode
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    from tests.support.lifecycle import LifecycleEmulation, query_params
 
 TEST_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "AKIAFLEETKEEPERTEST",
@@ -122,6 +133,8 @@ class Fault:
     ``error`` (``status`` with an InternalError body), ``drop`` (close the
     connection without answering), ``truncate`` (send the real answer cut in
     half, with the full Content-Length) or ``deny`` (403 AccessDenied).
+    ``code`` replaces the error code of ``error`` (for example
+    ``ResourceContention`` with status 500, Auto Scaling's contention fault).
     ``service`` and ``operation`` restrict it (None matches all); ``times``
     limits how often it fires (None: always).
     """
@@ -131,6 +144,7 @@ class Fault:
     operation: str | None = None
     times: int | None = None
     status: int = 500
+    code: str | None = None
     fired: int = 0
 
     def matches(self, service: str, operation: str) -> bool:
@@ -157,6 +171,16 @@ class ProxyState:
     faults: list = field(default_factory=list)
     calls: list = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    lifecycle: LifecycleEmulation | None = None
+
+
+def scope_of(headers) -> list:
+    """The SigV4 credential scope (KEY/DATE/REGION/SERVICE/aws4_request) as a list."""
+    auth = headers.get("Authorization", "")
+    marker = "Credential="
+    if marker in auth:
+        return auth.split(marker, 1)[1].split(",", 1)[0].split("/")
+    return []
 
 
 def service_of(headers) -> str:
@@ -315,14 +339,27 @@ def _make_handler(upstream: str, state: ProxyState):
                     if service == "ec2":
                         code = "UnauthorizedOperation"
                 else:
-                    status, code, message = fault.status, "InternalError", "Injected server error"
+                    status, code, message = fault.status, fault.code or "InternalError", "Injected server error"
                     if service == "s3" and status == 503:
                         code = "ServiceUnavailable"
                 payload, content_type = error_body(service, code, message)
                 state.calls.append(Call(service, operation, status, kind))
                 self._send(status, [("Content-Type", content_type)], payload)
                 return
+            lifecycle = state.lifecycle if service == "autoscaling" else None
+            if lifecycle is not None:
+                scope = scope_of(self.headers)
+                region = scope[2] if len(scope) >= 5 else "us-east-1"
+                params = query_params(self.path, body)
+                made_up = lifecycle.before(region, operation, params)
+                if made_up is not None:
+                    status, payload = made_up
+                    state.calls.append(Call(service, operation, status, "emulated"))
+                    self._send(status, [("Content-Type", "text/xml")], payload)
+                    return
             status, headers, payload = self._upstream(self.command, body)
+            if lifecycle is not None:
+                payload = lifecycle.after(region, operation, params, status, payload)
             state.calls.append(Call(service, operation, status, kind))
             self._send(status, headers, payload, truncate=(kind == "truncate"))
 
@@ -337,6 +374,8 @@ class FaultProxy:
     def __init__(self, upstream: str, host: str = "127.0.0.1", port: int = 0):
         self.upstream = upstream
         self.state = ProxyState()
+        self._clients: dict = {}
+        self.lifecycle = self.state.lifecycle = LifecycleEmulation(self._upstream_client)
         self.server = ThreadingHTTPServer((host, port), _make_handler(upstream, self.state))
         self.server.daemon_threads = True
         self.thread: threading.Thread | None = None
@@ -355,15 +394,28 @@ class FaultProxy:
         self.server.shutdown()
         self.server.server_close()
 
+    def _upstream_client(self, service: str, region: str):
+        """A boto3 client that reaches the upstream directly (the lifecycle emulation's own calls)."""
+        key = (service, region)
+        if key not in self._clients:
+            import boto3  # pylint: disable=import-outside-toplevel
+
+            self._clients[key] = boto3.client(
+                service, region_name=region, endpoint_url=self.upstream,
+                aws_access_key_id=TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                aws_secret_access_key=TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            )
+        return self._clients[key]
+
     # --- control -------------------------------------------------------
     def set_latency(self, milliseconds: float) -> None:
         self.state.latency = milliseconds / 1000.0
 
     def inject(self, kind: str, service: str | None = None, operation: str | None = None,
-               times: int | None = None, status: int = 500) -> Fault:
+               times: int | None = None, status: int = 500, code: str | None = None) -> Fault:
         if kind not in ("throttle", "error", "drop", "truncate", "deny"):
             raise ValueError(f"unknown fault kind {kind!r}")
-        fault = Fault(kind=kind, service=service, operation=operation, times=times, status=status)
+        fault = Fault(kind=kind, service=service, operation=operation, times=times, status=status, code=code)
         with self.state.lock:
             self.state.faults.append(fault)
         return fault
@@ -373,11 +425,12 @@ class FaultProxy:
             self.state.faults.clear()
 
     def reset(self) -> None:
-        """Forget faults, latency and counted calls."""
+        """Forget faults, latency, counted calls and lifecycle actions."""
         with self.state.lock:
             self.state.faults.clear()
             self.state.calls.clear()
         self.state.latency = 0.0
+        self.lifecycle.reset()
 
     def calls(self, service: str | None = None, operation: str | None = None) -> list:
         return [c for c in list(self.state.calls)
@@ -443,12 +496,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--port", type=int, default=0, help="proxy port (default: a free one)")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="added to every API call")
+    parser.add_argument("--lifecycle-time-scale", type=float, default=1.0,
+                        help="multiply lifecycle hook timeouts (tests and demos only)")
     parser.add_argument("--state-file", help="write {endpoint_url, moto_url, pid} here as JSON")
     args = parser.parse_args(argv)
     emulator = AwsEmulator()
     emulator.moto.start()
     emulator.proxy = FaultProxy(emulator.moto.url, port=args.port).start()
     emulator.proxy.set_latency(args.latency_ms)
+    emulator.proxy.lifecycle.time_scale = args.lifecycle_time_scale
     info = {"endpoint_url": emulator.endpoint_url, "moto_url": emulator.moto.url, "pid": os.getpid()}
     if args.state_file:
         with open(args.state_file, "w", encoding="utf-8") as handle:
