@@ -23,7 +23,9 @@ import uuid
 
 import pytest
 
+from tests.support import fleet as fleet_support
 from tests.support.ansiblerun import BIN_DIR, ansible_env
+from tests.support.lifecycle import LAUNCHING
 
 RULEBOOK = os.path.join(BIN_DIR, "ansible-rulebook")
 pytestmark = [
@@ -88,13 +90,14 @@ def records(record_dir):
 class Rulebook:
     """ansible-rulebook running the collection's rulebook in its own process group."""
 
-    def __init__(self, tmp_path, variables):
+    def __init__(self, tmp_path, variables, inventory=None, env=None):
         self.log_path = tmp_path / "ansible-rulebook.log"
         vars_path = tmp_path / "vars.json"
         vars_path.write_text(json.dumps(variables))
-        inventory = tmp_path / "inventory"
-        inventory.write_text(f"localhost ansible_connection=local ansible_python_interpreter={BIN_DIR}/python\n")
-        env = ansible_env()
+        if inventory is None:
+            inventory = tmp_path / "localhost.ini"
+            inventory.write_text(f"localhost ansible_connection=local ansible_python_interpreter={BIN_DIR}/python\n")
+        env = ansible_env(env)
         env.pop("ANSIBLE_STDOUT_CALLBACK")
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(  # pylint: disable=consider-using-with
@@ -175,3 +178,76 @@ def test_rulebook_runs_the_action_once_per_lifecycle_action_and_empties_the_queu
     assert "ReceiveMessage failed" in log
     assert aws.proxy.count("sqs", "DeleteMessageBatch") >= 1
     assert "Traceback" not in log, log
+
+
+def lifecycle_states(autoscaling, group="web"):
+    found = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[group])["AutoScalingGroups"][0]
+    return {i["InstanceId"]: i["LifecycleState"] for i in found["Instances"]}
+
+
+def test_rulebook_provisions_each_launched_instance_once_through_the_playbook(aws, tmp_path):
+    """Scale-out -> the hook's notification -> rulebook -> fleetkeeper.aws.provision -> CONTINUE -> InService.
+
+    The hook and its notifications are the test endpoint's lifecycle emulation; the inventory is the real
+    fleet plugin reading Pending:Wait instances; the hosts standing for the instances run locally (their
+    converge is one recording role). A redelivered notification (same token) completes nothing twice.
+    """
+    ec2, autoscaling, sqs = aws.client("ec2"), aws.client("autoscaling"), aws.client("sqs")
+    fleet = fleet_support.create_network(ec2, "us-east-1")
+    fleet_support.create_group(ec2, autoscaling, fleet, "web", 0)
+    url = sqs.create_queue(QueueName="fleet-lifecycle")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    autoscaling.put_lifecycle_hook(
+        AutoScalingGroupName="web", LifecycleHookName="fleetkeeper-provision", LifecycleTransition=LAUNCHING,
+        HeartbeatTimeout=900, DefaultResult="ABANDON", NotificationTargetARN=arn,
+        RoleARN="arn:aws:iam::123456789012:role/fleet-hooks")
+    autoscaling.set_desired_capacity(AutoScalingGroupName="web", DesiredCapacity=2)
+    pending = sorted(i for i, s in lifecycle_states(autoscaling).items() if s == "Pending:Wait")
+    assert len(pending) == 2
+    sqs.send_message(QueueUrl=url, MessageBody="garbage")
+    assert queue_depth(sqs, url) == 4  # the hook's test notification, two launches, garbage
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    inventory = tmp_path / "inventory"
+    inventory.mkdir()
+    python = os.path.join(BIN_DIR, "python")
+    (inventory / "pending.fleet.yml").write_text(json.dumps({
+        "plugin": "fleetkeeper.aws.fleet", "regions": ["us-east-1"], "endpoint_url": aws.endpoint_url,
+        "lifecycle_states": ["Pending:Wait"],
+        "compose": {"ansible_connection": "'local'", "ansible_python_interpreter": f"'{python}'",
+                    "provision_aws_endpoint_url": f"'{aws.endpoint_url}'", "eda_mark_dir": f"'{marks}'",
+                    "provision_roles": "[{'name': 'eda_mark', 'become': false}]"}}))
+    (inventory / "controller.yml").write_text(json.dumps({"all": {"hosts": {"localhost": {
+        "ansible_connection": "local", "ansible_python_interpreter": python,
+        "provision_aws_endpoint_url": aws.endpoint_url}}}}))
+    rulebook = Rulebook(tmp_path, {
+        "fleetkeeper_lifecycle_queue_url": url, "fleetkeeper_lifecycle_endpoint_url": aws.endpoint_url,
+        "fleetkeeper_lifecycle_region": "us-east-1"}, inventory=inventory,
+        env={"ANSIBLE_ROLES_PATH": os.path.join(os.path.dirname(__file__), "files", "provision_roles")})
+    try:
+        wait_for(lambda: set(lifecycle_states(autoscaling).values()) == {"InService"}
+                 and queue_depth(sqs, url) == 0, rulebook, timeout=300)
+        completions = list(aws.proxy.lifecycle.history)
+        # SQS delivers again: the same notification (same token) for an instance already InService.
+        [first] = [h for h in completions if h["EC2InstanceId"] == pending[0]]
+        sqs.send_message(QueueUrl=url, MessageBody=json.dumps({
+            "Origin": "EC2", "Destination": "AutoScalingGroup", "LifecycleHookName": first["LifecycleHookName"],
+            "AccountId": "123456789012", "Service": "AWS Auto Scaling", "AutoScalingGroupName": "web",
+            "LifecycleTransition": LAUNCHING, "EC2InstanceId": pending[0],
+            "LifecycleActionToken": first["LifecycleActionToken"], "Time": "2026-12-01T04:30:00.000Z",
+            "RequestId": str(uuid.uuid4())}))
+        wait_for(lambda: rulebook.log().count("PLAY RECAP") >= 3 and queue_depth(sqs, url) == 0, rulebook,
+                 timeout=180)
+        log = rulebook.log()
+    finally:
+        rulebook.stop()
+    assert sorted((h["EC2InstanceId"], h["Result"], h["How"]) for h in aws.proxy.lifecycle.history) == [
+        (i, "CONTINUE", "CompleteLifecycleAction") for i in pending], log[-4000:]
+    runs = [json.loads(p.read_text()) for p in marks.glob("*.json")]
+    assert sorted(r["instance_id"] for r in runs) == pending, "each instance converged once"
+    tokens = {h["EC2InstanceId"]: h["LifecycleActionToken"] for h in aws.proxy.lifecycle.history}
+    assert all(r["token"] == tokens[r["instance_id"]] and r["hook"] == "fleetkeeper-provision" for r in runs)
+    assert aws.proxy.count("autoscaling", "CompleteLifecycleAction") == 2
+    assert "deleted test notification" in log and "is not a lifecycle notification" in log
+    assert "Traceback" not in log, log[-4000:]
