@@ -12,11 +12,13 @@ export FK_ROOT FK_VENV FK_BUILD FK_CACHE
 fk_log() { printf '\n\033[1m==> %s\033[0m\n' "$*" >&2; }
 fk_die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
-# Debian packages the controller side needs. None of them starts a service on
+# Debian packages the controller side needs (openjdk-17-jre-headless: the Java 17
+# runtime ansible-rulebook's Drools engine runs in). None of them starts a service on
 # this machine; servers used by tests (BIND, unbound, dnsmasq, sshd) run only
 # inside test hosts or from unpacked copies under $FK_CACHE.
 FK_DEBS=(python3 python3-venv git openssh-client iproute2 debootstrap systemd-container
-         bind9-utils bind9-dnsutils nftables dnsperf rsync)
+         bind9-utils bind9-dnsutils nftables dnsperf rsync
+         openjdk-17-jre-headless)
 
 fk_apt() {
   local missing=() pkg
