@@ -201,7 +201,6 @@ def _start_services(run: Run, topology: topo.Topology, aws_url: str | None) -> d
                           failed=run.path("services.failed"))
 
 
-
 def _prepare_host(run: Run, topology: topo.Topology, name: str, image: str, public_key: str) -> list:
     """Overlay the image and write what the host needs before it boots; returns its host keys."""
     host_dir = run.path("hosts", name)

@@ -99,7 +99,7 @@ class FakeEC2:
         template = self.templates.get(LaunchTemplateId)
         if template is None:
             raise api_error("InvalidLaunchTemplateId.NotFound", f"The specified launch template, with template ID "
-                                                               f"{LaunchTemplateId}, does not exist.")
+                                                                f"{LaunchTemplateId}, does not exist.")
         numbers = set()
         for spec in Versions:
             numbers.add(max(template["versions"]) if spec == "$Latest" else
@@ -252,7 +252,7 @@ def test_mismatch_is_reported_not_replaced():
 def test_invalid_iam_instance_profile_is_retried_with_backoff():
     roller, ec2, _asg, clock = make([group("a", ["i-1"])], wait_timeout=60)
     not_ready = api_error("InvalidParameterValue", "Value (web) for parameter iamInstanceProfile.name is invalid. "
-                                                  "Invalid IAM Instance Profile name")
+                                                   "Invalid IAM Instance Profile name")
     ec2.faults["AssociateIamInstanceProfile"] = [not_ready, not_ready, not_ready]
     result = roller.run("web", names=["a"])
     assert result["summary"]["associated"] == 1
