@@ -73,7 +73,10 @@ def write_config(path, emulator, root, workers):
     with open(path, "w", encoding="utf-8") as handle:
         json.dump({"bucket": BUCKET, "endpoint_url": emulator.endpoint_url, "region": "us-east-1",
                    "root": root, "user_backend": "directory", "authorized_keys_dir": "/etc/ssh/authorized_keys",
-                   "download_workers": workers}, handle)
+                   "download_workers": workers,
+                   # 1,000 names in the default 40,000-UID range collide in about 12 pairs (refused until
+                   # pinned); a wide range keeps every benchmark user
+                   "uid_max": 2000000000}, handle)
 
 
 def summary(values):
