@@ -30,7 +30,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import time
 
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import (
@@ -177,13 +176,22 @@ class SystemUserBackend:
     def kill_all_as(uid, gid):
         """SIGKILL every process ``uid`` may signal, in one kill(-1) made as that user (a fork loop cannot outrun it).
 
-        The killer is a fresh interpreter run with the user's UID and GID and no other group: it holds nothing
-        of root's, and Linux's kill(-1) spares only the caller and init.
+        A forked child drops to the user's UID and GID with no other group, so it holds nothing of root's, and
+        calls kill(-1), which Linux delivers to every process of that UID except the caller. The child makes
+        only these system calls (no exec: nothing on disk has to be executable by the user).
         """
-        # Shared with the host-side entry point, which has no AnsibleModule (so no run_command).
-        subprocess.run([sys.executable, "-I", "-S", "-c", "import os, signal; os.kill(-1, signal.SIGKILL)"],  # pylint: disable=ansible-bad-function
-                       user=uid, group=gid, extra_groups=[], check=False, cwd="/",
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 0
+            try:
+                os.setgroups([])
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+                os.kill(-1, signal.SIGKILL)
+            except BaseException:  # pylint: disable=broad-exception-caught
+                code = 1
+            os._exit(code)  # pylint: disable=protected-access
+        os.waitpid(pid, 0)
 
     def end_sessions(self, name, uid, gid):
         """End the user's logind sessions, then kill whatever still runs under ``uid``. True when anything ran."""
