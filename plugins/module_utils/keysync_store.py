@@ -578,7 +578,7 @@ class KeyFileStore:
             if not os.path.isdir(directory):
                 if not create:
                     return None
-                os.makedirs(directory, 0o755)
+                os.makedirs(directory, 0o755, exist_ok=True)  # writers run in parallel
             return open_dir(directory, create_mode=None)
         home = rooted(self.root, info.home)
         try:
