@@ -69,6 +69,51 @@ def bare_list(emulator, latency_ms):
     return {"wall_s": round(time.monotonic() - start, 3)}
 
 
+class LatencyStub:
+    """In-process S3 stand-in that only waits ``latency`` per request (no moto CPU): isolates the sync's own
+    concurrency and local work from the emulator's cost on a loaded machine."""
+
+    def __init__(self, bodies, latency):
+        import hashlib  # pylint: disable=import-outside-toplevel
+        self.bodies = bodies
+        self.latency = latency
+        self.etags = dict((k, '"%s"' % hashlib.md5(v).hexdigest()) for k, v in bodies.items())
+        self.calls = {"list": 0, "get": 0}
+
+    def list_objects_v2(self, Bucket, Prefix, MaxKeys, ContinuationToken=None):  # noqa: N803
+        self.calls["list"] += 1
+        time.sleep(self.latency)
+        keys = sorted(self.bodies)
+        return {"KeyCount": len(keys), "IsTruncated": False,
+                "Contents": [{"Key": k, "ETag": self.etags[k], "Size": len(self.bodies[k])} for k in keys]}
+
+    def get_object(self, Bucket, Key, IfMatch=None):  # noqa: N803
+        import io  # pylint: disable=import-outside-toplevel
+        self.calls["get"] += 1
+        time.sleep(self.latency)
+        return {"Body": io.BytesIO(self.bodies[Key])}
+
+
+def isolated_rounds(users, rounds, latency_ms, tmp):
+    from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import KeySyncConfig  # noqa
+    from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_s3 import sync  # noqa
+    from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_store import make_backend  # noqa
+    from tests.support.keysync import ed25519_line  # noqa
+    bodies = dict(("keys/user%04d.pub" % i, ed25519_line("user%04d@bench" % i).encode()) for i in range(users))
+    out = {"first_16": [], "unchanged_16": []}
+    for number in range(rounds):
+        root = os.path.join(tmp, "isolated-%d" % number)
+        config = KeySyncConfig(bucket=BUCKET, root=root, user_backend="directory", uid_max=2000000000,
+                               authorized_keys_dir="/etc/ssh/authorized_keys")
+        for name in ("first_16", "unchanged_16"):
+            stub = LatencyStub(bodies, latency_ms / 1000.0)
+            start = time.monotonic()
+            sync(config, stub, make_backend(config))
+            out[name].append({"wall_s": round(time.monotonic() - start, 3), "requests": dict(stub.calls)})
+        shutil.rmtree(root)
+    return out
+
+
 def write_config(path, emulator, root, workers):
     with open(path, "w", encoding="utf-8") as handle:
         json.dump({"bucket": BUCKET, "endpoint_url": emulator.endpoint_url, "region": "us-east-1",
@@ -90,11 +135,33 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--latency-ms", type=float, default=30.0)
     parser.add_argument("--output", default=os.path.join(RESULTS, "keysync_latency.json"))
+    parser.add_argument("--isolated-only", action="store_true",
+                        help="only the in-process runs against the latency stub (no moto)")
     args = parser.parse_args(argv)
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, EMULATOR_CPU)  # moto and the proxy (started from here) run on CPU 0
     runs = {"first_16": [], "unchanged_16": [], "first_8": [], "moto_list": []}
     load = []
+    if args.isolated_only:
+        with tempfile.TemporaryDirectory(prefix="fk-bench-keysync-iso-") as tmp:
+            load.append(os.getloadavg()[0])
+            isolated = isolated_rounds(args.users, args.rounds, args.latency_ms, tmp)
+            load.append(os.getloadavg()[0])
+        previous = {}
+        if os.path.exists(args.output):
+            with open(args.output, encoding="utf-8") as handle:
+                previous = json.load(handle)
+        previous["isolated_in_process"] = {
+            "note": "sync() called in-process (no interpreter start-up) against a stub that only sleeps %g ms per "
+                    "request: the sync's concurrency and local work without moto's CPU cost; load average %s"
+                    % (args.latency_ms, [round(x, 2) for x in load]),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "runs": isolated,
+            "wall_s": dict((n, summary([r["wall_s"] for r in v])) for n, v in isolated.items())}
+        with open(args.output, "w", encoding="utf-8") as handle:
+            json.dump(previous, handle, indent=1, sort_keys=True)
+        print(json.dumps(previous["isolated_in_process"]["wall_s"], indent=1))
+        return 0
     with AwsEmulator() as emulator, tempfile.TemporaryDirectory(prefix="fk-bench-keysync-lat-") as tmp:
         seed(emulator, args.users)
         script = install_host_tool(os.path.join(tmp, "usr-local"))
