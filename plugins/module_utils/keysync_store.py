@@ -69,6 +69,7 @@ class SystemUserBackend:
         self.operations = []
         self._runner = runner or self._run
         self.system_uid_max = system_uid_max
+        self._running = None
 
     @staticmethod
     def _run(argv):
@@ -150,6 +151,23 @@ class SystemUserBackend:
     # Ending a revoked user's sessions and processes.
 
     @staticmethod
+    def running_uids():
+        """Every real, effective or saved UID of a live process, from one scan of /proc."""
+        uids = set()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open("/proc/%s/status" % entry, "r", encoding="utf-8", errors="replace") as handle:
+                    for line in handle:
+                        if line.startswith("Uid:"):
+                            uids.update(int(u) for u in line.split()[1:4])
+                            break
+            except (IOError, OSError, ValueError):
+                continue
+        return uids
+
+    @staticmethod
     def processes_of(uid):
         """PIDs of live processes whose real, effective or saved UID is ``uid`` (zombies are already dead)."""
         pids = []
@@ -197,7 +215,9 @@ class SystemUserBackend:
         """End the user's logind sessions, then kill whatever still runs under ``uid``. True when anything ran."""
         if uid <= self.system_uid_max or uid <= 0:
             raise UserBackendError("refusing to kill the processes of %s: UID %d is a system UID" % (name, uid))
-        if not self.processes_of(uid):
+        if self._running is None:
+            self._running = self.running_uids()  # one /proc scan per run, however many users are revoked
+        if uid not in self._running or not self.processes_of(uid):
             return False
         if self.logind_running():
             self.operations.append(["loginctl", "terminate-user", name])

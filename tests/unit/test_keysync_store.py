@@ -683,6 +683,7 @@ def test_system_backend_ends_sessions_then_kills_whatever_remains(monkeypatch):
     alive = {"pids": [101, 102]}
     kills = []
     monkeypatch.setattr(backend, "processes_of", lambda uid: list(alive["pids"]))
+    monkeypatch.setattr(backend, "running_uids", lambda: {23456})
     monkeypatch.setattr(backend, "logind_running", lambda: True)
 
     def kill_all_as(uid, gid):
@@ -704,6 +705,7 @@ def test_system_backend_ends_sessions_then_kills_whatever_remains(monkeypatch):
 def test_system_backend_reports_processes_that_survive(monkeypatch):
     backend = SystemUserBackend(runner=lambda argv: None)
     monkeypatch.setattr(backend, "processes_of", lambda uid: [4242])
+    monkeypatch.setattr(backend, "running_uids", lambda: {23456})
     monkeypatch.setattr(backend, "logind_running", lambda: False)
     monkeypatch.setattr(backend, "kill_all_as", lambda uid, gid: None)
     monkeypatch.setattr(backend, "KILL_ROUNDS", 2)
