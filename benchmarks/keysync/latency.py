@@ -34,7 +34,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench import BUCKET, REPO, RESULTS, install_host_tool, seed  # noqa: E402
+from bench import BUCKET, RESULTS, install_host_tool, seed  # noqa: E402
 from tests.support.awsemu import AwsEmulator  # noqa: E402
 
 SYNC_CPU = "1"

@@ -17,7 +17,6 @@ import pytest
 from ansible_collections.fleetkeeper.aws.plugins.module_utils import keysync_host
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import (
     MARKER_LINE,
-    DownloadError,
     FailClosedError,
     KeySyncConfig,
     ListingError,
