@@ -499,23 +499,33 @@ def _apply(config, plan, users, backend, store, result, log, locks_made, retired
     if created:
         users = backend.list_users()
     revoked = set(entry["user"] for entry in plan.revoke) | set(plan.withheld)
-    for name in sorted(plan.keys):
-        info = users.get(name)
-        if info is None or name in revoked:
-            continue
+    todo = [name for name in sorted(plan.keys) if users.get(name) is not None and name not in revoked]
+
+    def write_keys(name):
+        info = users[name]
         text = plan.keys[name]
         if shared:
             ok, current = _step(result, name, "read authorized_keys", store.read_strict, info)
             if not ok:
-                continue
+                return False
             content = render_shared(current, text)
         else:
             content = render_user(text)
         _ok, did = _step(result, name, "write authorized_keys", store.write, info, content)
-        if did:
-            result["files_written"].append(name)
-            changed = True
-    return changed
+        return bool(did)
+
+    # Each file is fsynced before its rename; the fsyncs overlap across threads (the file system commits them
+    # together), which is what makes a first sync of 1,000 users cheap. Each user's file is its own.
+    written = []
+    if len(todo) > 1:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(config.download_workers, len(todo))) as pool:
+            for name, did in zip(todo, pool.map(write_keys, todo)):
+                if did:
+                    written.append(name)
+    elif todo and write_keys(todo[0]):
+        written.append(todo[0])
+    result["files_written"].extend(written)
+    return changed or bool(written)
 
 
 def _needs_write(store, info, lines, shared):

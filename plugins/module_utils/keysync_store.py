@@ -30,7 +30,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import time
 
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import (
@@ -70,6 +69,7 @@ class SystemUserBackend:
         self.operations = []
         self._runner = runner or self._run
         self.system_uid_max = system_uid_max
+        self._running = None
 
     @staticmethod
     def _run(argv):
@@ -151,6 +151,23 @@ class SystemUserBackend:
     # Ending a revoked user's sessions and processes.
 
     @staticmethod
+    def running_uids():
+        """Every real, effective or saved UID of a live process, from one scan of /proc."""
+        uids = set()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open("/proc/%s/status" % entry, "r", encoding="utf-8", errors="replace") as handle:
+                    for line in handle:
+                        if line.startswith("Uid:"):
+                            uids.update(int(u) for u in line.split()[1:4])
+                            break
+            except (IOError, OSError, ValueError):
+                continue
+        return uids
+
+    @staticmethod
     def processes_of(uid):
         """PIDs of live processes whose real, effective or saved UID is ``uid`` (zombies are already dead)."""
         pids = []
@@ -177,19 +194,30 @@ class SystemUserBackend:
     def kill_all_as(uid, gid):
         """SIGKILL every process ``uid`` may signal, in one kill(-1) made as that user (a fork loop cannot outrun it).
 
-        The killer is a fresh interpreter run with the user's UID and GID and no other group: it holds nothing
-        of root's, and Linux's kill(-1) spares only the caller and init.
+        A forked child drops to the user's UID and GID with no other group, so it holds nothing of root's, and
+        calls kill(-1), which Linux delivers to every process of that UID except the caller. The child makes
+        only these system calls (no exec: nothing on disk has to be executable by the user).
         """
-        # Shared with the host-side entry point, which has no AnsibleModule (so no run_command).
-        subprocess.run([sys.executable, "-I", "-S", "-c", "import os, signal; os.kill(-1, signal.SIGKILL)"],  # pylint: disable=ansible-bad-function
-                       user=uid, group=gid, extra_groups=[], check=False, cwd="/",
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 0
+            try:
+                os.setgroups([])
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+                os.kill(-1, signal.SIGKILL)
+            except BaseException:  # pylint: disable=broad-exception-caught
+                code = 1
+            os._exit(code)  # pylint: disable=protected-access
+        os.waitpid(pid, 0)
 
     def end_sessions(self, name, uid, gid):
         """End the user's logind sessions, then kill whatever still runs under ``uid``. True when anything ran."""
         if uid <= self.system_uid_max or uid <= 0:
             raise UserBackendError("refusing to kill the processes of %s: UID %d is a system UID" % (name, uid))
-        if not self.processes_of(uid):
+        if self._running is None:
+            self._running = self.running_uids()  # one /proc scan per run, however many users are revoked
+        if uid not in self._running or not self.processes_of(uid):
             return False
         if self.logind_running():
             self.operations.append(["loginctl", "terminate-user", name])
@@ -570,7 +598,7 @@ class KeyFileStore:
             if not os.path.isdir(directory):
                 if not create:
                     return None
-                os.makedirs(directory, 0o755)
+                os.makedirs(directory, 0o755, exist_ok=True)  # writers run in parallel
             return open_dir(directory, create_mode=None)
         home = rooted(self.root, info.home)
         try:

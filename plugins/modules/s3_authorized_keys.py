@@ -332,6 +332,7 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_host impor
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_s3 import sync
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_store import make_backend
 
+
 def main():
     module = AnsibleAWSModule(
         argument_spec=KeySyncConfig.argument_spec(),

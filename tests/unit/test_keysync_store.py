@@ -17,7 +17,6 @@ import pytest
 from ansible_collections.fleetkeeper.aws.plugins.module_utils import keysync_host
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import (
     MARKER_LINE,
-    DownloadError,
     FailClosedError,
     KeySyncConfig,
     ListingError,
@@ -683,6 +682,7 @@ def test_system_backend_ends_sessions_then_kills_whatever_remains(monkeypatch):
     alive = {"pids": [101, 102]}
     kills = []
     monkeypatch.setattr(backend, "processes_of", lambda uid: list(alive["pids"]))
+    monkeypatch.setattr(backend, "running_uids", lambda: {23456})
     monkeypatch.setattr(backend, "logind_running", lambda: True)
 
     def kill_all_as(uid, gid):
@@ -704,9 +704,37 @@ def test_system_backend_ends_sessions_then_kills_whatever_remains(monkeypatch):
 def test_system_backend_reports_processes_that_survive(monkeypatch):
     backend = SystemUserBackend(runner=lambda argv: None)
     monkeypatch.setattr(backend, "processes_of", lambda uid: [4242])
+    monkeypatch.setattr(backend, "running_uids", lambda: {23456})
     monkeypatch.setattr(backend, "logind_running", lambda: False)
     monkeypatch.setattr(backend, "kill_all_as", lambda uid, gid: None)
     monkeypatch.setattr(backend, "KILL_ROUNDS", 2)
     monkeypatch.setattr(os, "kill", lambda pid, sig: None)
     with pytest.raises(UserBackendError, match="survived 2 rounds"):
         backend.end_sessions("alice", 23456, 23456)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run processes under another UID")
+def test_system_backend_kills_a_respawning_process_tree_of_the_uid_for_real(monkeypatch):
+    """Real processes under an unused UID (no account is created): a respawning loop and a detached child."""
+    import random
+    import subprocess
+    uid = random.randint(3000000, 3999999)
+    assert SystemUserBackend.processes_of(uid) == []
+    script = "setsid sh -c 'while :; do sleep 30 & wait; done' & while :; do sleep 30 & wait; done"
+    procs = [subprocess.Popen(["sh", "-c", script], user=uid, group=uid, extra_groups=[],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    bystander = subprocess.Popen(["sleep", "30"], user=uid + 1, group=uid + 1, extra_groups=[])
+    try:
+        deadline = time.monotonic() + 10
+        while len(SystemUserBackend.processes_of(uid)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(SystemUserBackend.processes_of(uid)) >= 4
+        backend = SystemUserBackend(runner=lambda argv: None)
+        monkeypatch.setattr(backend, "logind_running", lambda: False)
+        assert backend.end_sessions("someone", uid, uid) is True
+        assert SystemUserBackend.processes_of(uid) == []
+        assert bystander.poll() is None  # another UID's process is untouched
+    finally:
+        for proc in procs + [bystander]:
+            proc.kill()
+            proc.wait()
