@@ -460,7 +460,7 @@ def plot(results, path):
         ax.set_xlabel("offered load (queries/s)")
         ax.grid(True, which="both", alpha=0.3)
     ax1.set_ylabel("failed queries (% of sent; 0 drawn at 0.001)")
-    ax1.set_title("Failed queries (lost + SERVFAIL), warm cache")
+    ax1.set_title("Failed queries (lost, SERVFAIL, REFUSED), warm cache, last round")
     ax2.axhline(LIMIT_PPS, color="grey", linestyle="--", label="upstream limit")
     ax2.set_ylabel("queries/s reaching the upstream")
     ax2.set_title("Upstream load (limit %d packets/s)" % LIMIT_PPS)
@@ -483,8 +483,12 @@ def plot(results, path):
     ax3.set_ylabel("queries/s answered")
     ax4.set_ylabel("failed (% of sent)")
     ax4.axhline(1.0, color="grey", linestyle="--", label="target 1%")
+    if results.get("cold_start_floor_model"):
+        ax4.axhline(results["cold_start_floor_model"]["failed_share"] * 100, color="green", linestyle=":",
+                    label="perfectly paced model cache (computed)")
     for ax in (ax1, ax2, ax4):
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
