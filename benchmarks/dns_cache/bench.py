@@ -449,11 +449,14 @@ def plot(results, path):
         print("matplotlib not installed (pip install -r requirements-bench.txt): no plot")
         return
     fig, ((ax1, ax2), (ax3, ax4)) = plt.subplots(2, 2, figsize=(12, 9))
+    names = [res["target"] for res in results["rounds"][0]["targets"]]  # run order, one colour per target
+    colour = {name: "C%d" % i for i, name in enumerate(names)}
     for res in load_runs(results):
         loads = [item["offered_qps"] for item in res["loads"]]
         ax1.plot(loads, [max(item["failed"] / max(item["sent"], 1) * 100, 0.001) for item in res["loads"]],
-                 marker="o", label=res["target"])
-        ax2.plot(loads, [max(item["upstream_qps"], 0.1) for item in res["loads"]], marker="o", label=res["target"])
+                 marker="o", label=res["target"], color=colour[res["target"]])
+        ax2.plot(loads, [max(item["upstream_qps"], 0.1) for item in res["loads"]], marker="o", label=res["target"],
+                 color=colour[res["target"]])
     for ax in (ax1, ax2):
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -464,7 +467,6 @@ def plot(results, path):
     ax2.axhline(LIMIT_PPS, color="grey", linestyle="--", label="upstream limit")
     ax2.set_ylabel("queries/s reaching the upstream")
     ax2.set_title("Upstream load (limit %d packets/s)" % LIMIT_PPS)
-    names = [name for name in results["summary"] if name != "ratios"]
     for ax, key, title, scale in (
             (ax3, "saturation", "Saturation throughput per round (bar: median)", 1.0),
             (ax4, "cold_start", "Cold start: failed %% of client queries, first %d s at 25,000 q/s"
@@ -474,7 +476,7 @@ def plot(results, path):
                       for rnd in results["rounds"] for r in rnd["targets"] if r["target"] == name and key in r]
             if not values:
                 continue
-            ax.scatter([pos] * len(values), values, alpha=0.6)
+            ax.scatter([pos] * len(values), values, alpha=0.6, color=colour[name])
             ax.hlines(statistics.median(values), pos - 0.3, pos + 0.3, color="black")
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names)
