@@ -12,25 +12,33 @@ What it does (all on this machine, inside two network namespaces it makes and de
 - ``client`` namespace, linked to it by a veth pair (198.18.54.0/30, a
   benchmarking range that exists only inside the two namespaces): dnsperf and
   one cache at a time on 127.0.0.1:53, each with one worker thread: BIND 9.18
-  configured from the dns_cache role's own templates and defaults, unbound 1.17
+  (bookworm) and BIND 9.20 (bookworm-backports), each configured from the
+  dns_cache role's own templates and defaults for its version, unbound 1.17
   and dnsmasq 2.90 (Debian packages unpacked by tests/support/dnsservers.py,
   never installed as services), plus ``direct``: dnsperf straight to the
   limited upstream.
+- The server runs alone on CPU 0, dnsperf on CPU 1 (taskset, nice -10).
 - Query mix: names drawn from a Zipf distribution (s=1.0) over the 5,000 names
   plus 250 names that do not exist (NXDOMAIN), shuffled so popularity and TTL
   are unrelated; the same file for every target.
 
-For each target: a warm-up from cold at 25,000 q/s (upstream queries it
-costs), saturation throughput (no rate limit), then fixed offered loads with
-per-query latencies (dnsperf -v) for p50/p99, failed queries (lost + SERVFAIL),
-upstream queries per second (nftables counter) and the cache hit ratio
-(BIND: statistics channel through dns_cache_stats' parser; unbound:
-unbound-control; dnsmasq: hits.bind/misses.bind).
+The targets run interleaved for --rounds rounds (5), each started afresh: a
+cold start at 25,000 q/s (failed queries, upstream queries and drops it
+costs), priming, saturation throughput (no rate limit); in the last round
+fixed offered loads with per-query latencies (dnsperf -v) for p50/p99, failed
+queries (lost + every answer but NOERROR/NXDOMAIN), upstream queries per
+second (nftables counter) and the cache hit ratio (BIND: statistics channel
+through dns_cache_stats' parser; unbound: unbound-control; dnsmasq:
+hits.bind/misses.bind). The summary gives median and range per target and the
+per-round BIND/unbound ratios; a computed floor for cold-start failures (a
+perfectly paced model cache) is stored beside them.
 
-Run as root from the repository root (needs ip, nft, dnsperf, dig):
+Run as root from the repository root (needs ip, nft, dnsperf, dig, taskset):
 
-    .venv/bin/python benchmarks/dns_cache/bench.py            # full run, ~8 min
-    .venv/bin/python benchmarks/dns_cache/bench.py --quick    # 2 s phases, for development
+    .venv/bin/python benchmarks/dns_cache/bench.py            # full run, ~15-20 min
+    .venv/bin/python benchmarks/dns_cache/bench.py --quick    # 2 rounds of 3 s phases, for development
+    .venv/bin/python benchmarks/dns_cache/bench.py --targets bind --phases cold --loads none \
+        --variant 'fps64={"dns_cache_fetches_per_server": 64}'    # a tuning experiment
 
 Writes benchmarks/results/dns_cache.json and dns_cache.png (matplotlib from
 requirements-bench.txt).
