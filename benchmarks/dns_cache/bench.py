@@ -47,6 +47,7 @@ requirements-bench.txt).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -112,7 +113,7 @@ def paced_cache_floor(queries: str, rate: int, seconds: int, limit: int = LIMIT_
     sends faster loses packets to the limit, one that refuses (fetch quotas) fails the refused queries.
     """
     with open(queries, encoding="utf-8") as handle:
-        names = [line.split()[0] for _, line in zip(range(rate * seconds), handle)]
+        names = [line.split()[0] for line in itertools.islice(handle, rate * seconds)]
     answered: dict = {}  # name -> time its answer arrived
     queued: set = set()
     queue: list = []
@@ -589,7 +590,7 @@ def main(argv=None):
     if os.geteuid() != 0:
         sys.exit("run as root (network namespaces)")
     # SIGTERM (timeout, kill) unwinds through the finally below: namespaces and servers go too.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
+    signal.signal(signal.SIGTERM, lambda *_args: sys.exit("terminated"))
     if (os.cpu_count() or 1) < 2:
         sys.exit("needs two CPUs: the server on one, dnsperf on the other")
     for tool in ("dnsperf", "nft", "dig", "ip", "taskset"):
