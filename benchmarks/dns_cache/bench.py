@@ -12,25 +12,33 @@ What it does (all on this machine, inside two network namespaces it makes and de
 - ``client`` namespace, linked to it by a veth pair (198.18.54.0/30, a
   benchmarking range that exists only inside the two namespaces): dnsperf and
   one cache at a time on 127.0.0.1:53, each with one worker thread: BIND 9.18
-  configured from the dns_cache role's own templates and defaults, unbound 1.17
+  (bookworm) and BIND 9.20 (bookworm-backports), each configured from the
+  dns_cache role's own templates and defaults for its version, unbound 1.17
   and dnsmasq 2.90 (Debian packages unpacked by tests/support/dnsservers.py,
   never installed as services), plus ``direct``: dnsperf straight to the
   limited upstream.
+- The server runs alone on CPU 0, dnsperf on CPU 1 (taskset, nice -10).
 - Query mix: names drawn from a Zipf distribution (s=1.0) over the 5,000 names
   plus 250 names that do not exist (NXDOMAIN), shuffled so popularity and TTL
   are unrelated; the same file for every target.
 
-For each target: a warm-up from cold at 25,000 q/s (upstream queries it
-costs), saturation throughput (no rate limit), then fixed offered loads with
-per-query latencies (dnsperf -v) for p50/p99, failed queries (lost + SERVFAIL),
-upstream queries per second (nftables counter) and the cache hit ratio
-(BIND: statistics channel through dns_cache_stats' parser; unbound:
-unbound-control; dnsmasq: hits.bind/misses.bind).
+The targets run interleaved for --rounds rounds (5), each started afresh: a
+cold start at 25,000 q/s (failed queries, upstream queries and drops it
+costs), priming, saturation throughput (no rate limit); in the last round
+fixed offered loads with per-query latencies (dnsperf -v) for p50/p99, failed
+queries (lost + every answer but NOERROR/NXDOMAIN), upstream queries per
+second (nftables counter) and the cache hit ratio (BIND: statistics channel
+through dns_cache_stats' parser; unbound: unbound-control; dnsmasq:
+hits.bind/misses.bind). The summary gives median and range per target and the
+per-round BIND/unbound ratios; a computed floor for cold-start failures (a
+perfectly paced model cache) is stored beside them.
 
-Run as root from the repository root (needs ip, nft, dnsperf, dig):
+Run as root from the repository root (needs ip, nft, dnsperf, dig, taskset):
 
-    .venv/bin/python benchmarks/dns_cache/bench.py            # full run, ~8 min
-    .venv/bin/python benchmarks/dns_cache/bench.py --quick    # 2 s phases, for development
+    .venv/bin/python benchmarks/dns_cache/bench.py            # full run, ~15-20 min
+    .venv/bin/python benchmarks/dns_cache/bench.py --quick    # 2 rounds of 3 s phases, for development
+    .venv/bin/python benchmarks/dns_cache/bench.py --targets bind --phases cold --loads none \
+        --variant 'fps64={"dns_cache_fetches_per_server": 64}'    # a tuning experiment
 
 Writes benchmarks/results/dns_cache.json and dns_cache.png (matplotlib from
 requirements-bench.txt).
@@ -39,6 +47,7 @@ requirements-bench.txt).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -104,7 +113,7 @@ def paced_cache_floor(queries: str, rate: int, seconds: int, limit: int = LIMIT_
     sends faster loses packets to the limit, one that refuses (fetch quotas) fails the refused queries.
     """
     with open(queries, encoding="utf-8") as handle:
-        names = [line.split()[0] for _, line in zip(range(rate * seconds), handle)]
+        names = [line.split()[0] for line in itertools.islice(handle, rate * seconds)]
     answered: dict = {}  # name -> time its answer arrived
     queued: set = set()
     queue: list = []
@@ -449,22 +458,24 @@ def plot(results, path):
         print("matplotlib not installed (pip install -r requirements-bench.txt): no plot")
         return
     fig, ((ax1, ax2), (ax3, ax4)) = plt.subplots(2, 2, figsize=(12, 9))
+    names = [res["target"] for res in results["rounds"][0]["targets"]]  # run order, one colour per target
+    colour = {name: "C%d" % i for i, name in enumerate(names)}
     for res in load_runs(results):
         loads = [item["offered_qps"] for item in res["loads"]]
         ax1.plot(loads, [max(item["failed"] / max(item["sent"], 1) * 100, 0.001) for item in res["loads"]],
-                 marker="o", label=res["target"])
-        ax2.plot(loads, [max(item["upstream_qps"], 0.1) for item in res["loads"]], marker="o", label=res["target"])
+                 marker="o", label=res["target"], color=colour[res["target"]])
+        ax2.plot(loads, [max(item["upstream_qps"], 0.1) for item in res["loads"]], marker="o", label=res["target"],
+                 color=colour[res["target"]])
     for ax in (ax1, ax2):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("offered load (queries/s)")
         ax.grid(True, which="both", alpha=0.3)
     ax1.set_ylabel("failed queries (% of sent; 0 drawn at 0.001)")
-    ax1.set_title("Failed queries (lost + SERVFAIL), warm cache")
+    ax1.set_title("Failed queries (lost, SERVFAIL, REFUSED), warm cache, last round")
     ax2.axhline(LIMIT_PPS, color="grey", linestyle="--", label="upstream limit")
     ax2.set_ylabel("queries/s reaching the upstream")
     ax2.set_title("Upstream load (limit %d packets/s)" % LIMIT_PPS)
-    names = [name for name in results["summary"] if name != "ratios"]
     for ax, key, title, scale in (
             (ax3, "saturation", "Saturation throughput per round (bar: median)", 1.0),
             (ax4, "cold_start", "Cold start: failed %% of client queries, first %d s at 25,000 q/s"
@@ -474,7 +485,7 @@ def plot(results, path):
                       for rnd in results["rounds"] for r in rnd["targets"] if r["target"] == name and key in r]
             if not values:
                 continue
-            ax.scatter([pos] * len(values), values, alpha=0.6)
+            ax.scatter([pos] * len(values), values, alpha=0.6, color=colour[name])
             ax.hlines(statistics.median(values), pos - 0.3, pos + 0.3, color="black")
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names)
@@ -483,8 +494,12 @@ def plot(results, path):
     ax3.set_ylabel("queries/s answered")
     ax4.set_ylabel("failed (% of sent)")
     ax4.axhline(1.0, color="grey", linestyle="--", label="target 1%")
+    if results.get("cold_start_floor_model"):
+        ax4.axhline(results["cold_start_floor_model"]["failed_share"] * 100, color="green", linestyle=":",
+                    label="perfectly paced model cache (computed)")
     for ax in (ax1, ax2, ax4):
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -575,7 +590,7 @@ def main(argv=None):
     if os.geteuid() != 0:
         sys.exit("run as root (network namespaces)")
     # SIGTERM (timeout, kill) unwinds through the finally below: namespaces and servers go too.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
+    signal.signal(signal.SIGTERM, lambda *_args: sys.exit("terminated"))
     if (os.cpu_count() or 1) < 2:
         sys.exit("needs two CPUs: the server on one, dnsperf on the other")
     for tool in ("dnsperf", "nft", "dig", "ip", "taskset"):

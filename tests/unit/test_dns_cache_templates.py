@@ -190,3 +190,10 @@ def test_bind_920_checkconf_accepts(rendered, case):
     stage, main, _values = rendered[case]
     result = checkconf(stage, main, BPO_CHECKCONF, dnsservers.server_env(dnsservers.BPO_ROOT))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_bind_920_stale_answer_client_timeout_off(rendered):
+    # 9.19+ accepts only 0 or off, and with 0 it re-asks the upstream for cached NXDOMAIN answers.
+    lines = statements(options_text(rendered, "fetch_limits_bind920"))
+    assert "stale-answer-client-timeout off;" in lines
+    assert "stale-answer-client-timeout 900;" in statements(options_text(rendered, "debian"))
