@@ -43,9 +43,10 @@ RECORDER = """\
     - name: Write what the rulebook handed over, one file per run
       ansible.builtin.copy:
         dest: "{record_dir}/{{{{ ansible_eda.event.meta.uuid }}}}.json"
-        content: "{{{{ {{'instance_ids': provision_instance_ids, 'token': provision_lifecycle_token,
-                      'hook': provision_lifecycle_hook, 'asg': provision_asg_name,
-                      'origin': provision_lifecycle_origin, 'destination': provision_lifecycle_destination,
+        content: "{{{{ {{'instance_id': provision_instance_id, 'token': provision_token,
+                      'hook': provision_hook_name, 'asg': ansible_eda.event.asg_lifecycle.asg_name,
+                      'origin': ansible_eda.event.asg_lifecycle.origin,
+                      'destination': ansible_eda.event.asg_lifecycle.destination,
                       'format': ansible_eda.event.asg_lifecycle.format}} | to_json }}}}"
         mode: "0600"
 """
@@ -167,8 +168,8 @@ def test_rulebook_runs_the_action_once_per_lifecycle_action_and_empties_the_queu
         rulebook.stop()
 
     runs = records(record_dir)
-    assert sorted((r["instance_ids"][0], r["token"]) for r in runs) == sorted(actions.items()), log
-    assert {r["instance_ids"][0]: r["format"] for r in runs} == {
+    assert sorted((r["instance_id"], r["token"]) for r in runs) == sorted(actions.items()), log
+    assert {r["instance_id"]: r["format"] for r in runs} == {
         direct: "hook", through_sns: "sns", eventbridge: "eventbridge"}
     assert all((r["hook"], r["asg"], r["origin"], r["destination"]) ==
                ("fleetkeeper-launch", "web", "EC2", "AutoScalingGroup") for r in runs)

@@ -25,6 +25,7 @@ NotLifecycleMessage = PLUGIN["NotLifecycleMessage"]
 
 INSTANCE = "i-0598c7d356eba48d7"
 TOKEN = "c613620e-07e2-4ed2-a9e2-ef8258911ade"
+TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
 QUEUE_URL = "https://sqs.us-east-1.amazonaws.com/123456789012/fleet-lifecycle"
 
 # The hook's own notification, as the Auto Scaling user guide shows it.
@@ -165,8 +166,7 @@ def broken(**changes):
     (json.dumps(dict(EVENTBRIDGE, source="my.app")), "EventBridge event from"),
     (json.dumps(dict(EVENTBRIDGE, **{"detail-type": "EC2 Instance Launch Successful"})), "detail-type"),
     (json.dumps(dict(EVENTBRIDGE, detail="text")), "detail object"),
-    (json.dumps(dict(EVENTBRIDGE, detail=dict(EVENTBRIDGE["detail"],
-                                               LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING"))),
+    (json.dumps(dict(EVENTBRIDGE, detail=dict(EVENTBRIDGE["detail"], LifecycleTransition=TERMINATING))),
      "disagree"),
 ])
 def test_garbage_is_refused_with_a_reason(body, reason):
@@ -222,7 +222,7 @@ def test_events_are_put_before_their_messages_are_deleted_and_garbage_is_deleted
 
         asyncio.run(once())
         stub.assert_no_pending_responses()
-    events = [queue.get_nowait() for _ in range(queue.qsize())]
+    events = [queue.get_nowait() for _n in range(queue.qsize())]
     assert [(e["asg_lifecycle"]["format"], e["sqs"]["message_id"]) for e in events] == [
         ("hook", "m0"), ("sns", "m3"), ("eventbridge", "m4")]
     assert events[0]["sqs"]["receive_count"] == 1
@@ -286,13 +286,13 @@ def test_aws_errors_back_off_and_polling_goes_on(monkeypatch):
     monkeypatch.setattr(PLUGIN["asyncio"], "sleep", no_sleep)
     poller, _queue, _calls = make_poller({"max_backoff": 30})
     with Stubber(poller.client) as stub:
-        for _ in range(7):
+        for _n in range(7):
             stub.add_client_error("receive_message", "AWS.SimpleQueueService.NonExistentQueue", "no queue", 400)
         stub.add_response("receive_message", {"Messages": [message(0, "x")]})
         stub.add_client_error("delete_message_batch", "ThrottlingException", "slow down", 400)
 
         async def poll():
-            for _ in range(7):
+            for _n in range(7):
                 assert await poller.receive() == []
             assert len(await poller.receive()) == 1
             await poller.handle([message(0, "x")])  # a failed delete is logged, not raised

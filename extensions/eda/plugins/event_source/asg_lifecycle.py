@@ -325,10 +325,10 @@ class Settings:  # pylint: disable=too-few-public-methods,too-many-instance-attr
                              "(it needs persistence: --persistence-id, or an EDA server activation)")
         self.feedback_timeout = _argument(args, "feedback_timeout", 120, 1, 86400)
         self.max_backoff = _argument(args, "max_backoff", 60, 1, 3600)
-        self.session = {k: args[a] for a, k in (("profile", "profile_name"), ("access_key", "aws_access_key_id"),
-                                                 ("secret_key", "aws_secret_access_key"),
-                                                 ("session_token", "aws_session_token"), ("region", "region_name"))
-                        if args.get(a)}
+        names = (("profile", "profile_name"), ("access_key", "aws_access_key_id"),
+                 ("secret_key", "aws_secret_access_key"), ("session_token", "aws_session_token"),
+                 ("region", "region_name"))
+        self.session = {key: args[arg] for arg, key in names if args.get(arg)}
         self.endpoint_url = args.get("endpoint_url") or None
 
 
