@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import glob
+import importlib
 import os
 import subprocess
 import tarfile
@@ -16,14 +17,28 @@ from tests.support.ansiblerun import BIN_DIR, REPO_ROOT, ansible_env
 PLUGIN_DIRS = {"modules": "module", "inventory": "inventory", "filter": "filter"}
 
 
+def filter_names(path):
+    """The filters a filter plugin file provides (one file may hold several, each documented in NAME.yml)."""
+    module = importlib.import_module(
+        "ansible_collections.fleetkeeper.aws.plugins.filter." + os.path.splitext(os.path.basename(path))[0])
+    return sorted(module.FilterModule().filters())
+
+
 def shipped_plugins():
     found = []
     for directory, kind in PLUGIN_DIRS.items():
         for path in glob.glob(os.path.join(REPO_ROOT, "plugins", directory, "*.py")):
             name = os.path.splitext(os.path.basename(path))[0]
-            if not name.startswith("_"):
-                found.append((kind, name))
+            if name.startswith("_"):
+                continue
+            found.extend((kind, n) for n in (filter_names(path) if kind == "filter" else [name]))
     return sorted(found)
+
+
+def test_every_filter_has_its_documentation_file():
+    for path in glob.glob(os.path.join(REPO_ROOT, "plugins", "filter", "*.py")):
+        for name in filter_names(path):
+            assert os.path.isfile(os.path.join(REPO_ROOT, "plugins", "filter", f"{name}.yml")), name
 
 
 def test_build_install_and_document(tmp_path):
