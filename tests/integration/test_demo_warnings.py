@@ -34,7 +34,6 @@ pytestmark = [
 NOT_OURS: list = []
 
 
-
 def warnings_in(output: str) -> list:
     """Each warning with the lines that continue it (up to the next blank line)."""
     found = []
@@ -61,9 +60,8 @@ def test_warnings_in_recognises_both_kinds():
 
 def test_the_demo_prints_no_warning_and_no_deprecation(tmp_path):
     env = dict(os.environ, ANSIBLE_DEPRECATION_WARNINGS="True", ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
-               PYTHONWARNINGS="default")
-    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "demo.py"),
-                             "--work-dir", str(tmp_path / "demo")],
+               FK_DEMO_WORK=str(tmp_path / "demo"))
+    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "demo.py")],
                             capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=1800, check=False)
     output = result.stdout + "\n" + result.stderr
     assert result.returncode == 0, output[-6000:]
