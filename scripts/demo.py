@@ -35,7 +35,8 @@ from tests.support import fleet as fleetlib  # noqa: E402  pylint: disable=wrong
 from tests.support.ansiblerun import plain  # noqa: E402  pylint: disable=wrong-import-position
 from tests.support.awsemu import TEST_CREDENTIALS, AwsEmulator  # noqa: E402  pylint: disable=wrong-import-position
 
-WORK = os.path.join(REPO_ROOT, ".build", "demo")
+# Where the demo keeps its files; FK_DEMO_WORK moves it (tests/integration/test_demo_warnings.py).
+WORK = os.path.abspath(os.environ.get("FK_DEMO_WORK") or os.path.join(REPO_ROOT, ".build", "demo"))
 REGION = "us-east-1"
 BUCKET = "fleetkeeper-demo-keys"
 PREFIX = "keys/"
@@ -260,10 +261,7 @@ def step_hosts(emulator, ephemeral):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--skip-hosts", action="store_true", help="stop after the AWS steps (no test hosts)")
-    parser.add_argument("--work-dir", default=WORK, help=f"where the demo keeps its files (default {WORK})")
     args = parser.parse_args(argv)
-    global WORK  # pylint: disable=global-statement
-    WORK = os.path.abspath(args.work_dir)
     os.makedirs(WORK, exist_ok=True)
     ephemeral = os.path.join(WORK, "hosts")
 

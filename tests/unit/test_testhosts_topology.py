@@ -118,6 +118,7 @@ def test_prefix_other_than_24_is_honoured():
     ([{"name": "a"}, {"name": "b", "proxy_jump": "a", "networks": [{"name": "p", "address": "10.0.0.5"}]}],
      "shares no network"),
     ([{"name": "a", "release": "buster"}], "release 'buster' is not one of bookworm, trixie"),
+    ([{"name": "a", "net_admin": "yes"}], "net_admin must be true or false"),
 ])
 def test_invalid_scenarios_are_refused_with_a_message_that_says_what_to_fix(platforms, message):
     with pytest.raises(topo.TopologyError, match=message):
@@ -236,6 +237,8 @@ def test_release_defaults_to_bookworm_and_is_given_to_ansible():
     variables = topo.testhosts_vars(t, KEY, KNOWN, "/x")
     assert variables["testhosts_hosts"]["bastion"]["release"] == "bookworm"
     assert variables["testhosts_hosts"]["private"]["release"] == "trixie"
+    assert not t.hosts["bastion"].net_admin
+    assert topo.build_topology([dict(SMOKE[0], net_admin=True)], "abc123", "10.213.77.0/24").hosts["bastion"].net_admin
 
 
 def test_each_release_has_its_own_image_and_bookworm_keeps_the_hash_it_had():
