@@ -148,4 +148,3 @@ def test_a_host_that_never_answers_ssh_is_abandoned_even_when_it_is_the_only_one
     assert [(h["EC2InstanceId"], h["Result"], h["How"]) for h in aws.proxy.lifecycle.history] == [
         (ghost_id, "ABANDON", "CompleteLifecycleAction")], proc.stdout[-4000:]
     assert ghost_id not in lifecycle_states(autoscaling)
-
