@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # Copyright: fleetkeeper.aws contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """How many pending instances one controller converges at once with fleetkeeper.aws.provision.

@@ -46,19 +46,6 @@ options:
       - With O(state=absent) the profile must still exist, so that its ARN can be recognised.
     type: str
     required: true
-  names:
-    description:
-      - Names of the Auto Scaling groups. A name that does not exist fails the task before any change.
-      - At least one of O(names) and O(tag_filters) is required; with both, a group must be named and match.
-    type: list
-    elements: str
-    aliases: [asg_names]
-  tag_filters:
-    description:
-      - 'Select groups by tags, as C({key: value}). A value may be a list of accepted values; V("*") or V(null)
-        matches any value of the key.'
-      - Matching no group at all fails the task.
-    type: dict
   state:
     description:
       - V(present) attaches the profile; V(absent) detaches it.
@@ -120,6 +107,7 @@ notes:
   - Instances that are not C(InService) (Pending, Standby, Terminating...) are listed in
     RV(groups[].skipped_instances) and not changed; they get the profile from the launch template when they launch.
 extends_documentation_fragment:
+  - fleetkeeper.aws.asg_selection
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3

@@ -31,18 +31,6 @@ description:
 author:
   - fleetkeeper maintainers (@fleetkeeper)
 options:
-  names:
-    description:
-      - Names of the Auto Scaling groups. A name that does not exist fails the task before any change.
-      - At least one of O(names) and O(tag_filters) is required; with both, a group must be named and match.
-    type: list
-    elements: str
-    aliases: [asg_names]
-  tag_filters:
-    description:
-      - 'Select groups by tags, as C({key: value}). A value may be a list of accepted values; V("*") or V(null)
-        matches any value of the key. Matching no group fails the task.'
-    type: dict
   hook_name:
     description: Name of the lifecycle hook on each group.
     type: str
@@ -78,6 +66,7 @@ options:
     description: Text added to every notification as C(NotificationMetadata) (at most 1023 characters).
     type: str
 extends_documentation_fragment:
+  - fleetkeeper.aws.asg_selection
   - amazon.aws.common.modules
   - amazon.aws.region.modules
   - amazon.aws.boto3

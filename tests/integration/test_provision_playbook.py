@@ -25,6 +25,7 @@ from tests.hosts import launcher
 from tests.hosts import state as runstate
 from tests.support import fleet as fleet_support
 from tests.support.ansiblerun import BIN_DIR, ansible_env
+from tests.support.awsemu import free_port
 from tests.support.lifecycle import LAUNCHING
 
 pytestmark = [
@@ -127,3 +128,23 @@ def test_provision_continues_converged_abandons_failed_and_never_completes_twice
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
     assert aws.proxy.count("autoscaling", "CompleteLifecycleAction") == completes, "nothing is completed twice"
     assert len(aws.proxy.lifecycle.history) == 3
+
+
+def test_a_host_that_never_answers_ssh_is_abandoned_even_when_it_is_the_only_one(aws, tmp_path):
+    """No test host: the pending instance's host points at a closed loopback port, so its converge fails."""
+    ec2, autoscaling = aws.client("ec2"), aws.client("autoscaling")
+    fleet_support.create_group(ec2, autoscaling, fleet_support.create_network(ec2, "us-east-1"), "web", 0)
+    autoscaling.put_lifecycle_hook(AutoScalingGroupName="web", LifecycleHookName="fleetkeeper-provision",
+                                   LifecycleTransition=LAUNCHING, HeartbeatTimeout=300, DefaultResult="CONTINUE")
+    autoscaling.set_desired_capacity(AutoScalingGroupName="web", DesiredCapacity=1)
+    [ghost_id] = lifecycle_states(autoscaling)
+    closed_port = free_port()  # bound and released: nothing listens there
+    inventory = tmp_path / "ghost.yml"
+    inventory.write_text(yaml.safe_dump({"all": {"children": {"lifecycle_pending_wait": {"hosts": {"ghost": {
+        "ansible_host": "127.0.0.1", "ansible_port": closed_port, "instance_id": ghost_id, "asg_name": "web",
+        "region": "us-east-1"}}}}}}))
+    proc = run_provision(str(inventory), aws.endpoint_url, {"provision_ssh_timeout": 5})
+    # The default result is CONTINUE: only the playbook's ABANDON keeps the unconfigured host out of service.
+    assert [(h["EC2InstanceId"], h["Result"], h["How"]) for h in aws.proxy.lifecycle.history] == [
+        (ghost_id, "ABANDON", "CompleteLifecycleAction")], proc.stdout[-4000:]
+    assert ghost_id not in lifecycle_states(autoscaling)

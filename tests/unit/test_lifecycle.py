@@ -57,8 +57,8 @@ def test_hook_options_are_checked(args, message):
 def test_normalise_actions_takes_ids_and_dicts_and_refuses_bad_input():
     requests = lc.normalise_actions(["i-1", {"instance_id": "i-2", "result": "ABANDON", "token": "t"}],
                                     asg_name="web", result="CONTINUE")
-    assert [(r["instance_id"], r["result"], r["token"]) for r in requests] == [("i-1", "CONTINUE", None),
-                                                                             ("i-2", "ABANDON", "t")]
+    expected = [("i-1", "CONTINUE", None), ("i-2", "ABANDON", "t")]
+    assert [(r["instance_id"], r["result"], r["token"]) for r in requests] == expected
     with pytest.raises(lc.LifecycleError, match="needs a result"):
         lc.normalise_actions(["i-1"])
     with pytest.raises(lc.LifecycleError, match="listed twice"):
