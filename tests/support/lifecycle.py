@@ -397,7 +397,7 @@ class LifecycleEmulation:
 
     def _close(self, action: Action, result: str, how: str) -> None:
         self.open.pop(action.token, None)
-        self.history.append(dict(action.as_dict(), Result=result, How=how))
+        self.history.append(dict(action.as_dict(), Result=result, How=how, At=time.time()))
         if result == "ABANDON":
             for other in [a for a in self.open.values() if a.instance_id == action.instance_id]:
                 self.open.pop(other.token, None)

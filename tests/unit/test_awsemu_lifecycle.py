@@ -72,7 +72,7 @@ def test_made_up_success_responses_parse_with_botocore(operation):
 
 
 def test_no_active_action_is_a_validation_error_botocore_understands():
-    emu, _ = emulation(["i-1"])
+    emu = emulation(["i-1"])[0]
     params = request("CompleteLifecycleAction", {"AutoScalingGroupName": "web", "LifecycleHookName": "fk",
                                                  "InstanceId": "i-1", "LifecycleActionResult": "CONTINUE"})
     status, body = emu.before("us-east-1", "CompleteLifecycleAction", params)
@@ -141,7 +141,7 @@ MOTO_HOOKS = """<DescribeLifecycleHooksResponse xmlns="http://autoscaling.amazon
 
 
 def test_hooks_answer_with_what_was_put_not_moto_placeholders():
-    emu, _ = emulation([])
+    emu = emulation([])[0]
     hold(emu, put={"NotificationMetadata": "role=web"})
     body = emu.after("us-east-1", "DescribeLifecycleHooks", {}, 200, MOTO_HOOKS.encode())
     [hook] = parse("DescribeLifecycleHooks", 200, body)["LifecycleHooks"]
@@ -160,7 +160,7 @@ def test_heartbeat_restarts_the_timer_and_timeout_applies_the_default_result():
 
     beat = request("RecordLifecycleActionHeartbeat", {"AutoScalingGroupName": "web", "LifecycleHookName": "fk",
                                                       "InstanceId": "i-new"})
-    for _ in range(3):
+    for _beat in range(3):
         time.sleep(0.2)
         status, _body = emu.before("us-east-1", "RecordLifecycleActionHeartbeat", beat)
         assert status == 200

@@ -1,0 +1,154 @@
+# Copyright: fleetkeeper.aws contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""How many pending instances one controller converges at once with fleetkeeper.aws.provision.
+
+For each size N (default 1, 5, 12): boot a bastion and N private test hosts
+(fresh root file systems, so every converge is a first install), scale an ASG
+with a launch hook out by N on the embedded endpoint (N instances in
+Pending:Wait), map the N test hosts onto the N pending instances, and run
+``ansible-playbook fleetkeeper.aws.provision`` with ``forks = N + 1`` (every host
+at once, plus localhost) and the real dns_cache role through the bastion. Measured:
+from the playbook's start to the last CompleteLifecycleAction the endpoint
+received (all N CONTINUE), and the playbook's wall time; host boot is not
+counted. Run as root on the test-host machine::
+
+    .venv/bin/python benchmarks/lifecycle/run.py [--sizes 1 5 12] [--rounds 1]
+
+Results: benchmarks/results/lifecycle.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+import yaml  # noqa: E402
+
+from tests.hosts import launcher  # noqa: E402
+from tests.hosts import state as runstate  # noqa: E402
+from tests.support import fleet as fleet_support  # noqa: E402
+from tests.support.ansiblerun import BIN_DIR, ansible_env  # noqa: E402
+from tests.support.awsemu import AwsEmulator  # noqa: E402
+from tests.support.lifecycle import LAUNCHING  # noqa: E402
+
+OWNER = {**(runstate.process_identity(os.getpid()) or {}), "command": "test"}
+
+
+def platforms(count):
+    hosts = [{"name": "bastion", "networks": [{"name": "public", "address": "10.213.0.10"},
+                                              {"name": "private", "address": "10.0.63.10"}]}]
+    for index in range(count):
+        hosts.append({"name": f"pending{index:02d}", "proxy_jump": "bastion",
+                      "networks": [{"name": "private", "address": f"10.0.63.{20 + index}"}]})
+    return hosts
+
+
+def one_round(emulator, count, workdir):
+    ephemeral = os.path.join(workdir, f"run-{count}-{time.time_ns()}")
+    os.makedirs(os.path.join(ephemeral, "inventory"))
+    boot = time.monotonic()
+    variables = launcher.create(platforms(count), ephemeral, None, "bench-lifecycle", owner=OWNER)
+    boot = time.monotonic() - boot
+    try:
+        hosts = yaml.safe_load(open(os.path.join(ephemeral, "inventory", "testhosts_inventory.yml"),
+                                    encoding="utf-8"))["all"]["hosts"]
+        emulator.reset()
+        ec2, autoscaling = emulator.client("ec2"), emulator.client("autoscaling")
+        fleet = fleet_support.create_network(ec2, "us-east-1")
+        fleet_support.create_group(ec2, autoscaling, fleet, "web", 0)
+        autoscaling.put_lifecycle_hook(AutoScalingGroupName="web", LifecycleHookName="fleetkeeper-provision",
+                                       LifecycleTransition=LAUNCHING, HeartbeatTimeout=900, DefaultResult="ABANDON")
+        autoscaling.update_auto_scaling_group(AutoScalingGroupName="web", MaxSize=count, DesiredCapacity=count)
+        pending = sorted(a["EC2InstanceId"] for a in emulator.proxy.lifecycle.actions())
+        assert len(pending) == count, pending
+        group = {}
+        for index, instance_id in enumerate(pending):
+            name = f"pending{index:02d}"
+            host = dict(hosts[name])
+            host.update({"instance_id": instance_id, "asg_name": "web", "region": "us-east-1",
+                         "lifecycle_state": "Pending:Wait", "lifecycle_hook_name": "fleetkeeper-provision",
+                         "dns_cache_upstreams": [{"address": variables["testhosts_hosts"][name]["resolver"]}]})
+            group[name] = host
+        inventory = os.path.join(ephemeral, "pending.yml")
+        with open(inventory, "w", encoding="utf-8") as handle:
+            yaml.safe_dump({"all": {"children": {"lifecycle_pending_wait": {"hosts": group}}}}, handle)
+        extra = {"provision_aws_endpoint_url": emulator.endpoint_url, "provision_heartbeat_interval": 60,
+                 "provision_roles": [{"name": "fleetkeeper.aws.dns_cache"}]}
+        env = ansible_env({"ANSIBLE_FORKS": str(count + 1), "ANSIBLE_PIPELINING": "True",
+                           "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default", **emulator.env()})
+        start_wall = time.time()
+        start = time.monotonic()
+        proc = subprocess.run([os.path.join(BIN_DIR, "ansible-playbook"), "-i", inventory,
+                               "fleetkeeper.aws.provision", "-e", json.dumps(extra)],
+                              env=env, capture_output=True, text=True, check=False, timeout=3600)
+        wall = time.monotonic() - start
+        history = emulator.proxy.lifecycle.history
+        results = sorted(h["Result"] for h in history)
+        last = max((h["At"] for h in history), default=start_wall)
+        if proc.returncode != 0 or results != ["CONTINUE"] * count:
+            raise RuntimeError(f"round with {count} failed (rc {proc.returncode}, results {results}):\n"
+                               f"{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
+        return {"instances": count, "forks": count + 1, "to_all_completed_s": round(last - start_wall, 1),
+                "playbook_wall_s": round(wall, 1), "host_boot_s": round(boot, 1),
+                "load_average_before": os.getloadavg()[0]}
+    finally:
+        launcher.destroy(ephemeral)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 5, 12])
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "lifecycle.json"))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("ANSIBLE_COLLECTIONS_PATH", os.path.join(REPO, ".build", "collections"))
+    rounds = {size: [] for size in args.sizes}
+    with AwsEmulator() as emulator, tempfile.TemporaryDirectory(prefix="fk-bench-lifecycle-") as workdir:
+        for round_index in range(args.rounds):
+            # Interleaved: each round visits every size, in alternating order.
+            order = args.sizes if round_index % 2 == 0 else list(reversed(args.sizes))
+            for size in order:
+                result = one_round(emulator, size, workdir)
+                print(json.dumps(result), flush=True)
+                rounds[size].append(result)
+    summary = []
+    for size, results in rounds.items():
+        times = [r["to_all_completed_s"] for r in results]
+        summary.append({
+            "instances": size, "forks": size + 1, "rounds": len(results),
+            "to_all_completed_s_median": statistics.median(times), "to_all_completed_s_range": [min(times), max(times)],
+            "per_instance_s_median": round(statistics.median(times) / size, 2),
+            "playbook_wall_s_median": statistics.median(r["playbook_wall_s"] for r in results),
+            "host_boot_s_median": statistics.median(r["host_boot_s"] for r in results),
+            "load_average_before": [r["load_average_before"] for r in results],
+        })
+    document = {
+        "benchmark": "lifecycle: pending instances converged at once by fleetkeeper.aws.provision",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "note": "2 cores shared with other helpers' test suites (load average "
+                    "recorded per round); wall times are pessimistic"},
+        "method": "fresh test hosts per round (first install of bind9 through the harness's apt cache), the real "
+                  "dns_cache role through a bastion, forks = instances + 1, time from playbook start to the last "
+                  "CompleteLifecycleAction (all CONTINUE) on moto behind the lifecycle emulation",
+        "results": summary,
+        "rounds": rounds,
+    }
+    with open(args.output, "w", encoding="utf-8") as handle:
+        json.dump(document, handle, indent=2)
+        handle.write("\n")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+# Copyright: fleetkeeper.aws contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Lifecycle hooks and actions: decisions on plain dictionaries, API calls through botocore's Stubber."""
+
+from __future__ import annotations
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+
+from ansible_collections.fleetkeeper.aws.plugins.module_utils import lifecycle as lc
+
+
+class Retrying:  # pylint: disable=too-few-public-methods
+    """What amazon.aws's retrying wrapper adds: an ``aws_retry`` keyword (the stubbed client must not see it)."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def __getattr__(self, name):
+        method = getattr(self.client, name)
+        return lambda aws_retry=False, **kwargs: method(**kwargs)
+
+
+@pytest.fixture
+def stubbed():
+    client = boto3.client("autoscaling", region_name="us-east-1", aws_access_key_id="a", aws_secret_access_key="b")
+    with Stubber(client) as stub:
+        yield Retrying(client), stub
+        stub.assert_no_pending_responses()
+
+
+def hook(**extra):
+    return dict(lc.desired_hook("web", "fk", 300, "ABANDON"), GlobalTimeout=30000, **extra)
+
+
+def test_hook_changes_notice_fields_that_must_go():
+    desired = lc.desired_hook("web", "fk", 300, "ABANDON")
+    assert lc.hook_changes(hook(), desired) == []
+    assert lc.hook_changes(hook(NotificationMetadata="x"), desired) == ["NotificationMetadata"]
+    assert lc.hook_changes(None, desired) == ["DefaultResult", "HeartbeatTimeout", "LifecycleTransition"]
+    assert lc.hook_changes(hook(), lc.desired_hook("web", "fk", 600, "CONTINUE")) == ["DefaultResult", "HeartbeatTimeout"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ((10, "ABANDON", None, None), "between 30 and 7200"),
+    ((300, "ABANDON", "arn:aws:sqs:us-east-1:1:q.fifo", "arn:aws:iam::1:role/r"), "FIFO"),
+    ((300, "ABANDON", "arn:aws:events:us-east-1:1:rule/x", "arn:aws:iam::1:role/r"), "EventBridge"),
+    ((300, "ABANDON", "arn:aws:sqs:us-east-1:1:q", None), "role_arn is required"),
+    ((300, "ABANDON", None, "arn:aws:iam::1:role/r"), "only used with"),
+])
+def test_hook_options_are_checked(args, message):
+    with pytest.raises(lc.LifecycleError, match=message):
+        lc.validate_hook_options(*args)
+
+
+def test_normalise_actions_takes_ids_and_dicts_and_refuses_bad_input():
+    requests = lc.normalise_actions(["i-1", {"instance_id": "i-2", "result": "ABANDON", "token": "t"}],
+                                    asg_name="web", result="CONTINUE")
+    expected = [("i-1", "CONTINUE", None), ("i-2", "ABANDON", "t")]
+    assert [(r["instance_id"], r["result"], r["token"]) for r in requests] == expected
+    with pytest.raises(lc.LifecycleError, match="needs a result"):
+        lc.normalise_actions(["i-1"])
+    with pytest.raises(lc.LifecycleError, match="listed twice"):
+        lc.normalise_actions(["i-1", "i-1"], result="CONTINUE")
+    with pytest.raises(lc.LifecycleError, match="no instance_id"):
+        lc.normalise_actions([{"id": "i-1"}], result="CONTINUE")
+    assert lc.normalise_actions(["i-1"], action="heartbeat")[0]["result"] is None
+
+
+def instances_response(*pairs):
+    return {"AutoScalingInstances": [
+        {"InstanceId": i, "AutoScalingGroupName": "web", "AvailabilityZone": "us-east-1a", "LifecycleState": s,
+         "HealthStatus": "Healthy", "ProtectedFromScaleIn": False} for i, s in pairs]}
+
+
+def test_complete_settles_non_pending_without_a_call_and_treats_no_active_action_as_done(stubbed):
+    client, stub = stubbed
+    stub.add_response("describe_auto_scaling_instances",
+                      instances_response(("i-1", "Pending:Wait"), ("i-2", "InService"), ("i-3", "Pending:Wait")),
+                      {"InstanceIds": ["i-1", "i-2", "i-3", "i-4"], "MaxRecords": 50})
+    stub.add_response("describe_lifecycle_hooks", {"LifecycleHooks": [hook()]}, {"AutoScalingGroupName": "web"})
+    stub.add_response("complete_lifecycle_action", {}, {"AutoScalingGroupName": "web", "LifecycleHookName": "fk",
+                                                        "InstanceId": "i-1", "LifecycleActionResult": "CONTINUE"})
+    stub.add_client_error("complete_lifecycle_action", "ValidationError",
+                          "No active Lifecycle Action found with instance ID i-3", 400)
+    runner = lc.ActionRunner(client, max_concurrency=1)
+    results = runner.run("complete", lc.normalise_actions(["i-1", "i-2", "i-3", "i-4"], result="CONTINUE"))
+    assert [(r["instance_id"], r["status"]) for r in results] == [
+        ("i-1", "completed"), ("i-2", "not_pending"), ("i-3", "already_completed"), ("i-4", "already_completed")]
+
+
+def test_other_errors_fail_only_their_instance(stubbed):
+    client, stub = stubbed
+    stub.add_response("describe_auto_scaling_instances",
+                      instances_response(("i-1", "Pending:Wait"), ("i-2", "Pending:Wait")))
+    stub.add_client_error("complete_lifecycle_action", "AccessDenied", "not allowed", 403)
+    stub.add_response("complete_lifecycle_action", {})
+    results = lc.ActionRunner(client, max_concurrency=1).run(
+        "complete", lc.normalise_actions(["i-1", "i-2"], asg_name="web", hook_name="fk", result="ABANDON"))
+    assert [(r["instance_id"], r["status"]) for r in results] == [("i-1", "failed"), ("i-2", "completed")]
+    assert "i-1: AccessDenied: not allowed" == results[0]["error"]
+
+
+def test_heartbeat_loop_stops_when_the_action_is_gone(stubbed):
+    client, stub = stubbed
+    stub.add_response("describe_auto_scaling_instances", instances_response(("i-1", "Pending:Wait")))
+    stub.add_response("record_lifecycle_action_heartbeat", {})
+    stub.add_response("describe_auto_scaling_instances", instances_response(("i-1", "Pending:Wait")))
+    stub.add_client_error("record_lifecycle_action_heartbeat", "ValidationError",
+                          "No active Lifecycle Action found with instance ID i-1", 400)
+    sleeps = []
+    results = lc.ActionRunner(client).heartbeat_until_done(
+        lc.normalise_actions(["i-1"], asg_name="web", hook_name="fk", action="heartbeat"), interval=5, lifetime=100,
+        sleep=sleeps.append, clock=lambda: 0)
+    assert sleeps == [5]
+    assert results[0]["status"] == "already_completed" and results[0]["heartbeats"] == 2
