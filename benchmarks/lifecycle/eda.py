@@ -119,8 +119,9 @@ def one_launch(aws, autoscaling, capacity, timeout):
             if now[new] == "InService":
                 total = time.monotonic() - started
                 [done] = [h for h in aws.proxy.lifecycle.history if h["EC2InstanceId"] == new]
+                seen = round(pending_seen, 2) if pending_seen is not None else None
                 return {"instance_id": new, "launch_to_in_service_s": round(total, 2),
-                        "pending_wait_seen_s": pending_seen, "result": done["Result"], "how": done["How"],
+                        "pending_wait_seen_s": seen, "result": done["Result"], "how": done["How"],
                         "load_average": os.getloadavg()[0]}
         time.sleep(0.25)
     raise RuntimeError(f"instance {new} not InService within {timeout} s")
