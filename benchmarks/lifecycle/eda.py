@@ -45,6 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from tests.hosts import launcher  # noqa: E402  pylint: disable=wrong-import-position
+from tests.hosts import teardown  # noqa: E402  pylint: disable=wrong-import-position
 from tests.hosts import state as runstate  # noqa: E402  pylint: disable=wrong-import-position
 from tests.support import fleet as fleet_support  # noqa: E402  pylint: disable=wrong-import-position
 from tests.support.ansiblerun import BIN_DIR, ansible_env  # noqa: E402  pylint: disable=wrong-import-position
@@ -187,7 +188,7 @@ def main(argv=None):
         finally:
             if rulebook is not None:
                 stop(rulebook)
-            launcher.destroy(ephemeral)
+            teardown.destroy(ephemeral)
     totals = [r["launch_to_in_service_s"] for r in results]
     report = {
         "benchmark": "lifecycle_eda",

@@ -35,6 +35,7 @@ sys.path.insert(0, REPO)
 import yaml  # noqa: E402
 
 from tests.hosts import launcher  # noqa: E402
+from tests.hosts import teardown  # noqa: E402  pylint: disable=wrong-import-position
 from tests.hosts import state as runstate  # noqa: E402
 from tests.support import fleet as fleet_support  # noqa: E402
 from tests.support.ansiblerun import BIN_DIR, ansible_env  # noqa: E402
@@ -102,7 +103,7 @@ def one_round(emulator, count, workdir):
                 "playbook_wall_s": round(wall, 1), "host_boot_s": round(boot, 1),
                 "load_average_before": os.getloadavg()[0]}
     finally:
-        launcher.destroy(ephemeral)
+        teardown.destroy(ephemeral)
 
 
 def main(argv=None):

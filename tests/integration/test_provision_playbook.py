@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from tests.hosts import launcher
+from tests.hosts import teardown
 from tests.hosts import state as runstate
 from tests.support import fleet as fleet_support
 from tests.support.ansiblerun import BIN_DIR, ansible_env
@@ -61,7 +62,7 @@ def testhosts(tmp_path_factory):
         inventory = yaml.safe_load((ephemeral / "inventory" / "testhosts_inventory.yml").read_text())
         yield ephemeral, variables, inventory["all"]["hosts"]
     finally:
-        launcher.destroy(str(ephemeral))
+        teardown.destroy(str(ephemeral))
 
 
 def pending_inventory(path, hosts, variables, instances):
@@ -79,14 +80,14 @@ def pending_inventory(path, hosts, variables, instances):
     return str(path)
 
 
-def run_provision(inventory, endpoint_url, extra=None):
+def run_provision(inventory, endpoint_url, extra=None, args=()):
     extra_vars = {"provision_aws_endpoint_url": endpoint_url, "provision_heartbeat_interval": 5,
                   "provision_heartbeat_lifetime": 600, "provision_roles": ROLES, **(extra or {})}
     env = ansible_env({"ANSIBLE_ROLES_PATH": os.path.join(HERE, "files", "provision_roles"),
                        "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default", "ANSIBLE_FORKS": "10",
                        "ANSIBLE_PIPELINING": "True"})
     proc = subprocess.run([os.path.join(BIN_DIR, "ansible-playbook"), "-i", inventory, "fleetkeeper.aws.provision",
-                           "-e", json.dumps(extra_vars)], env=env, capture_output=True, text=True, check=False,
+                           "-e", json.dumps(extra_vars), *args], env=env, capture_output=True, text=True, check=False,
                           timeout=1500)
     return proc
 
@@ -128,6 +129,23 @@ def test_provision_continues_converged_abandons_failed_and_never_completes_twice
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
     assert aws.proxy.count("autoscaling", "CompleteLifecycleAction") == completes, "nothing is completed twice"
     assert len(aws.proxy.lifecycle.history) == 3
+
+
+def test_a_limit_to_one_host_completes_that_host_alone(aws, testhosts, tmp_path):
+    """``--limit HOST`` without localhost (as AWX's provisioning callback runs it) still completes HOST."""
+    _ephemeral, variables, hosts = testhosts
+    ec2, autoscaling = aws.client("ec2"), aws.client("autoscaling")
+    fleet_support.create_group(ec2, autoscaling, fleet_support.create_network(ec2, "us-east-1"), "web", 0)
+    autoscaling.put_lifecycle_hook(AutoScalingGroupName="web", LifecycleHookName="fleetkeeper-provision",
+                                   LifecycleTransition=LAUNCHING, HeartbeatTimeout=300, DefaultResult="ABANDON")
+    autoscaling.set_desired_capacity(AutoScalingGroupName="web", DesiredCapacity=2)
+    mine, other = sorted(lifecycle_states(autoscaling))
+    inventory = pending_inventory(tmp_path / "pending.yml", hosts, variables, {"good": mine, "broken": other})
+    proc = run_provision(inventory, aws.endpoint_url, args=("--limit", "good"))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert [(h["EC2InstanceId"], h["Result"]) for h in aws.proxy.lifecycle.history] == [(mine, "CONTINUE")]
+    states = lifecycle_states(autoscaling)
+    assert states[mine] == "InService" and states[other] == "Pending:Wait", "the host outside the limit is left alone"
 
 
 def test_a_host_that_never_answers_ssh_is_abandoned_even_when_it_is_the_only_one(aws, tmp_path):
