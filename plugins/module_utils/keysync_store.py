@@ -85,13 +85,14 @@ class SystemUserBackend:
 
     @staticmethod
     def _locked_users():
-        """Accounts that cannot log in: expired (``usermod --expiredate``) or password-locked (``!``)."""
+        """Accounts whose shadow entry stops a key login: expired (``usermod --expiredate``), or a real password
+        hash locked with ``!`` (a bare ``!``/``!!`` is only useradd's "no password", which key logins ignore)."""
         locked = set()
         try:
             with open("/etc/shadow", "r", encoding="utf-8") as handle:
                 for line in handle:
                     fields = line.rstrip("\n").split(":")
-                    if len(fields) > 1 and fields[1].startswith("!"):
+                    if len(fields) > 1 and fields[1].startswith("!") and fields[1].lstrip("!").startswith("$"):
                         locked.add(fields[0])
                     if len(fields) > 7 and fields[7].isdigit() and int(fields[7]) * 86400 <= time.time():
                         locked.add(fields[0])
@@ -111,8 +112,9 @@ class SystemUserBackend:
             groups = set(members.get(entry.pw_name, ()))
             if entry.pw_gid in primary:
                 groups.add(primary[entry.pw_gid])
+            no_login = os.path.basename(entry.pw_shell or "") in ("nologin", "false")
             users[entry.pw_name] = UserInfo(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir,
-                                            entry.pw_shell, groups, entry.pw_name in locked)
+                                            entry.pw_shell, groups, entry.pw_name in locked or no_login)
         return users
 
     def group_exists(self, name):
