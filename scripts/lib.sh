@@ -55,8 +55,9 @@ fk_venv() {
   local stamp
   stamp=$( (echo "$python"; "$python" --version; cat "$@" "$FK_ROOT/requirements.txt") | sha256sum | cut -c1-16)
   # One installer at a time: a second caller waits, then finds the stamp.
-  mkdir -p "$FK_BUILD"
-  exec {lock}>"$FK_BUILD/.$(basename "$dir").lock"
+  # The lock sits beside the venv, so checkouts that share one (FK_VENV) serialise too.
+  mkdir -p "$(dirname "$dir")"
+  exec {lock}>"$(dirname "$dir")/.$(basename "$dir").lock"
   flock "$lock"
   if [ -f "$dir/.fk-stamp" ] && [ "$(cat "$dir/.fk-stamp")" = "$stamp" ]; then
     flock -u "$lock"
