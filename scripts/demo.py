@@ -253,7 +253,7 @@ def step_hosts(emulator, ephemeral):
     note("a few lookups through the cache on every host, then its statistics")
     ansible = os.path.join(BIN, "ansible")
     for _round in range(3):
-        run([ansible, "-i", inventory_dir, "dns_cache_hosts", "-o", "-m", "ansible.builtin.command",
+        run([ansible, "-i", inventory_dir, "dns_cache_hosts", "-m", "ansible.builtin.command",
              "-a", "getent hosts www.fk.test api.fk.test"], capture=True)
     run([ansible, "-i", inventory_dir, "dns_cache_hosts", "-m", "fleetkeeper.aws.dns_cache_stats"])
 

@@ -169,6 +169,11 @@ def _stop_identity(identity, grace: float) -> None:
     if runstate.alive(identity):
         with contextlib.suppress(ProcessLookupError):
             os.kill(identity["pid"], signal.SIGKILL)
+        # SIGKILL is not instant: a process leaving a big namespace (nspawn tearing down its container) stays
+        # alive for a moment. Wait for it before anyone checks, instead of reporting it as left behind.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and runstate.alive(identity):
+            time.sleep(0.1)
 
 
 def _is_mounted(path: str) -> bool:
