@@ -70,7 +70,7 @@ stage_compat() {
   py=$(command -v /root/.pyenv/versions/3.11*/bin/python3.11 /usr/bin/python3.11 python3.11 2>/dev/null | head -1)
   [ -n "$py" ] || fk_die "compat stage needs python3.11"
   fk_venv "$venv" "$py" "$FK_ROOT/requirements-compat.txt"
-  PATH="$venv/bin:$PATH" "$venv/bin/pytest" -q -p no:cacheprovider tests/unit tests/integration
+  PATH="$venv/bin:$PATH" "$venv/bin/pytest" -q -p no:cacheprovider -n 2 tests/unit tests/integration
 }
 
 declare -a passed=() failed=()
