@@ -582,7 +582,13 @@ def test_unsafe_local_files_are_replaced_unread_in_per_user_mode(root, tmp_path,
     elif kind == "socket":
         import socket
         sock = socket.socket(socket.AF_UNIX)
-        sock.bind(path)
+        # Bind by a relative name: a socket path is limited to 107 bytes, and pytest-xdist's temp paths are long.
+        cwd = os.getcwd()
+        os.chdir(os.path.dirname(path))
+        try:
+            sock.bind(os.path.basename(path))
+        finally:
+            os.chdir(cwd)
     elif kind == "foreign-owner":
         if os.geteuid() != 0:
             pytest.skip("needs root to give the file another owner")
