@@ -196,22 +196,19 @@ class SystemUserBackend:
     def kill_all_as(uid, gid):
         """SIGKILL every process ``uid`` may signal, in one kill(-1) made as that user (a fork loop cannot outrun it).
 
-        A forked child drops to the user's UID and GID with no other group, so it holds nothing of root's, and
-        calls kill(-1), which Linux delivers to every process of that UID except the caller. The child makes
-        only these system calls (no exec: nothing on disk has to be executable by the user).
+        ``/bin/sh -c 'kill -s KILL -- -1'`` runs as the user's UID and GID with no other group, so it holds nothing
+        of root's; Linux delivers kill(-1) to every process of that UID except the caller. subprocess drops the
+        groups, GID and UID in C between fork and exec: no Python runs in the child, so the sync's worker threads
+        cannot leave it waiting on a lock they held at the fork. The environment is empty and the working
+        directory is /, so nothing of the user's is read on the way.
         """
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            code = 0
-            try:
-                os.setgroups([])
-                os.setresgid(gid, gid, gid)
-                os.setresuid(uid, uid, uid)
-                os.kill(-1, signal.SIGKILL)
-            except BaseException:  # pylint: disable=broad-exception-caught
-                code = 1
-            os._exit(code)  # pylint: disable=protected-access
-        os.waitpid(pid, 0)
+        try:
+            # run_command cannot drop to another UID and GID; this runs in the host-side tool too.
+            subprocess.run(["/bin/sh", "-c", "kill -s KILL -- -1"], user=uid, group=gid, extra_groups=[], env={},  # pylint: disable=ansible-bad-function
+                           cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           close_fds=True, check=False, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            pass  # the caller checks what still runs and kills it by PID
 
     def end_sessions(self, name, uid, gid):
         """End the user's logind sessions, then kill whatever still runs under ``uid``. True when anything ran."""

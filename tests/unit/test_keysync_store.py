@@ -8,7 +8,9 @@ import hashlib
 import io
 import json
 import os
+import signal
 import stat
+import subprocess
 import threading
 import time
 
@@ -744,3 +746,22 @@ def test_system_backend_kills_a_respawning_process_tree_of_the_uid_for_real(monk
         for proc in procs + [bystander]:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run processes as another UID")
+def test_kill_all_as_kills_every_process_of_the_uid_and_nothing_else():
+    """A real kill(-1) made as a UID no account on this machine has: its processes die, root's do not."""
+    uid = 54000 + os.getpid() % 1000  # no passwd entry: nothing on this machine belongs to it
+    victims = [subprocess.Popen(["sleep", "60"], user=uid, group=uid, extra_groups=[],  # pylint: disable=consider-using-with
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _number in range(3)]
+    bystander = subprocess.Popen(["sleep", "60"])  # pylint: disable=consider-using-with
+    try:
+        SystemUserBackend.kill_all_as(uid, uid)
+        for proc in victims:
+            assert proc.wait(timeout=10) == -signal.SIGKILL
+        assert bystander.poll() is None
+    finally:
+        for proc in [*victims, bystander]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
