@@ -24,12 +24,13 @@ ROLE = os.path.join(REPO_ROOT, "roles", "dns_cache")
 
 
 def role_vars(family: str, overrides: dict | None = None, version: str = "9.18.49") -> dict:
-    """The variables a host of this OS family sees: defaults, vars/<family>.yml, overrides."""
+    """The variables a host of this OS family sees: defaults, vars/main.yml and vars/<family>.yml, overrides."""
     values: dict = {}
     with open(os.path.join(ROLE, "defaults", "main.yml"), encoding="utf-8") as handle:
         values.update(yaml.safe_load(handle))
-    with open(os.path.join(ROLE, "vars", family + ".yml"), encoding="utf-8") as handle:
-        values.update(yaml.safe_load(handle))
+    for name in ("main", family):
+        with open(os.path.join(ROLE, "vars", name + ".yml"), encoding="utf-8") as handle:
+            values.update(yaml.safe_load(handle))
     values["__dns_cache_named_version"] = version
     values.update(overrides or {})
     return values
@@ -40,7 +41,7 @@ def render_named_conf(cases: dict, workdir: str) -> dict:
 
     ``cases`` maps a case name to ``{"family": ..., "overrides": {...}, "version": ..., "absolute": bool}``.
     All cases render in one ansible-playbook run through the ``template`` lookup (the
-    engine the template module uses, with ``ansible_managed``); the texts are
+    engine the template module uses, with ``ansible_managed``), one task per file; the texts are
     then written into the stage. Returns case name -> (stage root, main config
     path inside the stage, variables).
     """
@@ -54,22 +55,24 @@ def render_named_conf(cases: dict, workdir: str) -> dict:
         for key in ("__dns_cache_directory", "__dns_cache_managed_keys_directory"):
             if values.get(key):
                 os.makedirs(stage + values[key], exist_ok=True)
-        for template, key in (("named.conf.j2", "__dns_cache_conf_file"),
-                              ("named.conf.options.j2", "__dns_cache_options_file")):
+        templates = [("named.conf.j2", "__dns_cache_conf_file"), ("named.conf.options.j2", "__dns_cache_options_file")]
+        if case.get("pacing"):
+            templates.append(("fleetkeeper-dns-pacing.j2", "__dns_cache_pacing_script"))
+        for template, key in templates:
             items.append({"src": os.path.join(ROLE, "templates", template), "dest": stage + values[key],
                           "vars": values})
         staged[name] = (stage, values["__dns_cache_conf_file"], values)
+    # One task per file, the role's variables as task vars: expressions among them (vars/main.yml's) are
+    # templated when used, against each other, as on a host.
     play = [{"hosts": "localhost", "gather_facts": False, "tasks": [{
-        "name": "render",
-        "ansible.builtin.debug": {
-            "msg": "{{ lookup('ansible.builtin.template', item.src, template_vars=item.vars) }}"},
-        "loop": items,
-        "loop_control": {"label": "{{ item.dest }}"},
-    }]}]
+        "name": "render %d" % number,
+        "vars": item["vars"],
+        "ansible.builtin.debug": {"msg": "{{ lookup('ansible.builtin.template', %r) }}" % item["src"]},
+    } for number, item in enumerate(items)]}]
     run = run_playbook(play)
     if run.returncode != 0:
         raise AssertionError("rendering failed:\n%s\n%s" % (run.stdout, run.stderr))
-    results = run.task("render")["results"]
+    results = [run.task("render %d" % number) for number in range(len(items))]
     for item, result in zip(items, results):
         os.makedirs(os.path.dirname(item["dest"]), exist_ok=True)
         with open(item["dest"], "w", encoding="utf-8") as handle:
@@ -101,7 +104,7 @@ class CacheServer:
     """
 
     def __init__(self, ns, workdir: str, overrides: dict | None = None, threads: int = 1, port: int = 53,
-                 root: str | None = None, wrapper: tuple = ()):
+                 root: str | None = None, wrapper: tuple = (), pacing: bool = False):
         from tests.support import dnsservers
 
         root = root or dnsservers.SERVER_ROOT
@@ -115,10 +118,17 @@ class CacheServer:
             "__dns_cache_session_keyfile": os.path.join(workdir, "cache", "session.key"),
             "dns_cache_port": port,
         }
+        if pacing:
+            # The role's pacing script, run in the namespace as its unit runs it on a host (``ip``/``tc`` act
+            # on the namespace only); BIND is configured as the role configures it where pacing is on.
+            values.update({"__dns_cache_pacing_script": os.path.join(workdir, "fleetkeeper-dns-pacing"),
+                           "__dns_cache_pacing_state_dir": os.path.join(workdir, "pacing-state"),
+                           "__dns_cache_pacing_active": True, "dns_cache_upstream_pacing": True})
         values.update(overrides or {})
         version = dnsservers.named_version(root).split("-")[0]
         staged = render_named_conf({"cache": {"family": "Debian", "overrides": values, "version": version,
-                                              "absolute": True}}, workdir)
+                                              "absolute": True, "pacing": pacing}}, workdir)
+        self.pacing = values["__dns_cache_pacing_script"] if pacing else None
         _stage, self.conf, self.values = staged["cache"]
         self.log = os.path.join(workdir, "named.log")
         self.argv = [*wrapper, dnsservers.binary_path("named", root), "-g", "-n", str(threads), "-c", self.conf]
@@ -129,6 +139,8 @@ class CacheServer:
         """Start named on the rendered configuration (again after stop(): an empty cache, same files)."""
         from tests.support import dnsservers
 
+        if self.pacing:
+            self.ns.run(["bash", self.pacing, "start"])
         self.proc = self.ns.popen(self.argv, env=self.env,
                                   stdout=open(self.log, "w", encoding="utf-8"),  # noqa: SIM115
                                   stderr=subprocess.STDOUT)
@@ -141,6 +153,8 @@ class CacheServer:
 
     def stop(self) -> None:
         self.ns.stop(self.proc)
+        if self.pacing:
+            self.ns.run(["bash", self.pacing, "stop"])
 
 
 def run_playbook_in_netns(ns, play: list):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 
 import pytest
 
@@ -44,6 +45,13 @@ CASES = {
         "dns_cache_fetches_per_server": 64, "dns_cache_fetches_per_zone": 200}},
     "fetch_limits_bind920": {"family": "Debian", "version": "9.20.23", "overrides": {
         "dns_cache_fetches_per_server": 64}},
+    "paced": {"family": "Debian", "pacing": True, "overrides": {"__dns_cache_pacing_active": True}},
+    "paced_short_queue": {"family": "RedHat", "pacing": True, "overrides": {
+        "__dns_cache_pacing_active": True, "dns_cache_upstream_pacing_queue_ms": 400,
+        "dns_cache_upstream_pacing_pps": 500, "dns_cache_upstream_pacing": True,
+        "dns_cache_upstreams": [{"address": "10.0.0.2"}, {"address": "fd00:ec2::253", "port": 5353}]}},
+    "paced_bind920": {"family": "Debian", "version": "9.20.23", "pacing": True,
+                      "overrides": {"__dns_cache_pacing_active": True}},
     "bad_upstream": {"family": "Debian", "overrides": {"dns_cache_upstreams": [{"address": "10.0.0.300"}]}},
     "bad_cache_size": {"family": "RedHat", "overrides": {"dns_cache_max_cache_size": "lots"}},
     "bad_extra_option": {"family": "Debian", "overrides": {"dns_cache_extra_options": ["no-such-option yes;"]}},
@@ -184,7 +192,7 @@ BPO_CHECKCONF = dnsservers.binary_path("named-checkconf", dnsservers.BPO_ROOT)
 
 @pytest.mark.skipif(not os.path.exists(BPO_CHECKCONF),
                     reason="BIND 9.20 not unpacked (python -m tests.support.dnsservers fetch-backports)")
-@pytest.mark.parametrize("case", ["fetch_limits_bind920", "fetch_limits"])
+@pytest.mark.parametrize("case", ["fetch_limits_bind920", "fetch_limits", "paced_bind920"])
 def test_bind_920_checkconf_accepts(rendered, case):
     """9.20 (bookworm-backports, Debian 13) removed options 9.18 still takes: its own checker reads the files."""
     stage, main, _values = rendered[case]
@@ -197,3 +205,42 @@ def test_bind_920_stale_answer_client_timeout_off(rendered):
     lines = statements(options_text(rendered, "fetch_limits_bind920"))
     assert "stale-answer-client-timeout off;" in lines
     assert "stale-answer-client-timeout 900;" in statements(options_text(rendered, "debian"))
+
+
+def test_pacing_tunes_bind_918_for_the_queue(rendered):
+    """Where pacing is on, BIND 9.18 waits as long as the queue before asking again, picks source ports from
+    the whole unprivileged range and does not re-ask at the stale-answer timer (docs/dns_cache.md)."""
+    lines = statements(options_text(rendered, "paced"))
+    assert "resolver-retry-interval 2000;" in lines  # the default queue of 1950 ms plus 50
+    assert "use-v4-udp-ports { range 1024 65535; };" in lines
+    assert "stale-answer-client-timeout off;" in lines
+    short = statements(options_text(rendered, "paced_short_queue"))
+    assert "resolver-retry-interval 450;" in short
+    for case in ("debian", "redhat", "fetch_limits"):
+        text = options_text(rendered, case)
+        assert "resolver-retry-interval" not in text and "udp-ports" not in text
+
+
+def test_pacing_on_bind_920_leaves_retries_alone(rendered):
+    # 9.20 has no resolver-retry-interval (named refuses it); its queue is shorter instead.
+    text = options_text(rendered, "paced_bind920")
+    assert "resolver-retry-interval" not in text and "udp-ports" not in text
+
+
+def pacing_script(rendered, case):
+    stage, _main, values = rendered[case]
+    return read_staged(stage, values["__dns_cache_pacing_script"])
+
+
+def test_pacing_script_values(rendered):
+    """The queue's length follows the BIND version (1950 ms on 9.18, 750 ms on 9.20) or the variables."""
+    script = pacing_script(rendered, "paced")
+    assert "\nPPS=1000\n" in script and "\nQUEUE=1950\n" in script and "\nMODE=auto\n" in script
+    assert "\nQUEUE=750\n" in pacing_script(rendered, "paced_bind920")
+    short = pacing_script(rendered, "paced_short_queue")
+    assert "\nPPS=500\n" in short and "\nQUEUE=200\n" in short and "\nMODE=require\n" in short
+    assert "UPSTREAMS='10.0.0.2 53\nfd00:ec2::253 5353'" in short
+    for case in ("paced", "paced_short_queue", "paced_bind920"):
+        result = subprocess.run(["bash", "-n"], input=pacing_script(rendered, case), capture_output=True, text=True,
+                                check=False)
+        assert result.returncode == 0, result.stderr
