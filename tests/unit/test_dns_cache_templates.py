@@ -216,6 +216,12 @@ def test_pacing_tunes_bind_918_for_the_queue(rendered):
     assert "stale-answer-client-timeout off;" in lines
     short = statements(options_text(rendered, "paced_short_queue"))
     assert "resolver-retry-interval 450;" in short
+    # Popular names wait in the queue with hundreds of clients: no clients-per-query limit while paced.
+    for case in ("paced", "paced_short_queue", "paced_bind920"):
+        text = statements(options_text(rendered, case))
+        assert "clients-per-query 0;" in text and "max-clients-per-query 0;" in text
+    unpaced = statements(options_text(rendered, "debian"))
+    assert "clients-per-query 10;" in unpaced and "max-clients-per-query 100;" in unpaced
     for case in ("debian", "redhat", "fetch_limits"):
         text = options_text(rendered, case)
         assert "resolver-retry-interval" not in text and "udp-ports" not in text
