@@ -150,26 +150,6 @@ def paced_cache_floor(queries: str, rate: int, seconds: int, limit: int = LIMIT_
             "upstream_queries": len(queue)}
 
 
-def nft_setup(ns: dnsservers.Netns) -> None:
-    ns.run(["nft", "add table inet vpcdns; "
-                   "add chain inet vpcdns input { type filter hook input priority 0; policy accept; }; "
-                   "add rule inet vpcdns input udp dport 53 counter; "
-                   "add rule inet vpcdns input udp dport 53 limit rate over %d/second burst 100 packets counter drop"
-            % LIMIT_PPS])
-
-
-def nft_counters(ns: dnsservers.Netns) -> tuple:
-    out = json.loads(ns.run(["nft", "-j", "list", "table", "inet", "vpcdns"]).stdout)
-    counters = []
-    for item in out["nftables"]:
-        rule = item.get("rule")
-        if rule:
-            for expr in rule["expr"]:
-                if "counter" in expr:
-                    counters.append(expr["counter"]["packets"])
-    return counters[0], counters[1]  # offered to the upstream, dropped by the limit
-
-
 class Target:
     name = ""
     server = "127.0.0.1"
@@ -360,7 +340,7 @@ def measure(ns_client, ns_up, target, queries, args, loads=(), phases=None):
     target.start()
     try:
         def snapshot():
-            offered, dropped = nft_counters(ns_up)
+            offered, dropped = dnsservers.limit_counters(ns_up)
             return {"up_offered": offered, "up_dropped": dropped, "cache": target.cache_counters(),
                     "t": time.monotonic()}
 
@@ -631,7 +611,7 @@ def main(argv=None):
         dnsservers.veth_link(client, upstream_ns, CLIENT_ADDR, UP_ADDR)
         upstream = dnsservers.AuthServer(upstream_ns, UP_ADDR, ZONE, make_records(), workdir=os.path.join(work, "up"),
                                          threads=1, wrapper=CLIENT_CPU)
-        nft_setup(upstream_ns)
+        dnsservers.limit_udp53(upstream_ns, LIMIT_PPS, 100)
         makers = {"bind": lambda: BindTarget(client, work, overrides),
                   "bind920": lambda: BindTarget(client, work, overrides, "bind920", dnsservers.BPO_ROOT),
                   "unbound": lambda: UnboundTarget(client, work),

@@ -13,7 +13,6 @@ the rule drops none. Nothing leaves the two namespaces.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 
@@ -52,11 +51,7 @@ def env(tmp_path_factory):
         dnsservers.veth_link(client, upstream, CLIENT, UPSTREAM)
         dnsservers.AuthServer(upstream, UPSTREAM, ZONE, {"www": (300, "192.0.2.10")},
                               workdir=os.path.join(tmp, "up"))
-        upstream.run(["nft", "add table inet vpclimit; "
-                             "add chain inet vpclimit input { type filter hook input priority 0; policy accept; }; "
-                             "add rule inet vpclimit input udp dport 53 counter; "
-                             "add rule inet vpclimit input udp dport 53 limit rate over 300/second burst 20 packets "
-                             "counter drop"])
+        dnsservers.limit_udp53(upstream, 300, 20)
         queries = os.path.join(tmp, "queries.txt")
         with open(queries, "w", encoding="utf-8") as handle:
             handle.writelines("n%d.%s A\n" % (i, ZONE) for i in range(400))
@@ -67,19 +62,12 @@ def env(tmp_path_factory):
         upstream.close()
 
 
-def counters(upstream):
-    out = json.loads(upstream.run(["nft", "-j", "list", "table", "inet", "vpclimit"]).stdout)
-    found = [expr["counter"]["packets"] for item in out["nftables"] if "rule" in item
-             for expr in item["rule"]["expr"] if "counter" in expr]
-    return found[0], found[1]  # reached the upstream's input, dropped by the limit
-
-
 def burst(client, upstream, queries):
     """400 queries within about 0.1 s; (answered, dropped by the upstream's limit)."""
-    before = counters(upstream)
+    before = dnsservers.limit_counters(upstream)
     out = client.run(["dnsperf", "-s", UPSTREAM, "-d", queries, "-n", "1", "-Q", "4000", "-q", "500",
                       "-t", "5"], check=False).stdout
-    after = counters(upstream)
+    after = dnsservers.limit_counters(upstream)
     completed = int(out.split("Queries completed:")[1].split()[0])
     return completed, after[1] - before[1]
 

@@ -244,6 +244,24 @@ def veth_link(left: Netns, right: Netns, left_addr: str, right_addr: str, prefix
     right.run(["ip", "link", "set", b, "up"])
 
 
+def limit_udp53(ns: Netns, pps: int, burst: int, table: str = "vpcdns") -> None:
+    """An nftables rule in ``ns`` that drops UDP/53 packets above ``pps`` a second (burst ``burst``), as EC2's
+    per-interface limit on the VPC resolver does, with a counter before it and one on what it drops."""
+    ns.run(["nft", "add table inet %s; "
+                   "add chain inet %s input { type filter hook input priority 0; policy accept; }; "
+                   "add rule inet %s input udp dport 53 counter; "
+                   "add rule inet %s input udp dport 53 limit rate over %d/second burst %d packets counter drop"
+            % (table, table, table, table, pps, burst)])
+
+
+def limit_counters(ns: Netns, table: str = "vpcdns") -> tuple:
+    """(packets that reached the limit, packets it dropped) so far, from limit_udp53's counters."""
+    out = json.loads(ns.run(["nft", "-j", "list", "table", "inet", table]).stdout)
+    counters = [expr["counter"]["packets"] for item in out["nftables"] if "rule" in item
+                for expr in item["rule"]["expr"] if "counter" in expr]
+    return counters[0], counters[1]
+
+
 def wait_udp_dns(ns: Netns, server: str, port: int, name: str = "localhost.", timeout: float = 20) -> None:
     """Wait until a DNS server answers anything (even REFUSED) on server:port."""
     deadline = time.monotonic() + timeout
