@@ -132,6 +132,7 @@ MARKER_LINE = "# --- fleetkeeper.aws s3_authorized_keys: lines below are managed
 PER_USER = "per_user"
 SHARED_USER = "shared_user"
 REMOVAL_ACTIONS = ("lock", "remove", "keep")
+STALE_ACTIONS = ("none", "lock")
 
 
 def _as_list(value):
@@ -170,6 +171,10 @@ class KeySyncConfig:
         "prepend_options": {"type": "list", "elements": "str", "default": []},
         "max_object_size": {"type": "int", "default": 16384},
         "max_keys_per_user": {"type": "int", "default": 16, "no_log": False},
+        # Key objects (PREFIX<name>.pub) a listing may hold; more fails closed, loudly. Other objects do not count.
+        "max_keys": {"type": "int", "default": 100000, "no_log": False},
+        # shared_user mode: key lines kept in the account's file besides the bucket's (break-glass keys)
+        "static_keys": {"type": "list", "elements": "str", "default": [], "no_log": False},
         "removal": {"type": "str", "default": "lock", "choices": list(REMOVAL_ACTIONS)},
         "remove_after_runs": {"type": "int", "default": 1},
         "min_listing_ratio": {"type": "float", "default": 0.5},
@@ -180,6 +185,9 @@ class KeySyncConfig:
         "root": {"type": "path", "default": "/"},
         "user_backend": {"type": "str", "default": "system", "choices": ["system", "directory"]},
         "download_workers": {"type": "int", "default": 16},
+        # A host whose last good sync is older than this (seconds) is stale: loud, and optionally locks users.
+        "max_sync_age": {"type": "int", "default": 3600},
+        "stale_action": {"type": "str", "default": "none", "choices": list(STALE_ACTIONS)},
         # botocore's standard-mode attempts per request (the module uses AWSRetry instead)
         "max_attempts": {"type": "int", "default": 5, "host_only": True},
     }
@@ -228,8 +236,11 @@ class KeySyncConfig:
             raise ConfigError("mode shared_user needs shared_user: the existing account whose authorized_keys is managed")
         if self.removal not in REMOVAL_ACTIONS:
             raise ConfigError("removal must be one of %s, not %r" % (", ".join(REMOVAL_ACTIONS), self.removal))
+        if self.stale_action not in STALE_ACTIONS:
+            raise ConfigError("stale_action must be one of %s, not %r" % (", ".join(STALE_ACTIONS), self.stale_action))
         for name in ("uid_min", "uid_max", "system_uid_max", "max_object_size", "max_keys_per_user",
-                     "remove_after_runs", "lock_timeout", "download_workers", "max_attempts"):
+                     "remove_after_runs", "lock_timeout", "download_workers", "max_attempts", "max_keys",
+                     "max_sync_age"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError("%s must be a non-negative integer, not %r" % (name, value))
@@ -238,8 +249,9 @@ class KeySyncConfig:
                               % (self.uid_min, self.uid_max, self.system_uid_max))
         if self.remove_after_runs < 1:
             raise ConfigError("remove_after_runs must be at least 1")
-        if self.download_workers < 1 or self.max_attempts < 1:
-            raise ConfigError("download_workers and max_attempts must be at least 1")
+        if self.download_workers < 1 or self.max_attempts < 1 or self.max_keys < 1 or self.max_sync_age < 1:
+            raise ConfigError("download_workers, max_attempts, max_keys and max_sync_age must be at least 1")
+        self.static_keys = self._validate_static_keys(_as_list(self.static_keys))
         try:
             self.min_listing_ratio = float(self.min_listing_ratio)
         except (TypeError, ValueError):
@@ -273,6 +285,17 @@ class KeySyncConfig:
         if self.user_backend not in ("system", "directory"):
             raise ConfigError("user_backend must be system or directory, not %r" % self.user_backend)
         self._validate_uid_overrides()
+
+    def _validate_static_keys(self, lines):
+        if lines and self.mode != SHARED_USER:
+            raise ConfigError("static_keys is for mode shared_user (in per_user mode the admin_users keep their own keys)")
+        out = []
+        for number, line in enumerate(lines, 1):
+            try:
+                out.append(parse_key_line(str(line).strip(), KNOWN_OPTIONS).line())
+            except KeyLineError as exc:
+                raise ConfigError("static_keys item %d is not a valid key line: %s" % (number, exc)) from None
+        return out
 
     def _validate_uid_overrides(self):
         if not isinstance(self.uid_overrides, dict):
@@ -655,7 +678,8 @@ class Plan:
     """What one run will do, in the order it is applied: every revocation first, then the grants.
 
     ``revoke`` holds one dict per user whose access is taken away (object gone or without a valid key):
-    ``{"user", "uid", "lock": lock the account now, "userdel": remove it after locking, "drop_groups"}``.
+    ``{"user", "uid", "lock": lock the account now, "userdel": remove it after locking, "drop_groups",
+    "fresh": not yet revoked and locked by an earlier run}``.
     """
 
     def __init__(self):
@@ -766,11 +790,14 @@ def plan_per_user(desired, users, config, history=None, rejected=None, withheld=
                 plan.remove_groups.append((name, drop))
             plan.granted[name] = sorted((granted - set(drop)) | set(add))
         plan.keys[name] = [k.line(config.prepend_options) for k in desired[name]]
+    never_touched = set(DEFAULT_DENY_USERS) | set(config.admin_users)
     for name in sorted(users):
         info = users[name]
-        if name in desired or name in withheld or config.marker_group not in info.groups:
+        # Every managed account the plan gives no keys is revoked: object gone, emptied or without a valid key,
+        # and a name the configuration now refuses (deny_users, the name of a granted group).
+        if name in plan.keys or config.marker_group not in info.groups:
             continue
-        if name in config.denied_users or info.uid <= config.system_uid_max:
+        if name in never_touched or info.uid <= config.system_uid_max:
             continue  # a marked admin or system account is never touched
         runs = missing_before.get(name, 0) + 1
         plan.missing[name] = runs
@@ -780,14 +807,16 @@ def plan_per_user(desired, users, config, history=None, rejected=None, withheld=
         if config.removal == "remove" and not userdel:
             plan.pending_removal[name] = runs
         plan.revoke.append({"user": name, "uid": info.uid, "userdel": userdel, "drop_groups": drop,
-                            "lock": config.removal in ("lock", "remove") and not info.locked})
+                            "lock": config.removal in ("lock", "remove") and not info.locked,
+                            # revoked in an earlier run and locked since: processes are looked for first
+                            "fresh": name not in missing_before or not info.locked})
         plan.keys[name] = []
         plan.granted[name] = sorted(granted - set(drop))
     return plan
 
 
 def plan_shared_user(desired, config, rejected=None, withheld=()):
-    """Plan ``shared_user`` mode: every valid key into one account's file below the marker."""
+    """Plan ``shared_user`` mode: the account's whole key file is the static keys plus every valid bucket key."""
     plan = Plan()
     plan.rejected.extend(rejected or [])
     lines = []
@@ -803,17 +832,30 @@ def plan_shared_user(desired, config, rejected=None, withheld=()):
     return plan
 
 
-def render_shared(existing_text, managed_lines):
-    """Keep every line above the marker (the break-glass keys), replace everything below it."""
-    kept = []
-    for line in (existing_text or "").splitlines():
-        if line.strip() == MARKER_LINE:
-            break
-        kept.append(line)
-    while kept and not kept[-1].strip():
-        kept.pop()
-    out = kept + [MARKER_LINE] + list(managed_lines)
+SHARED_HEADER = ("# Managed by fleetkeeper.aws s3_authorized_keys: every line is rewritten at each sync; "
+                 "keys added by hand are removed (use static_keys).")
+
+
+def render_shared(static_lines, managed_lines):
+    """The shared account's whole file: the configured static keys, the marker, then the bucket's keys."""
+    out = [SHARED_HEADER] + list(static_lines) + [MARKER_LINE] + list(managed_lines)
     return "\n".join(out) + "\n"
+
+
+def key_lines(text):
+    """Every line of an authorized_keys text that sshd would read as a key (not blank, not a comment)."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def fingerprints(lines):
+    """SHA256 fingerprints of the key lines that parse (whatever their options)."""
+    out = set()
+    for line in lines:
+        try:
+            out.add(parse_key_line(line, KNOWN_OPTIONS).fingerprint)
+        except KeyLineError:
+            continue
+    return out
 
 
 def render_user(managed_lines):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -72,9 +73,24 @@ def load_config(path):
     return KeySyncConfig(**dict((k, v) for k, v in data.items() if not k.startswith("_")))
 
 
-def _say(stream, message):
-    stream.write("fleetkeeper-keysync: %s\n" % message)
+# syslog priorities: under systemd (JOURNAL_STREAM set) a "<N>" prefix gives the journal entry that priority.
+ERR = 3
+WARNING = 4
+
+
+def _say(stream, message, priority=None):
+    prefix = "<%d>" % priority if priority is not None and os.environ.get("JOURNAL_STREAM") else ""
+    stream.write("%sfleetkeeper-keysync: %s\n" % (prefix, message))
     stream.flush()
+
+
+def stale_message(stale):
+    since = ("last good sync %s" % stale["last_success"]) if stale.get("last_success") else "no good sync recorded"
+    text = ("STALE: revocations are not being applied: %s, %s s ago, more than max_sync_age %d s"
+            % (since, stale["age"], stale["max_sync_age"]))
+    if stale.get("locked"):
+        text += "; stale_action lock locked: %s" % ", ".join(stale["locked"])
+    return text
 
 
 def summarise(result):
@@ -129,25 +145,29 @@ def main(argv=None, s3_factory=make_s3_client, stdout=None, stderr=None):
         result = sync(config, s3_factory(config), backend, check_mode=args.check,
                       log=lambda message: _say(progress, message))
     except ConfigError as exc:
-        _say(stderr, "configuration error: %s" % exc)
+        _say(stderr, "configuration error: %s" % exc, ERR)
         return EXIT_CONFIG
     except LockError as exc:
-        _say(stderr, "skipped: %s" % exc)
+        _say(stderr, "skipped: %s" % exc, WARNING)
         return EXIT_LOCKED
     except KeySyncError as exc:
-        _say(stderr, "error: %s" % exc)
+        _say(stderr, "error: %s" % exc, ERR)
+        if getattr(exc, "stale", None):
+            _say(stderr, stale_message(exc.stale), ERR)
         return EXIT_FAILED
     except OSError as exc:
-        _say(stderr, "error: %s; nothing more was done" % exc)
+        _say(stderr, "error: %s; nothing more was done" % exc, ERR)
         return EXIT_FAILED
     for item in result["rejected"]:
         where = item["object"] + (":%s" % item["line"] if item["line"] else "")
-        _say(stderr, "warning: %s: %s" % (where, item["reason"]))
+        _say(stderr, "warning: %s: %s" % (where, item["reason"]), WARNING)
     for line in failure_lines(result):
-        _say(stderr, "error: user %s" % line)
+        _say(stderr, "error: user %s" % line, ERR)
+    if result.get("stale"):  # check mode, or a run whose revocations failed
+        _say(stderr, stale_message(result), ERR)
     result["elapsed"] = round(time.monotonic() - start, 3)
     if args.json:
         stdout.write(json.dumps(result, sort_keys=True) + "\n")
     else:
         _say(stdout, "%s%s in %.2fs" % ("(check) " if args.check else "", summarise(result), result["elapsed"]))
-    return EXIT_FAILED if result["failures"] else 0
+    return EXIT_FAILED if result["failures"] or result.get("stale") else 0

@@ -22,17 +22,23 @@ without amazon.aws installed.
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import time
 
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import (
     PER_USER,
+    DEFAULT_DENY_USERS,
     DownloadError,
     KeyLineError,
     KeySyncError,
     ListingError,
+    LockError,
+    UnsafePathError,
     UserBackendError,
     check_listing_size,
     decode_object,
+    fingerprints,
+    key_lines,
     key_summary,
     parse_key_file,
     parse_key_line,
@@ -42,20 +48,20 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import (
     render_user,
     username_from_key,
     validate_username,
-    MARKER_LINE,
 )
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_store import (
     STATE_VERSION,
+    STATUS_FILE,
     KeyFileStore,
     SyncLock,
     load_state,
+    load_status,
     rooted,
     save_state,
+    save_status,
 )
 
 PAGE_SIZE = 1000
-# 100 pages of 1,000 keys: no bastion has 100,000 users. More means a listing that never ends.
-MAX_PAGES = 100
 
 
 def _error_text(exc):
@@ -83,20 +89,24 @@ class RequestCounter:
         return {"list": self.list, "get": self.get}
 
 
-def list_key_objects(s3, bucket, prefix, counter, call_kwargs=None, max_pages=MAX_PAGES):
-    """Every object under ``prefix`` as {key: (etag, size)}; raise ListingError on any doubt."""
+def list_key_objects(s3, bucket, prefix, counter, call_kwargs=None, max_keys=100000):
+    """Every key object (``PREFIX<name>.pub``) as {key: (etag, size)}, plus the other objects directly under the
+    prefix; raise ListingError on any doubt.
+
+    The listing uses the delimiter ``/``: objects nested below the prefix come back as one common prefix per
+    folder, not one entry each, so a flood of them costs pages but never counts against ``max_keys``; nor do
+    objects with another suffix. More than ``max_keys`` key objects fails closed.
+    """
     call_kwargs = call_kwargs or {}
     objects = {}
     token = None
     seen_tokens = set()
     pages = 0
+    pub = 0
     while True:
-        params = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": PAGE_SIZE}
+        params = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": PAGE_SIZE, "Delimiter": "/"}
         if token:
             params["ContinuationToken"] = token
-        if pages >= max_pages:
-            raise ListingError("listing s3://%s/%s goes on past %d pages (%d keys); no key prefix holds that many "
-                               "users, so nothing was changed" % (bucket, prefix, max_pages, len(objects)))
         pages += 1
         counter.list += 1
         started = time.monotonic()
@@ -112,6 +122,12 @@ def list_key_objects(s3, bucket, prefix, counter, call_kwargs=None, max_pages=MA
                                % (bucket, prefix, pages, page["KeyCount"], len(contents)))
         for item in contents:
             objects[item["Key"]] = (item.get("ETag", ""), int(item.get("Size", 0)))
+            if item["Key"].endswith(".pub"):
+                pub += 1
+        if pub > max_keys:
+            raise ListingError("s3://%s/%s holds more than max_keys %d key objects (PREFIX<name>.pub); refusing to "
+                               "apply a listing that large, so no revocation or grant happens until the bucket is "
+                               "cleaned up or max_keys raised; nothing was changed" % (bucket, prefix, max_keys))
         if page.get("IsTruncated"):
             token = page.get("NextContinuationToken")
             if not token:
@@ -176,7 +192,7 @@ def collect(s3, config, state, counter, call_kwargs=None):
     as gone. ``failed`` holds users whose changed object could not be downloaded: they keep nothing newer than
     what was verified (their old entry stays in the state, so the next run tries again).
     """
-    listing = list_key_objects(s3, config.bucket, config.prefix, counter, call_kwargs)
+    listing = list_key_objects(s3, config.bucket, config.prefix, counter, call_kwargs, config.max_keys)
     same_source = state.get("bucket") == config.bucket and state.get("prefix") == config.prefix
     old_objects = state.get("objects", {}) if same_source else {}
     rejected = []
@@ -248,15 +264,14 @@ def collect(s3, config, state, counter, call_kwargs=None):
     return desired, new_objects, rejected, stats, failed, listed
 
 
-def _managed_lines(text, shared):
-    if text is None:
-        return []
-    lines = text.splitlines()
+def _current_lines(text, shared, static_lines):
+    """The key lines the host has now that the sync accounts for: in shared_user mode every key line of the
+    file except the static ones (so a key added by hand shows as removed), else every key line."""
+    lines = key_lines(text)
     if shared:
-        if MARKER_LINE not in [line.strip() for line in lines]:
-            return []
-        lines = lines[[line.strip() for line in lines].index(MARKER_LINE) + 1:]
-    return [line for line in lines if line.strip() and not line.strip().startswith("#")]
+        static = set(static_lines)
+        lines = [line for line in lines if line not in static]
+    return lines
 
 
 def _describe(keys_by_user):
@@ -270,19 +285,100 @@ def _describe(keys_by_user):
     return "\n".join(out) + ("\n" if out else "")
 
 
-def sync(config, s3, backend, check_mode=False, call_kwargs=None, log=None):
+def status_path_for(state_path):
+    return os.path.join(os.path.dirname(state_path), STATUS_FILE)
+
+
+def staleness(status, config, now=None):
+    """{last_success, age, stale} from the status file: age counts from the last good sync, or from the first
+    recorded run when there never was one (None when no run was ever recorded)."""
+    now = time.time() if now is None else now
+    last = status.get("last_success")
+    since = last if last is not None else status.get("first_run")
+    age = None if since is None else max(0, int(now - since))
+    return {"last_success": _iso(last), "age": age, "stale": age is not None and age > config.max_sync_age,
+            "max_sync_age": config.max_sync_age}
+
+
+def _iso(stamp):
+    if stamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+
+
+def sync(config, s3, backend, check_mode=False, call_kwargs=None, log=None, now=None):
     """One run. Returns a result dict; raises a KeySyncError subclass when nothing was changed.
 
     A result with ``failed`` entries means the run went on past per-user failures: the entry points report
-    each one and exit non-zero.
+    each one and exit non-zero. Every run under the lock records its outcome in the status file; a failed run
+    whose host has had no good sync for ``max_sync_age`` carries ``stale`` on its exception (and with
+    ``stale_action: lock`` has locked every synced user).
     """
     log = log or (lambda message: None)
     state_path = rooted(config.root, config.state_path)
     lock_path = rooted(config.root, config.lock_path)
+    status_path = status_path_for(state_path)
     if check_mode:
-        return _sync_locked(config, s3, backend, True, call_kwargs, log, state_path)
+        result = _sync_locked(config, s3, backend, True, call_kwargs, log, state_path)
+        result.update(staleness(load_status(status_path), config, now))
+        return result
     with SyncLock(lock_path, config.lock_timeout):
-        return _sync_locked(config, s3, backend, False, call_kwargs, log, state_path)
+        status = load_status(status_path)
+        started = time.time() if now is None else now
+        status.setdefault("first_run", started)
+        status["last_run"] = started
+        try:
+            result = _sync_locked(config, s3, backend, False, call_kwargs, log, state_path)
+        except (UnsafePathError, LockError):
+            raise
+        except KeySyncError as exc:
+            status["last_outcome"] = "failed"
+            status["last_error"] = str(exc)
+            save_status(status_path, status)
+            stale = staleness(status, config, now)
+            if stale["stale"]:
+                if config.stale_action == "lock":
+                    stale["locked"] = _lock_everyone(config, backend, state_path, log)
+                exc.stale = stale
+            raise
+        failed_revocations = [f for f in result["failures"] if f["action"] in REVOKE_ACTIONS]
+        status["last_outcome"] = "partial" if result["failures"] else "ok"
+        status["last_error"] = "; ".join("%s: %s" % (f["user"], f["action"]) for f in result["failures"]) or None
+        if not failed_revocations:
+            status["last_success"] = started
+        save_status(status_path, status)
+        result.update(staleness(status, config, now))
+        return result
+
+
+# Steps whose failure means a revocation was not applied: such a run is not a good sync.
+REVOKE_ACTIONS = frozenset(["revoke keys", "lock", "end sessions", "userdel", "end key sessions", "clear keys",
+                            "retire", "withhold keys"])
+
+
+def _lock_everyone(config, backend, state_path, log):
+    """stale_action lock: lock every synced user that is not locked yet (never admins or system accounts)."""
+    state = load_state(state_path)
+    locks_made = dict(state.get("locks_made", {}))
+    locked = []
+    never = set(DEFAULT_DENY_USERS) | set(config.admin_users)
+    for name, info in sorted(backend.list_users().items()):
+        if (config.marker_group not in info.groups or info.locked or name in never
+                or info.uid <= config.system_uid_max):
+            continue
+        try:
+            locks_made[name] = backend.lock_user(name)
+        except (KeySyncError, OSError) as exc:
+            log("stale: could not lock %s: %s" % (name, exc))
+            continue
+        locked.append(name)
+    backend.flush()
+    if locked:
+        log("stale: locked %s (no good sync for more than max_sync_age %ds)" % (", ".join(locked), config.max_sync_age))
+        state.setdefault("version", STATE_VERSION)
+        state["locks_made"] = locks_made
+        save_state(state_path, state)
+    return locked
 
 
 def _local_size_limit(config, candidates):
@@ -291,8 +387,8 @@ def _local_size_limit(config, candidates):
     per_user = config.max_object_size + config.max_keys_per_user * per_key
     if config.mode == PER_USER:
         return per_user
-    # shared_user: every user's keys plus room for the break-glass lines above the marker
-    return per_user * (candidates + 1) + len(MARKER_LINE) + 1
+    # shared_user: every user's keys plus the static keys and the header
+    return per_user * (candidates + 1) + sum(len(line) + 1 for line in config.static_keys) + 4096
 
 
 def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
@@ -332,6 +428,7 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
         "users_locked": [r["user"] for r in plan.revoke if r["lock"]] if check_mode else [],
         "users_removed": [r["user"] for r in plan.revoke if r["userdel"]] if check_mode else [],
         "users_sessions_ended": [],
+        "sessions_ended": [],
         "users_pending_removal": dict(plan.pending_removal),
         "users_locked_by_admin": list(plan.admin_locked),
         "keys_added": [],
@@ -344,11 +441,12 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
         "check_mode": check_mode,
     }
     before, after = {}, {}
-    # Diff: only users whose managed lines change (an unchanged fleet costs no key parsing here).
+    removed_keys = {}   # name -> fingerprints of keys on the host now that the plan drops
+    # Diff: only users whose key lines change (an unchanged fleet costs no key parsing here).
     removed = set(r["user"] for r in plan.revoke if r["userdel"])
     for name in sorted(plan.keys):
         info = users.get(name)
-        current = _managed_lines(store.read(info), shared) if info is not None else []
+        current = _current_lines(store.read(info), shared, config.static_keys) if info is not None else []
         wanted = plan.keys[name]
         if current == wanted and name not in removed:
             continue
@@ -361,6 +459,9 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
             result["keys_added"].append({"user": name, "key": item})
         for item in key_summary(sorted(old_set - new_set)):
             result["keys_removed"].append({"user": name, "key": item})
+        gone = fingerprints(old_set) - fingerprints(new_set)
+        if gone:
+            removed_keys[name] = gone
     result["diff"] = {"before": _describe(before), "after": _describe(after),
                       "before_header": "s3://%s/%s (host now)" % (config.bucket, config.prefix),
                       "after_header": "s3://%s/%s (after sync)" % (config.bucket, config.prefix)}
@@ -368,14 +469,14 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
     result["timings"] = counter.timings()
     if check_mode:
         result["changed"] = bool(plan.user_changes or result["keys_added"] or result["keys_removed"]
-                                 or any(_needs_write(store, users.get(n), plan.keys[n], shared)
+                                 or any(_needs_write(store, users.get(n), plan.keys[n], shared, config)
                                         for n in plan.keys if users.get(n) is not None))
         return result
 
-    locks_made = set(history.get("locks_made", []))
+    locks_made = dict(history.get("locks_made", {}))
     retired = dict(history.get("retired_uids", {}))
     try:
-        changed = _apply(config, plan, users, backend, store, result, log, locks_made, retired)
+        changed = _apply(config, plan, users, backend, store, result, log, locks_made, retired, removed_keys)
     finally:
         backend.flush()
         store.flush()
@@ -391,7 +492,7 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
         "objects": new_objects,
         "valid_count": plan.accepted,
         "missing": dict((n, c) for n, c in plan.missing.items() if n in present),
-        "locks_made": sorted(n for n in locks_made if n in present),
+        "locks_made": dict((n, v) for n, v in locks_made.items() if n in present),
         "granted": dict((n, g) for n, g in plan.granted.items() if n in present and n not in failed_creates),
         "retired_uids": retired,
     }
@@ -414,47 +515,72 @@ def _step(result, name, action, func, *args):
 
 
 def _revoke(config, entry, info, backend, store, result, log, locks_made, retired):
-    """Take one user's access away. Each step runs whatever the previous one did; True when anything changed."""
+    """Take one user's access away. Each step runs whatever the previous one did; True when anything changed.
+
+    Keys first (no new session), then the lock, what would start again later (lingering, subordinate IDs,
+    with ``removal: keep`` cron and at jobs), then every process. The keys are taken once more after that: in
+    home-directory mode a process of the user could have written a key back before it was killed, and a
+    session opened with it is ended by a second pass.
+    """
     name = entry["user"]
     changed = False
     _ok, did = _step(result, name, "revoke keys", store.revoke, info)
     changed = changed or bool(did)
     if entry["lock"]:
         log("locking user %s (no key file or no valid key)" % name)
-        ok, _none = _step(result, name, "lock", backend.lock_user, name)
+        ok, saved = _step(result, name, "lock", backend.lock_user, name)
         if ok:
-            locks_made.add(name)
+            locks_made[name] = saved
             result["users_locked"].append(name)
             changed = True
     if entry["drop_groups"]:
         ok, _none = _step(result, name, "remove groups", backend.remove_groups, name, entry["drop_groups"])
         changed = changed or ok
-    _ok, ended = _step(result, name, "end sessions", backend.end_sessions, name, info.uid, info.gid)
-    if ended:
-        log("ended the sessions and processes of %s (UID %d)" % (name, info.uid))
-        result["users_sessions_ended"].append(name)
+    ok, retired_what = _step(result, name, "retire", backend.retire, name, info.uid, config.removal == "keep")
+    if ok and retired_what:
+        log("%s: %s" % (name, "; ".join(retired_what)))
         changed = True
+    ended = _end_user(result, name, info, backend, log, entry.get("fresh", True))
+    _ok, again = _step(result, name, "revoke keys", store.revoke, info)
+    if again:
+        log("%s had written a key back before their processes ended; removed it again" % name)
+        ended = _end_user(result, name, info, backend, log, True) or ended
+    changed = changed or ended or bool(again)
     if entry["userdel"]:
         log("removing user %s (key file gone)" % name)
         ok, _none = _step(result, name, "userdel", backend.remove_user, name)
         if ok:
             retired[str(info.uid)] = name
-            locks_made.discard(name)
+            locks_made.pop(name, None)
             result["users_removed"].append(name)
             changed = True
     return changed
 
 
-def _apply(config, plan, users, backend, store, result, log, locks_made, retired):
+def _end_user(result, name, info, backend, log, fresh=True):
+    """End every session and process of one user; True when anything ran."""
+    _ok, ended = _step(result, name, "end sessions", backend.end_sessions, name, info.uid, info.gid, fresh)
+    if ended:
+        log("ended the sessions and processes of %s (UID %d)" % (name, info.uid))
+        if name not in result["users_sessions_ended"]:
+            result["users_sessions_ended"].append(name)
+    return bool(ended)
+
+
+def _apply(config, plan, users, backend, store, result, log, locks_made, retired, removed_keys=None):
     """Carry out the plan: every revocation first, then grants. Each user on their own. True when anything changed."""
     changed = False
+    removed_keys = removed_keys or {}
     shared = config.mode != PER_USER
+    revoked = set(entry["user"] for entry in plan.revoke)
     for entry in plan.revoke:
         if _revoke(config, entry, users[entry["user"]], backend, store, result, log, locks_made, retired):
             changed = True
-    for name in plan.withheld:  # download failed: no keys this run, nothing else changes
-        _ok, did = _step(result, name, "withhold keys", store.write, users[name], render_user([]))
-        changed = changed or bool(did)
+    for name in plan.withheld:  # download failed: no keys this run, and no session of a key that may be gone
+        ok, did = _step(result, name, "withhold keys", store.write, users[name], render_user([]))
+        if not ok:
+            _clear_or_lock(config, result, name, users[name], backend, store, log, locks_made)
+        changed = _end_user(result, name, users[name], backend, log) or changed or bool(did)
     wanted_groups = [config.marker_group] + ([config.sudo_group] if config.sudo_group else [])
     for name, groups in plan.remove_groups:
         ok, _none = _step(result, name, "remove groups", backend.remove_groups, name, groups)
@@ -489,29 +615,25 @@ def _apply(config, plan, users, backend, store, result, log, locks_made, retired
     unlocked = []
     for name in plan.unlock:
         log("unlocking user %s" % name)
-        ok, _none = _step(result, name, "unlock", backend.unlock_user, name, config.shell)
+        saved = locks_made.get(name) or {"expiry": "", "shell": config.shell}  # a lock recorded before 0.1.0
+        ok, _none = _step(result, name, "unlock", backend.unlock_user, name, saved)
         if ok:
-            locks_made.discard(name)
+            locks_made.pop(name, None)
             unlocked.append(name)
             changed = True
     result["users_created"] = created
     result["users_unlocked"] = unlocked
     if created:
         users = backend.list_users()
-    revoked = set(entry["user"] for entry in plan.revoke) | set(plan.withheld)
-    todo = [name for name in sorted(plan.keys) if users.get(name) is not None and name not in revoked]
+    done = revoked | set(plan.withheld)
+    todo = [name for name in sorted(plan.keys) if users.get(name) is not None and name not in done]
 
     def write_keys(name):
         info = users[name]
-        text = plan.keys[name]
-        if shared:
-            ok, current = _step(result, name, "read authorized_keys", store.read_strict, info)
-            if not ok:
-                return False
-            content = render_shared(current, text)
-        else:
-            content = render_user(text)
-        _ok, did = _step(result, name, "write authorized_keys", store.write, info, content)
+        content = render_shared(config.static_keys, plan.keys[name]) if shared else render_user(plan.keys[name])
+        ok, did = _step(result, name, "write authorized_keys", store.write, info, content)
+        if not ok:
+            _clear_or_lock(config, result, name, info, backend, store, log, locks_made)
         return bool(did)
 
     # Each file is fsynced before its rename; the fsyncs overlap across threads (the file system commits them
@@ -525,11 +647,38 @@ def _apply(config, plan, users, backend, store, result, log, locks_made, retired
     elif todo and write_keys(todo[0]):
         written.append(todo[0])
     result["files_written"].extend(written)
+    # A key that is gone must not keep the sessions it opened (after the write: no new session can use it).
+    for name in sorted(set(removed_keys) & set(todo)):
+        info = users[name]
+        if shared:
+            ok, pids = _step(result, name, "end key sessions", backend.end_key_sessions, name, removed_keys[name])
+            if ok and pids:
+                log("ended %d session(s) of %s opened with a removed key" % (len(pids), name))
+                result["sessions_ended"].extend({"user": name, "pid": pid} for pid in pids)
+                changed = True
+        elif _end_user(result, name, info, backend, log):
+            changed = True
     return changed or bool(written)
 
 
-def _needs_write(store, info, lines, shared):
+def _clear_or_lock(config, result, name, info, backend, store, log, locks_made):
+    """A key file that cannot be written must not keep the old keys: remove it, and when even that fails,
+    lock the account (per_user mode) so that no key opens it."""
+    ok, _did = _step(result, name, "clear keys", store.clear, info)
+    if ok:
+        result["failures"].append({"user": name, "action": "write authorized_keys",
+                                   "message": "the key file could not be written; it was removed: the user has no "
+                                              "keys until the next run writes it"})
+        return
+    if config.mode == PER_USER and not info.locked:
+        ok, saved = _step(result, name, "lock", backend.lock_user, name)
+        if ok:
+            locks_made[name] = saved
+            log("locked %s: the key file could neither be written nor removed" % name)
+
+
+def _needs_write(store, info, lines, shared, config):
     current = store.read(info)
     if shared:
-        return current != render_shared(current, lines)
+        return current != render_shared(config.static_keys, lines)
     return current != render_user(lines)

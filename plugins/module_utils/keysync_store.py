@@ -20,12 +20,14 @@ Two user backends implement the same small interface (``list_users``,
 
 from __future__ import annotations
 
+import datetime
 import errno
 import fcntl
 import grp
 import json
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import stat
@@ -40,9 +42,77 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import (
     UserBackendError,
     UserInfo,
 )
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_procs import Reaper
 
 NOLOGIN_CANDIDATES = ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false")
 ACCOUNT_COMMENT = "managed by fleetkeeper.aws keysync"
+LINGER_DIR = "/var/lib/systemd/linger"
+# Where a kept user's cron and at jobs go (root only), so an administrator can still read them.
+QUARANTINE_DIR = "/var/lib/fleetkeeper-keysync/jobs"
+CRON_SPOOLS = ("/var/spool/cron/crontabs", "/var/spool/cron")   # Debian, RHEL
+AT_SPOOLS = ("/var/spool/cron/atjobs", "/var/spool/at")          # Debian, RHEL
+
+
+def expiry_date(days):
+    """A shadow expiry field (days since 1970-01-01, or empty) as usermod --expiredate takes it."""
+    if days in (None, "") or not str(days).isdigit():
+        return ""
+    return (datetime.date(1970, 1, 1) + datetime.timedelta(days=int(days))).isoformat()
+
+
+def subordinate_ranges(name, uid, kind="uid"):
+    """[(start, count)] of ``name``'s entries in /etc/subuid (or /etc/subgid with kind gid)."""
+    ranges = []
+    try:
+        with open("/etc/sub%s" % kind, "r", encoding="utf-8") as handle:
+            for line in handle:
+                fields = line.strip().split(":")
+                if len(fields) == 3 and fields[0] in (name, str(uid)) and fields[1].isdigit() and fields[2].isdigit():
+                    ranges.append((int(fields[1]), int(fields[2])))
+    except (IOError, OSError):
+        pass
+    return ranges
+
+
+def quarantine_jobs(name, uid):
+    """Move ``name``'s crontab and at jobs into QUARANTINE_DIR/NAME (root only). Returns what was moved."""
+    moved = []
+    found = []
+    for spool in CRON_SPOOLS:
+        path = os.path.join(spool, name)
+        if os.path.isfile(path) and not os.path.islink(path):
+            found.append((path, "crontab"))
+    for spool in AT_SPOOLS:
+        try:
+            entries = os.listdir(spool)
+        except OSError:
+            continue
+        for entry in entries:
+            path = os.path.join(spool, entry)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_uid == uid and not entry.startswith("."):
+                found.append((path, "at job " + entry))
+    if not found:
+        return moved
+    fd = open_private_dir(QUARANTINE_DIR)
+    os.close(fd)
+    target = os.path.join(QUARANTINE_DIR, name)
+    os.makedirs(target, 0o700, exist_ok=True)
+    for path, what in found:
+        dest = os.path.join(target, "%s-%d" % (os.path.basename(path), int(time.time())))
+        try:
+            shutil.move(path, dest)
+            moved.append(what)
+        except (IOError, OSError):
+            continue
+    if moved:
+        for spool in CRON_SPOOLS:  # cron rereads its spool when the directory's mtime changes
+            if os.path.isdir(spool):
+                os.utime(spool)
+    return moved
 
 
 def rooted(root, path):
@@ -63,13 +133,12 @@ class SystemUserBackend:
     """The host's own accounts, changed with the distribution's tools."""
 
     root = "/"
-    KILL_ROUNDS = 20
 
     def __init__(self, runner=None, system_uid_max=999):
         self.operations = []
         self._runner = runner or self._run
         self.system_uid_max = system_uid_max
-        self._running = None
+        self._reaper = None
 
     @staticmethod
     def _run(argv):
@@ -84,20 +153,28 @@ class SystemUserBackend:
         self._runner(argv)
 
     @staticmethod
-    def _locked_users():
-        """Accounts whose shadow entry stops a key login: expired (``usermod --expiredate``), or a real password
-        hash locked with ``!`` (a bare ``!``/``!!`` is only useradd's "no password", which key logins ignore)."""
-        locked = set()
+    def _shadow():
+        """{name: shadow fields} ({} when /etc/shadow cannot be read)."""
+        entries = {}
         try:
             with open("/etc/shadow", "r", encoding="utf-8") as handle:
                 for line in handle:
                     fields = line.rstrip("\n").split(":")
-                    if len(fields) > 1 and fields[1].startswith("!") and fields[1].lstrip("!").startswith("$"):
-                        locked.add(fields[0])
-                    if len(fields) > 7 and fields[7].isdigit() and int(fields[7]) * 86400 <= time.time():
-                        locked.add(fields[0])
+                    entries[fields[0]] = fields
         except (IOError, OSError):
             pass
+        return entries
+
+    @classmethod
+    def _locked_users(cls):
+        """Accounts whose shadow entry stops a key login: expired (``usermod --expiredate``), or a real password
+        hash locked with ``!`` (a bare ``!``/``!!`` is only useradd's "no password", which key logins ignore)."""
+        locked = set()
+        for name, fields in cls._shadow().items():
+            if len(fields) > 1 and fields[1].startswith("!") and fields[1].lstrip("!").startswith("$"):
+                locked.add(name)
+            if len(fields) > 7 and fields[7].isdigit() and int(fields[7]) * 86400 <= time.time():
+                locked.add(name)
         return locked
 
     def list_users(self):
@@ -131,8 +208,10 @@ class SystemUserBackend:
         return True
 
     def create_user(self, name, uid, groups, shell, home):
+        # No subordinate UID/GID ranges: processes under those IDs would be out of the revocation's reach.
         self._do(["useradd", "--create-home", "--home-dir", home, "--uid", str(uid), "--user-group",
-                  "--groups", ",".join(groups), "--shell", shell, "--comment", ACCOUNT_COMMENT, "--", name])
+                  "--groups", ",".join(groups), "--shell", shell, "--comment", ACCOUNT_COMMENT,
+                  "-K", "SUB_UID_COUNT=0", "-K", "SUB_GID_COUNT=0", "--", name])
 
     def add_groups(self, name, groups):
         self._do(["usermod", "--append", "--groups", ",".join(groups), "--", name])
@@ -142,105 +221,85 @@ class SystemUserBackend:
             self._do(["gpasswd", "--delete", name, group])
 
     def lock_user(self, name):
+        """Expire the account and give it no shell; return what unlocking must restore ({expiry, shell})."""
+        fields = self._shadow().get(name, [])
+        try:
+            shell = pwd.getpwnam(name).pw_shell
+        except KeyError:
+            shell = None
+        saved = {"expiry": fields[7] if len(fields) > 7 else "", "shell": shell}
         self._do(["usermod", "--expiredate", "1", "--shell", nologin_shell(), "--", name])
+        return saved
 
-    def unlock_user(self, name, shell):
-        self._do(["usermod", "--expiredate", "", "--shell", shell, "--", name])
+    def unlock_user(self, name, saved):
+        """Give back the expiry date and shell the account had before the sync locked it."""
+        self._do(["usermod", "--expiredate", expiry_date(saved.get("expiry")), "--shell", saved["shell"], "--", name])
 
     def remove_user(self, name):
         self._do(["userdel", "--remove", "--", name])
 
-    # Ending a revoked user's sessions and processes.
+    # Ending a revoked user's sessions and processes, and what would start them again.
 
-    @staticmethod
-    def running_uids():
-        """Every real, effective or saved UID of a live process, from one scan of /proc."""
-        uids = set()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open("/proc/%s/status" % entry, "r", encoding="utf-8", errors="replace") as handle:
-                    for line in handle:
-                        if line.startswith("Uid:"):
-                            uids.update(int(u) for u in line.split()[1:4])
-                            break
-            except (IOError, OSError, ValueError):
-                continue
-        return uids
-
-    @staticmethod
-    def processes_of(uid):
-        """PIDs of live processes whose real, effective or saved UID is ``uid`` (zombies are already dead)."""
-        pids = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open("/proc/%s/status" % entry, "r", encoding="utf-8", errors="replace") as handle:
-                    status = dict(line.split(":", 1) for line in handle if ":" in line)
-            except (IOError, OSError):
-                continue  # gone meanwhile
-            if status.get("State", "").strip().startswith("Z"):
-                continue
-            uids = status.get("Uid", "").split()
-            if str(uid) in uids[:3]:
-                pids.append(int(entry))
-        return pids
+    def reaper(self):
+        if self._reaper is None:
+            self._reaper = Reaper(self._runner)
+        return self._reaper
 
     @staticmethod
     def logind_running():
         return os.path.isdir("/run/systemd/system") and shutil.which("loginctl") is not None
 
-    @staticmethod
-    def kill_all_as(uid, gid):
-        """SIGKILL every process ``uid`` may signal, in one kill(-1) made as that user (a fork loop cannot outrun it).
+    def end_sessions(self, name, uid, gid, fresh=True):
+        """End every session and process of ``uid``, however started. True when anything ran.
 
-        ``/bin/sh -c 'kill -s KILL -- -1'`` runs as the user's UID and GID with no other group, so it holds nothing
-        of root's; Linux delivers kill(-1) to every process of that UID except the caller. subprocess drops the
-        groups, GID and UID in C between fork and exec: no Python runs in the child, so the sync's worker threads
-        cannot leave it waiting on a lock they held at the fork. The environment is empty and the working
-        directory is /, so nothing of the user's is read on the way.
+        ``fresh=False`` (a user revoked and locked in an earlier run) first looks for the user's slice and
+        processes, and only reaps when it finds any.
         """
-        try:
-            # run_command cannot drop to another UID and GID; this runs in the host-side tool too.
-            subprocess.run(["/bin/sh", "-c", "kill -s KILL -- -1"], user=uid, group=gid, extra_groups=[], env={},  # pylint: disable=ansible-bad-function
-                           cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           close_fds=True, check=False, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            pass  # the caller checks what still runs and kills it by PID
-
-    def end_sessions(self, name, uid, gid):
-        """End the user's logind sessions, then kill whatever still runs under ``uid``. True when anything ran."""
         if uid <= self.system_uid_max or uid <= 0:
             raise UserBackendError("refusing to kill the processes of %s: UID %d is a system UID" % (name, uid))
-        if self._running is None:
-            self._running = self.running_uids()  # one /proc scan per run, however many users are revoked
-        if uid not in self._running or not self.processes_of(uid):
+        reaper = self.reaper()
+        ranges = subordinate_ranges(name, uid)
+        if not fresh and not reaper.busy(uid, ranges):
             return False
-        if self.logind_running():
-            self.operations.append(["loginctl", "terminate-user", name])
-            try:
+        self.operations.append(["kill", "-KILL", "uid=%d" % uid])
+        ended = reaper.end_user(uid, gid, ranges)
+        if ended and self.logind_running():
+            try:  # the sessions' processes are gone; let logind forget them now
                 self._runner(["loginctl", "terminate-user", "--", name])
             except UserBackendError:
-                pass  # no session known to logind: the kill below does the work
-        for _round in range(self.KILL_ROUNDS):
-            pids = self.processes_of(uid)
-            if not pids:
-                return True
-            self.operations.append(["kill", "-KILL", "uid=%d" % uid])
-            self.kill_all_as(uid, gid)
-            for pid in self.processes_of(uid):  # real UID root, effective UID the user: kill(-1) as the user misses them
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            time.sleep(0.05)
-        left = self.processes_of(uid)
-        if left:
-            raise UserBackendError("processes of %s (UID %d) survived %d rounds of SIGKILL: %s"
-                                   % (name, uid, self.KILL_ROUNDS, " ".join(str(p) for p in left[:10])))
-        return True
+                pass
+        return ended
+
+    def end_key_sessions(self, account, fingerprints):
+        """End exactly the sshd sessions of ``account`` that authenticated with one of ``fingerprints``."""
+        reaper = self.reaper()
+        ended = []
+        for pid, fingerprint in sorted(reaper.sessions_by_key(account).items()):
+            if fingerprint in fingerprints:
+                self.operations.append(["end-session", account, fingerprint, pid])
+                reaper.end_session_of(pid)
+                ended.append(pid)
+        return ended
+
+    def retire(self, name, uid, keep):
+        """Stop what would run for a revoked user later: lingering, subordinate IDs, and with ``keep`` (the
+        account stays usable) the user's cron and at jobs, moved into a root-only directory. Returns what it did."""
+        done = []
+        if os.path.exists(os.path.join(LINGER_DIR, name)):
+            if self.logind_running():
+                self._do(["loginctl", "disable-linger", "--", name])
+            else:
+                os.unlink(os.path.join(LINGER_DIR, name))
+            done.append("lingering disabled")
+        for kind, option in (("uid", "--del-subuids"), ("gid", "--del-subgids")):
+            for start, count in subordinate_ranges(name, uid, kind):
+                self._do(["usermod", option, "%d-%d" % (start, start + count - 1), "--", name])
+                done.append("subordinate %sS %d-%d removed" % (kind.upper(), start, start + count - 1))
+        if keep:
+            moved = quarantine_jobs(name, uid)
+            if moved:
+                done.append("jobs moved to %s: %s" % (QUARANTINE_DIR, ", ".join(moved)))
+        return done
 
     def flush(self):
         """Every change is already applied by the command that made it."""
@@ -334,17 +393,31 @@ class DirectoryUserBackend:
         self._record("gpasswd-delete", name, sorted(groups))
 
     def lock_user(self, name):
-        self._load()["users"][name]["locked"] = True
+        entry = self._load()["users"][name]
+        saved = {"expiry": entry.get("expiry", ""), "shell": entry.get("shell", "/bin/bash")}
+        entry["locked"] = True
+        entry["expiry"] = "1"
+        entry["shell"] = "/usr/sbin/nologin"
         self._record("lock", name)
+        return saved
 
-    def end_sessions(self, name, uid, gid):
+    def end_sessions(self, name, uid, gid, fresh=True):
         """A key tree has no processes to end."""
         return False
 
-    def unlock_user(self, name, shell):
+    def end_key_sessions(self, account, fingerprints):
+        """A key tree has no sessions to end."""
+        return []
+
+    def retire(self, name, uid, keep):
+        self._record("retire", name, bool(keep))
+        return []
+
+    def unlock_user(self, name, saved):
         entry = self._load()["users"][name]
         entry["locked"] = False
-        entry["shell"] = shell
+        entry["expiry"] = saved.get("expiry") or ""
+        entry["shell"] = saved["shell"]
         self._record("unlock", name)
 
     def remove_user(self, name):
@@ -470,18 +543,25 @@ def read_in_dir(dir_fd, name, owners=None, limit=None, path=None):
         os.close(fd)
 
 
+TEMP_ATTEMPTS = 5
+
+
 def atomic_write_in_dir(dir_fd, name, text, owner, mode, sync_dir=True):
     """Write ``name`` in the directory ``dir_fd`` via a temp file beside it, fsync and rename.
 
-    With ``sync_dir=False`` the caller fsyncs the directory later (once for many files).
+    With ``sync_dir=False`` the caller fsyncs the directory later (once for many files). The temp file's name
+    is random and it is created with O_EXCL: nothing a user plants in a directory they can write (their
+    ``~/.ssh``) can be written through or can block the write.
     """
-    tmp = ".%s.fk-%d" % (name, os.getpid())
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        os.unlink(tmp, dir_fd=dir_fd)
-    except OSError:
-        pass
-    fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+    for attempt in range(TEMP_ATTEMPTS):
+        tmp = ".%s.%s.fk" % (name, secrets.token_hex(12))
+        try:
+            fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+            break
+        except FileExistsError:
+            if attempt == TEMP_ATTEMPTS - 1:
+                raise
     try:
         if owner is not None and os.geteuid() == 0:
             os.fchown(fd, owner[0], owner[1])
@@ -527,15 +607,13 @@ class KeyFileStore:
     """Where each user's authorized_keys lives, and how it is read and written.
 
     Existing files and ``~/.ssh`` are distrusted: anything but a plain, singly linked file owned by root or
-    the user, no larger than ``size_limit``, is never read. In per_user mode it is replaced (the new file is
-    renamed over it); in shared_user mode the user is refused, since the lines above the marker would have to
-    be copied from it.
+    the user, no larger than ``size_limit``, is never read: it is replaced (the new file is renamed over it).
+    Nothing of an existing file is ever copied into the new one, in either mode.
     """
 
     def __init__(self, config, size_limit=None):
         self.config = config
         self.root = config.root
-        self.shared = config.mode != "per_user"
         self.size_limit = size_limit
         self._unsynced_dirs = set()
         self.notes = []   # (user, what was found and replaced)
@@ -578,7 +656,7 @@ class KeyFileStore:
             st = None
         if st is not None and not stat.S_ISDIR(st.st_mode):
             what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
-            if self.shared or not create:
+            if not create:
                 raise UnsafeFileError("%s is %s; refusing to read or write through it" % (path, what))
             os.unlink(".ssh", dir_fd=home_fd)  # removes the entry (a symlink's target is untouched)
             self.notes.append((info.name, "%s was %s; replaced by a directory" % (path, what)))
@@ -631,17 +709,6 @@ class KeyFileStore:
             os.close(fd)
         return None if found is None else found[0]
 
-    def read_strict(self, info):
-        """Like ``read`` but raise UnsafeFileError for a file that must not be read (shared_user mode)."""
-        fd = self._open_target_dir(info, create=False)
-        if fd is None:
-            return None
-        try:
-            found = self._read_fd(fd, info)
-        finally:
-            os.close(fd)
-        return None if found is None else found[0]
-
     def write(self, info, text):
         """Write when content, owner or mode differ; True when something changed."""
         directory, name, _dir_owner, _dir_mode, owner, mode = self.target(info)
@@ -650,8 +717,6 @@ class KeyFileStore:
             try:
                 found = self._read_fd(fd, info)
             except UnsafeFileError as exc:
-                if self.shared:
-                    raise
                 self.notes.append((info.name, "%s; replaced without reading it" % exc))
                 found = None
             if found is not None:
@@ -695,6 +760,35 @@ class KeyFileStore:
 
     def delete(self, info):
         return self.revoke(info) if self.config.authorized_keys_dir else False
+
+    def clear(self, info):
+        """Remove the key file without reading or rewriting it: what is left when it cannot be written.
+
+        True when a file was removed. A directory in its place holds no keys for sshd and is left alone.
+        Raises ApplyError when the file stays.
+        """
+        directory, name = self.target(info)[:2]
+        path = os.path.join(directory, name)
+        try:
+            fd = self._open_target_dir(info, create=False)
+        except ApplyError:
+            if not os.path.lexists(directory):
+                return False
+            raise
+        if fd is None:
+            return False
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                return False
+            os.unlink(name, dir_fd=fd)
+            return True
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise ApplyError("cannot remove %s: %s" % (path, exc.strerror)) from None
+        finally:
+            os.close(fd)
 
 
 # --------------------------------------------------------------------------
@@ -752,28 +846,38 @@ def _open_private_file(dir_fd, name, path, flags, mode=0o600):
     return fd
 
 
-def load_state(path):
-    """The previous run's state; {} when there is none (or it is unreadable JSON). Unsafe paths raise."""
+def _load_json(path):
+    """A JSON object from a root-only file; None when there is none (or it is unreadable JSON). Unsafe paths raise."""
     fd = open_private_dir(os.path.dirname(path), create=False)
     if fd is None:
-        return {}
+        return None
     try:
         file_fd = _open_private_file(fd, os.path.basename(path), path, os.O_RDONLY)
     finally:
         os.close(fd)
     if file_fd is None:
-        return {}
+        return None
     with os.fdopen(file_fd, "rb") as handle:
         data = handle.read(64 * 1024 * 1024)
     try:
-        state = json.loads(data.decode("utf-8"))
+        found = json.loads(data.decode("utf-8"))
     except ValueError:
-        return {}
-    if not isinstance(state, dict) or state.get("version") not in (1, STATE_VERSION):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def load_state(path):
+    """The previous run's state; {} when there is none (or it is unreadable JSON). Unsafe paths raise."""
+    state = _load_json(path)
+    if state is None or state.get("version") not in (1, STATE_VERSION):
         return {}
     if state.get("version") == 1:
         # Before version 2 the sync recorded no locks or grants: the users it had locked are the missing ones.
         state["locks_made"] = sorted(state.get("missing", {}))
+    locks = state.get("locks_made", {})
+    if isinstance(locks, list):
+        # Locks recorded without what the account had before: unlocking restores no expiry and the configured shell.
+        state["locks_made"] = dict((name, None) for name in locks)
     return state
 
 
@@ -783,6 +887,18 @@ def save_state(path, state):
         atomic_write_in_dir(fd, os.path.basename(path), json.dumps(state, sort_keys=True), (0, 0), 0o600)
     finally:
         os.close(fd)
+
+
+# Each run's outcome and the time of the last good sync, beside the state (read by monitoring and check mode).
+STATUS_FILE = "status.json"
+
+
+def load_status(path):
+    return _load_json(path) or {}
+
+
+def save_status(path, status):
+    save_state(path, status)
 
 
 class SyncLock:

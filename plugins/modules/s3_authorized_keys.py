@@ -17,8 +17,14 @@ description:
     O(sudo_group) when set), with a UID derived from the username within O(uid_min)-O(uid_max) so it is the same
     on every host. Users whose key file disappears are locked or removed (O(removal)); only members of
     O(marker_group) are ever locked or removed, and existing accounts are never taken over.
-  - In O(mode=shared_user) every valid key goes into the authorized_keys of O(shared_user) below a marker line;
-    the lines above the marker (break-glass keys) are kept as they are.
+  - In O(mode=shared_user) the sync owns the whole authorized_keys of O(shared_user) - the O(static_keys), a marker
+    line, then every valid key from the bucket. A key added to the file by hand is removed at the next run, and
+    the sessions it opened are ended.
+  - Every way the configuration says "no access" revokes like a deleted object - an object gone, emptied or
+    without a valid key, and a name added to O(deny_users). A revoked user's keys go, their whole cgroup
+    (C(user-UID.slice)) is frozen and killed, and C(kill(-1)) as their UID is repeated until it finds nothing,
+    so a process that forks as it is killed or runs outside the slice (cron, at) does not survive. A key removed
+    from an object ends the sessions it opened (in O(mode=per_user) every session of that user).
   - Usernames and key lines are validated. Key options such as C(command=) or C(from=) are refused unless named in
     O(allowed_options). Refused lines are reported in RV(rejected); a user is left with exactly the valid keys of
     their current object, and an object without a valid key revokes the user like a deleted object.
@@ -48,8 +54,15 @@ options:
     choices: [per_user, shared_user]
     default: per_user
   shared_user:
-    description: Existing account whose authorized_keys O(mode=shared_user) manages below the marker.
+    description: Existing account whose whole authorized_keys O(mode=shared_user) manages.
     type: str
+  static_keys:
+    description:
+      - With O(mode=shared_user), key lines the account's file keeps besides the bucket's keys (break-glass keys).
+        Any other line in the file is removed at the next run.
+    type: list
+    elements: str
+    default: []
   marker_group:
     description: Group that marks the accounts this sync owns. Only its members are ever locked or removed.
     type: str
@@ -121,11 +134,16 @@ options:
     default: 16
   removal:
     description:
-      - What happens to a marked user whose key file is gone or holds no valid key. In every case its keys are
-        removed, the groups the sync granted (other than O(marker_group)) are taken away and its sessions and
-        processes are ended at once. V(lock) also expires the account and sets a no-login shell; V(remove) locks
-        it the same way, then deletes it and its home with C(userdel) (a failing C(userdel) leaves the user locked
-        and is retried next run); V(keep) leaves the account unlocked.
+      - What happens to a marked user whose key file is gone, empty or without a valid key, or whose name the
+        configuration now refuses. In every case its keys are removed, the groups the sync granted (other than
+        O(marker_group)) are taken away, lingering is disabled, subordinate UID/GID ranges are removed and its
+        sessions and processes are ended at once.
+      - V(lock) also expires the account and sets a no-login shell (cron, at and the user manager refuse it through
+        PAM); unlocking when the key file comes back restores the expiry date and shell it had.
+      - V(remove) locks it the same way, then deletes it and its home with C(userdel) (a failing C(userdel) leaves
+        the user locked and is retried next run).
+      - V(keep) leaves the account and its files as they are, unlocked, but moves its crontab and at jobs into the
+        root-only C(/var/lib/fleetkeeper-keysync/jobs/USER) so nothing it left behind runs again.
     type: str
     choices: [lock, remove, keep]
     default: lock
@@ -180,6 +198,25 @@ options:
     description: At most this many downloads of new or changed key files run at once.
     type: int
     default: 16
+  max_keys:
+    description:
+      - At most this many key objects (C(PREFIX<name>.pub)) in the listing. More fails closed - nothing changes, no
+        revocation either - and says so. Objects nested below the prefix or with another suffix do not count.
+    type: int
+    default: 100000
+  max_sync_age:
+    description:
+      - Seconds after the last good sync (one that applied every revocation) when the host counts as stale. A stale
+        host's failed run says so at error priority and fails; check mode reports RV(last_success) and RV(age).
+    type: int
+    default: 3600
+  stale_action:
+    description:
+      - V(lock) locks every synced user (never O(admin_users) or system accounts) once the host is stale and the
+        bucket cannot be read; the next good sync unlocks them. V(none) only reports.
+    type: str
+    choices: [none, lock]
+    default: none
 extends_documentation_fragment:
   - amazon.aws.common.modules
   - amazon.aws.region.modules
@@ -264,6 +301,30 @@ users_sessions_ended:
   returned: always
   type: list
   elements: str
+sessions_ended:
+  description: In O(mode=shared_user), the sshd sessions ended because the key they authenticated with was removed.
+  returned: always
+  type: list
+  elements: dict
+  sample: [{"user": "ec2-user", "pid": 4242}]
+last_success:
+  description: When the last good sync finished (UTC), from the status file beside O(state_path); null if never.
+  returned: always
+  type: str
+  sample: "2026-12-02T05:00:00Z"
+age:
+  description: Seconds since the last good sync (since the first recorded run when there was none); null before any run.
+  returned: always
+  type: int
+  sample: 120
+stale:
+  description: Whether RV(age) is over O(max_sync_age).
+  returned: always
+  type: bool
+max_sync_age:
+  description: The O(max_sync_age) the staleness was judged against.
+  returned: always
+  type: int
 users_groups_removed:
   description: Groups the sync had granted and the configuration no longer grants, taken away.
   returned: always
@@ -329,6 +390,7 @@ from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import KeySyncConfig
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import KeySyncError
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_host import failure_lines
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_host import stale_message
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_s3 import sync
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_store import make_backend
 
@@ -345,6 +407,9 @@ def main():
         result = sync(config, s3, make_backend(config), check_mode=module.check_mode,
                       call_kwargs={"aws_retry": True})
     except KeySyncError as exc:
+        stale = getattr(exc, "stale", None)
+        if stale:
+            module.fail_json(msg="%s; %s" % (exc, stale_message(stale)), error_type=type(exc).__name__, **stale)
         module.fail_json(msg=str(exc), error_type=type(exc).__name__)
     except OSError as exc:
         module.fail_json(msg="key sync failed: %s" % exc, error_type=type(exc).__name__)
@@ -352,6 +417,8 @@ def main():
     for item in result["rejected"]:
         where = item["object"] + (":%s" % item["line"] if item["line"] else "")
         module.warn("%s: %s" % (where, item["reason"]))
+    if result.get("stale"):
+        module.warn(stale_message(result))
     if module._diff:  # pylint: disable=protected-access
         result["diff"] = diff
     if result["failures"]:

@@ -25,6 +25,7 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import (
     parse_key_line,
     plan_per_user,
     plan_shared_user,
+    key_lines,
     render_shared,
     uid_conflicts,
     username_from_key,
@@ -185,20 +186,20 @@ def test_accepted_usernames_are_safe(name):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"),
-                        max_size=30), max_size=8),
+@given(st.lists(st.sampled_from([ED, ed25519_line("s")]), max_size=2, unique=True),
        st.lists(st.sampled_from([ED, ed25519_line("x")]), max_size=3))
-def test_shared_render_keeps_lines_above_the_marker_and_is_idempotent(above, managed):
-    above = [line for line in above if line.strip() != MARKER_LINE]
-    existing = "\n".join(above + [MARKER_LINE, "old managed line"]) + "\n"
-    once = render_shared(existing, managed)
-    kept = once.split(MARKER_LINE, maxsplit=1)[0].splitlines()
-    stripped = list(above)
-    while stripped and not stripped[-1].strip():
-        stripped.pop()
-    assert kept == stripped
-    assert render_shared(once, managed) == once
-    assert "old managed line" not in once
+def test_shared_render_holds_exactly_the_static_and_bucket_keys_and_is_idempotent(static, managed):
+    once = render_shared(static, managed)
+    above, below = once.split(MARKER_LINE + "\n", maxsplit=1)
+    assert key_lines(above) == static and key_lines(below) == managed
+    assert render_shared(static, managed) == once
+
+
+def test_shared_render_drops_every_line_added_by_hand():
+    # whatever the file held before (above or below the marker) is not an input: only static and bucket keys
+    hand = ed25519_line("hand")
+    rendered = render_shared([ED], [])
+    assert hand not in rendered and key_lines(rendered) == [ED]
 
 
 # --- names, uids, listing checks ------------------------------------------
@@ -349,7 +350,8 @@ def test_revocation_happens_at_once_and_userdel_waits_for_n_missing_runs():
     existing = users(UserInfo("dave", 30001, 30001, "/home/dave", "/bin/bash", ["fleetkeeper-keys"]))
     plan = plan_per_user({}, existing, cfg, {"missing": {"dave": 1}})
     assert plan.pending_removal == {"dave": 2}
-    assert plan.revoke == [{"user": "dave", "uid": 30001, "lock": True, "userdel": False, "drop_groups": []}]
+    assert plan.revoke == [{"user": "dave", "uid": 30001, "lock": True, "userdel": False, "drop_groups": [],
+                            "fresh": True}]
     plan = plan_per_user({}, existing, cfg, {"missing": {"dave": 2}})
     assert plan.revoke[0]["userdel"]
 

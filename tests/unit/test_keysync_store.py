@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import signal
 import stat
@@ -19,6 +20,7 @@ import pytest
 from ansible_collections.fleetkeeper.aws.plugins.module_utils import keysync_host
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import (
     MARKER_LINE,
+    ConfigError,
     FailClosedError,
     KeySyncConfig,
     ListingError,
@@ -53,17 +55,30 @@ class FakeS3:
         self.max_in_flight = 0
         self._guard = threading.Lock()
 
-    def list_objects_v2(self, Bucket, Prefix, MaxKeys, ContinuationToken=None):  # noqa: N803 - boto3 names
+    def list_objects_v2(self, Bucket, Prefix, MaxKeys, ContinuationToken=None, Delimiter=None):  # noqa: N803
+        """ListObjectsV2 as S3 answers it: with a delimiter, keys below a further ``/`` roll up into one
+        CommonPrefixes entry each, and both kinds count against MaxKeys."""
         self.calls["list"] += 1
         if self.fail_list:
             raise self.fail_list
-        keys = sorted(k for k in self.objects if k.startswith(Prefix))
+        entries = []
+        for key in sorted(k for k in self.objects if k.startswith(Prefix)):
+            rest = key[len(Prefix):]
+            if Delimiter and Delimiter in rest:
+                folder = Prefix + rest.split(Delimiter, 1)[0] + Delimiter
+                if not entries or entries[-1] != ("prefix", folder):
+                    entries.append(("prefix", folder))
+            else:
+                entries.append(("key", key))
         start = int(ContinuationToken or 0)
-        page = keys[start:start + min(MaxKeys, self.page_size)]
-        truncated = start + len(page) < len(keys)
+        page = entries[start:start + min(MaxKeys, self.page_size)]
+        truncated = start + len(page) < len(entries)
         result = {"KeyCount": len(page), "IsTruncated": truncated,
                   "Contents": [{"Key": k, "ETag": '"%s"' % hashlib.md5(self.objects[k]).hexdigest(),
-                                "Size": len(self.objects[k])} for k in page]}
+                                "Size": len(self.objects[k])} for kind, k in page if kind == "key"]}
+        prefixes = [{"Prefix": k} for kind, k in page if kind == "prefix"]
+        if prefixes:
+            result["CommonPrefixes"] = prefixes
         if truncated and not self.cut_listing:
             result["NextContinuationToken"] = "0" if self.repeat_token else str(start + len(page))
         return result
@@ -115,8 +130,8 @@ def tree(root):
     for base, _dirs, files in os.walk(root):
         for name in files:
             path = os.path.join(base, name)
-            if name.endswith(".lock"):
-                continue
+            if name.endswith(".lock") or name == "status.json":
+                continue  # the lock, and each run's recorded outcome (tested on its own)
             with open(path, "rb") as handle:
                 out[os.path.relpath(path, root)] = handle.read()
     return out
@@ -167,13 +182,24 @@ def test_listing_trouble_changes_nothing(root, fault):
     assert tree(root) == before
 
 
-def test_a_listing_with_more_pages_than_any_prefix_holds_aborts(root):
-    from ansible_collections.fleetkeeper.aws.plugins.module_utils import keysync_s3
-    s3 = FakeS3(page_size=1)
-    put(s3, dict(("user%d" % i, ed25519_line()) for i in range(5)))
-    counter = keysync_s3.RequestCounter()
-    with pytest.raises(ListingError, match="past 3 pages"):
-        keysync_s3.list_key_objects(s3, "keys-bucket", "keys/", counter, max_pages=3)
+def test_objects_outside_the_layout_never_count_against_the_cap_and_too_many_keys_fail_closed(root):
+    s3 = FakeS3(page_size=50)
+    put(s3, {"alice": ed25519_line("a"), "bob": ed25519_line("b")})
+    for i in range(400):  # a flood of nested objects and other suffixes
+        s3.objects["keys/flood/%d/x.pub" % i] = b"x"
+        s3.objects["keys/junk%d.txt" % i] = b"x"
+    config = make_config(root, max_keys=2)
+    result = run(config, s3)
+    assert sorted(result["users_created"]) == ["alice", "bob"]
+    # a nested flood costs one entry per folder, not per object
+    assert result["requests"]["list"] == math.ceil((2 + 400 + 1) / 50)
+    put(s3, {"carol": ed25519_line("c")})
+    before = tree(root)
+    with pytest.raises(ListingError, match="more than max_keys 2"):
+        run(config, s3)
+    assert tree(root) == before
+    status = json.loads(open(os.path.join(root, "var/lib/fleetkeeper-keysync/status.json"), encoding="utf-8").read())
+    assert status["last_outcome"] == "failed" and "max_keys" in status["last_error"]
 
 
 class Error(Exception):
@@ -309,22 +335,41 @@ def test_home_modes_are_0700_and_0600(root):
         assert os.stat(ssh_dir).st_uid == uid
 
 
-def test_shared_user_keeps_break_glass_lines(root):
+def test_shared_user_owns_the_whole_file_static_keys_stay_hand_added_keys_go(root):
     seed_directory_user(root, "ec2-user", 1000)
     ssh_dir = os.path.join(root, "home", "ec2-user", ".ssh")
     os.makedirs(ssh_dir)
+    static = ed25519_line("break-glass")
+    planted_above = ed25519_line("planted-above")
     with open(os.path.join(ssh_dir, "authorized_keys"), "w", encoding="utf-8") as handle:
-        handle.write("ssh-ed25519 AAAA break-glass\n")
+        handle.write(planted_above + "\n" + static + "\n")
     s3 = FakeS3()
     put(s3, {"alice": ed25519_line("a"), "bob": 'command="/bin/sh" ' + ed25519_line("b")})
-    config = make_config(root, mode="shared_user", shared_user="ec2-user")
+    config = make_config(root, mode="shared_user", shared_user="ec2-user", static_keys=[static])
     result = run(config, s3)
     text = authorized_keys(root, "ec2-user")
     above, below = text.split(MARKER_LINE)
-    assert above == "ssh-ed25519 AAAA break-glass\n"
+    assert static in above and "planted-above" not in text
     assert below.count("ssh-ed25519") == 1 and " a\n" in below
     assert any(r["user"] == "bob" for r in result["rejected"])
+    assert any("planted-above" in k["key"] for k in result["keys_removed"])
     assert not run(config, s3)["changed"]
+    # a key added by hand anywhere in the file - above or below the marker - is gone at the next run
+    for where in ("top", "bottom"):
+        with open(os.path.join(ssh_dir, "authorized_keys"), "r+", encoding="utf-8") as handle:
+            current = handle.read()
+            handle.seek(0)
+            hand = ed25519_line("by-hand-" + where)
+            handle.write(hand + "\n" + current if where == "top" else current + hand + "\n")
+        result = run(config, s3)
+        assert result["changed"] and "by-hand" not in authorized_keys(root, "ec2-user")
+
+
+def test_static_keys_are_validated_and_only_for_shared_user(root):
+    with pytest.raises(ConfigError, match="static_keys item 1"):
+        make_config(root, mode="shared_user", shared_user="ec2-user", static_keys=["not a key"])
+    with pytest.raises(ConfigError, match="shared_user"):
+        make_config(root, static_keys=[ed25519_line("x")])
 
 
 @pytest.mark.parametrize("body", ["this is not a key\n", "# only a comment\n",
@@ -373,20 +418,44 @@ def test_lock_is_exclusive(tmp_path):
         pass
 
 
-def test_system_backend_uses_argument_lists():
+def test_system_backend_uses_argument_lists(monkeypatch):
     commands = []
     backend = SystemUserBackend(runner=commands.append)
+    monkeypatch.setattr(SystemUserBackend, "_shadow", staticmethod(lambda: {"alice": ["alice", "!", "", "", "", "",
+                                                                                      "", "20500", ""]}))
     backend.create_user("alice", 23456, ["fleetkeeper-keys", "sudo"], "/bin/bash", "/home/alice")
-    backend.lock_user("alice")
-    backend.unlock_user("alice", "/bin/bash")
+    saved = backend.lock_user("alice")
+    backend.unlock_user("alice", {"expiry": "20500", "shell": "/bin/zsh"})
+    backend.unlock_user("alice", {"expiry": "", "shell": "/bin/bash"})
     backend.remove_user("alice")
     assert commands[0] == ["useradd", "--create-home", "--home-dir", "/home/alice", "--uid", "23456", "--user-group",
                            "--groups", "fleetkeeper-keys,sudo", "--shell", "/bin/bash", "--comment",
-                           "managed by fleetkeeper.aws keysync", "--", "alice"]
+                           "managed by fleetkeeper.aws keysync", "-K", "SUB_UID_COUNT=0", "-K", "SUB_GID_COUNT=0",
+                           "--", "alice"]
+    assert saved["expiry"] == "20500"  # an administrator's expiry date, restored on unlock
     assert commands[1][:3] == ["usermod", "--expiredate", "1"] and commands[1][-2:] == ["--", "alice"]
-    assert commands[2][:3] == ["usermod", "--expiredate", ""]
-    assert commands[3] == ["userdel", "--remove", "--", "alice"]
+    assert commands[2] == ["usermod", "--expiredate", "2026-02-16", "--shell", "/bin/zsh", "--", "alice"]
+    assert commands[3][:3] == ["usermod", "--expiredate", ""]
+    assert commands[4] == ["userdel", "--remove", "--", "alice"]
     assert all(isinstance(c, list) for c in commands)
+
+
+def test_an_administrators_expiry_date_and_shell_survive_a_lock_unlock_cycle(root):
+    s3 = FakeS3()
+    put(s3, {"alice": ed25519_line("a"), "bob": ed25519_line("b")})
+    config = make_config(root)
+    run(config, s3)
+    db_path = os.path.join(root, "etc", "fleetkeeper-users.json")
+    db = json.load(open(db_path, encoding="utf-8"))
+    db["users"]["alice"].update(expiry="30000", shell="/bin/zsh")  # set by an administrator
+    json.dump(db, open(db_path, "w", encoding="utf-8"))
+    del s3.objects["keys/alice.pub"]
+    assert run(config, s3)["users_locked"] == ["alice"]
+    assert directory_users(root)["users"]["alice"]["expiry"] == "1"
+    put(s3, {"alice": ed25519_line("a")})
+    assert run(config, s3)["users_unlocked"] == ["alice"]
+    entry = directory_users(root)["users"]["alice"]
+    assert (entry["expiry"], entry["shell"], entry["locked"]) == ("30000", "/bin/zsh", False)
 
 
 def test_directory_backend_refuses_the_real_root():
@@ -613,7 +682,7 @@ def test_unsafe_local_files_are_replaced_unread_in_per_user_mode(root, tmp_path,
 
 
 @pytest.mark.parametrize("kind", ["fifo", "hardlink", "huge"])
-def test_unsafe_local_files_are_refused_in_shared_user_mode_never_copied(root, tmp_path, kind):
+def test_unsafe_local_files_are_replaced_unread_in_shared_user_mode_never_copied(root, tmp_path, kind):
     seed_directory_user(root, "ec2-user", 1000)
     ssh_dir = os.path.join(root, "home", "ec2-user", ".ssh")
     os.makedirs(ssh_dir)
@@ -630,12 +699,12 @@ def test_unsafe_local_files_are_refused_in_shared_user_mode_never_copied(root, t
     s3 = FakeS3()
     put(s3, {"alice": ed25519_line("a")})
     result = run(make_config(root, mode="shared_user", shared_user="ec2-user"), s3)
-    assert [f["user"] for f in result["failures"]] == ["ec2-user"]
-    assert kind.replace("fifo", "FIFO").replace("hardlink", "hard link").replace("huge", "bytes") in \
-        result["failures"][0]["message"]
+    assert result["failures"] == []
+    assert any(r["user"] == "ec2-user" and "replaced" in r["reason"] for r in result["rejected"])
+    text = authorized_keys(root, "ec2-user")
+    assert "$6$" not in text and " a\n" in text
     assert secret.read_text() == "root:$6$hash:...\n"
-    if kind == "hardlink":
-        assert os.stat(path).st_nlink == 2  # left alone, not read, not replaced
+    assert os.stat(str(secret)).st_nlink == 1  # the link in ~/.ssh was replaced, the file it shared left alone
 
 
 # --- lock and state paths ---------------------------------------------------------------------------------------
@@ -682,86 +751,3 @@ def test_the_default_lock_lives_in_a_root_only_directory(root):
 
 
 # --- the system backend's process and group commands ----------------------------------------------------------
-
-
-def test_system_backend_ends_sessions_then_kills_whatever_remains(monkeypatch):
-    commands = []
-    backend = SystemUserBackend(runner=commands.append)
-    alive = {"pids": [101, 102]}
-    kills = []
-    monkeypatch.setattr(backend, "processes_of", lambda uid: list(alive["pids"]))
-    monkeypatch.setattr(backend, "running_uids", lambda: {23456})
-    monkeypatch.setattr(backend, "logind_running", lambda: True)
-
-    def kill_all_as(uid, gid):
-        kills.append((uid, gid))
-        alive["pids"] = [103] if len(kills) == 1 else []   # one process respawned after the first kill
-
-    monkeypatch.setattr(backend, "kill_all_as", kill_all_as)
-    monkeypatch.setattr(os, "kill", lambda pid, sig: None)
-    assert backend.end_sessions("alice", 23456, 23456) is True
-    assert commands == [["loginctl", "terminate-user", "--", "alice"]] and kills == [(23456, 23456)] * 2
-    alive["pids"] = []
-    assert backend.end_sessions("alice", 23456, 23456) is False  # nothing running: nothing done
-    with pytest.raises(UserBackendError, match="system UID"):
-        backend.end_sessions("daemon", 1, 1)
-    backend.remove_groups("alice", ["sudo", "docker"])
-    assert commands[-2:] == [["gpasswd", "--delete", "alice", "sudo"], ["gpasswd", "--delete", "alice", "docker"]]
-
-
-def test_system_backend_reports_processes_that_survive(monkeypatch):
-    backend = SystemUserBackend(runner=lambda argv: None)
-    monkeypatch.setattr(backend, "processes_of", lambda uid: [4242])
-    monkeypatch.setattr(backend, "running_uids", lambda: {23456})
-    monkeypatch.setattr(backend, "logind_running", lambda: False)
-    monkeypatch.setattr(backend, "kill_all_as", lambda uid, gid: None)
-    monkeypatch.setattr(backend, "KILL_ROUNDS", 2)
-    monkeypatch.setattr(os, "kill", lambda pid, sig: None)
-    with pytest.raises(UserBackendError, match="survived 2 rounds"):
-        backend.end_sessions("alice", 23456, 23456)
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run processes under another UID")
-def test_system_backend_kills_a_respawning_process_tree_of_the_uid_for_real(monkeypatch):
-    """Real processes under an unused UID (no account is created): a respawning loop and a detached child."""
-    import random
-    import subprocess
-    uid = random.randint(3000000, 3999999)
-    assert SystemUserBackend.processes_of(uid) == []
-    script = "setsid sh -c 'while :; do sleep 30 & wait; done' & while :; do sleep 30 & wait; done"
-    procs = [subprocess.Popen(["sh", "-c", script], user=uid, group=uid, extra_groups=[],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    bystander = subprocess.Popen(["sleep", "30"], user=uid + 1, group=uid + 1, extra_groups=[])
-    try:
-        deadline = time.monotonic() + 10
-        while len(SystemUserBackend.processes_of(uid)) < 4 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(SystemUserBackend.processes_of(uid)) >= 4
-        backend = SystemUserBackend(runner=lambda argv: None)
-        monkeypatch.setattr(backend, "logind_running", lambda: False)
-        assert backend.end_sessions("someone", uid, uid) is True
-        assert SystemUserBackend.processes_of(uid) == []
-        assert bystander.poll() is None  # another UID's process is untouched
-    finally:
-        for proc in procs + [bystander]:
-            proc.kill()
-            proc.wait()
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run processes as another UID")
-def test_kill_all_as_kills_every_process_of_the_uid_and_nothing_else():
-    """A real kill(-1) made as a UID no account on this machine has: its processes die, root's do not."""
-    uid = 54000 + os.getpid() % 1000  # no passwd entry: nothing on this machine belongs to it
-    victims = [subprocess.Popen(["sleep", "60"], user=uid, group=uid, extra_groups=[],  # pylint: disable=consider-using-with
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _number in range(3)]
-    bystander = subprocess.Popen(["sleep", "60"])  # pylint: disable=consider-using-with
-    try:
-        SystemUserBackend.kill_all_as(uid, uid)
-        for proc in victims:
-            assert proc.wait(timeout=10) == -signal.SIGKILL
-        assert bystander.poll() is None
-    finally:
-        for proc in [*victims, bystander]:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()

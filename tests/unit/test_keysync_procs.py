@@ -1,0 +1,263 @@
+# Copyright: fleetkeeper.aws contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Ending a revoked user's processes for real: UIDs no account on this machine has, real forks and signals.
+
+Each hostile case is repeated, so an escape that happens one time in five is caught (0.8 ** 15 < 4 %), and
+the time every case took is held against ``Reaper.time_bound()``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import UserBackendError
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_procs import (
+    Reaper,
+    cgroup2_mount,
+)
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_store import SystemUserBackend
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run processes under other UIDs")
+
+REPEATS = 15
+
+# Each process forks its successor and exits: no scan ever sees the whole chain.
+FORK_CHAIN = "import os\nos.write(1, b'x')\nwhile True:\n    if os.fork():\n        os._exit(0)\n"
+# Stops every process it may signal, the kill helper included if it could, and keeps a fork chain going.
+STOPPER = ("import os, signal\nos.write(1, b'x')\nif os.fork() == 0:\n"
+           + "".join("    " + line + "\n" for line in FORK_CHAIN.splitlines()[2:])
+           + "while True:\n    try:\n        os.kill(-1, signal.SIGSTOP)\n    except OSError:\n        pass\n")
+
+
+# The users' own processes run the system's Python: the test's may sit where other UIDs cannot read (/root).
+USER_PYTHON = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+
+
+def unused_uid():
+    while True:
+        uid = random.randint(3000000, 3999999)
+        if not Reaper(cgroup_root="").processes_of({uid}):
+            return uid
+
+
+# A root parent that is a child subreaper: it reaps every process of the chain that the kill leaves a zombie
+# (an init that reaps nothing would otherwise collect them), optionally enters a cgroup first, then runs the
+# user's code as the user. It stays root, so kill(-1) as the user does not reach it.
+SUBREAPER = """
+import ctypes, os, sys
+uid, cgroup, code = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+child = os.fork()
+if child == 0:
+    if cgroup:
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as handle:
+            handle.write(str(os.getpid()))
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    os.execv(sys.argv[4], [sys.argv[4], "-I", "-S", "-c", code])
+os.close(1)  # only the user's processes hold the pipe: EOF on it means every one of them is gone
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+"""
+
+
+def start(uid, code, cgroup=""):
+    # pylint: disable-next=consider-using-with
+    return subprocess.Popen([sys.executable, "-I", "-S", "-c", SUBREAPER, str(uid), cgroup, code, USER_PYTHON],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def _read_within(proc, seconds):
+    ready, _w, _x = select.select([proc.stdout], [], [], seconds)
+    return os.read(proc.stdout.fileno(), 64) if ready else None
+
+
+def wait_running(proc):
+    """Until the user's code has started (it writes one byte to the pipe the test holds)."""
+    assert _read_within(proc, 10) == b"x", "the test's processes did not start"
+
+
+def gone_within(proc, seconds=2.0):
+    """Every process of the user's code has exited: each held the pipe's write end, so it reads EOF.
+
+    Unlike a scan of /proc, this sees a fork chain's every member, however fast it moves."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        data = _read_within(proc, max(0.0, deadline - time.monotonic()))
+        if data == b"":
+            return True
+    return False
+
+
+class Recording(Reaper):
+    """The real reaper, remembering what each helper run reported (None: it timed out or failed)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(cgroup_root="", **kwargs)
+        self.helper_results = []
+
+    def kill_as(self, uid, gid):
+        result = super().kill_as(uid, gid)
+        self.helper_results.append(result)
+        return result
+
+
+def reap(procs):
+    """The subreapers exit once their children are gone; a test that failed kills them."""
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_stated_bound_is_under_a_minute():
+    assert Reaper.time_bound() <= 60
+
+
+@pytest.mark.parametrize("case", ["fork-chain", "stopper"])
+def test_a_fork_chain_and_a_user_who_stops_the_helper_are_gone_within_the_bound(case):
+    elapsed = []
+    for _attempt in range(REPEATS):
+        uid = unused_uid()
+        bystander = subprocess.Popen(["sleep", "30"], user=uid + 1, group=uid + 1, extra_groups=[])  # pylint: disable=consider-using-with
+        reaper = Recording()
+        procs = [start(uid, FORK_CHAIN if case == "fork-chain" else STOPPER)]
+        try:
+            wait_running(procs[0])
+            started = time.monotonic()
+            reaper.end_user(uid, uid)
+            elapsed.append(time.monotonic() - started)
+            assert gone_within(procs[0]), "a process of UID %d survived" % uid
+            assert None not in reaper.helper_results, "the kill helper was stopped or timed out"
+            assert bystander.poll() is None  # another UID's process is untouched
+        finally:
+            bystander.kill()
+            Reaper(cgroup_root="").end_user(uid, uid)
+            reap(procs + [bystander])
+    assert max(elapsed) < Reaper.time_bound()
+
+
+def test_a_process_started_while_another_user_is_revoked_is_ended_in_its_own_turn(monkeypatch):
+    """One backend, two revocations in one run: the second user starts a process after the run began."""
+    first, second = unused_uid(), unused_uid()
+    backend = SystemUserBackend(runner=lambda argv: None)
+    monkeypatch.setattr(backend, "logind_running", lambda: False)
+    monkeypatch.setattr(backend, "reaper", lambda: Reaper(cgroup_root=""))
+    procs = [start(first, FORK_CHAIN)]
+    try:
+        wait_running(procs[0])
+        backend.end_sessions("first", first, first)
+        procs.append(start(second, FORK_CHAIN))  # during the run, after it looked at the first user
+        wait_running(procs[1])
+        backend.end_sessions("second", second, second)
+        assert gone_within(procs[0]) and gone_within(procs[1])
+    finally:
+        reap(procs)
+
+
+def test_processes_under_a_subordinate_id_are_ended_too():
+    """Outside a slice only root's pass reaches a subordinate ID (kill(-1) as the user does not): a respawning
+    loop, not a fork chain. Synced accounts get no subordinate IDs, and lose any at revocation."""
+    uid, sub = unused_uid(), unused_uid()
+    procs = [start(sub, "import os, time\nos.write(1, b'x')\nwhile True:\n    if os.fork() == 0:\n"
+                        "        time.sleep(30)\n    os.wait()\n")]
+    try:
+        wait_running(procs[0])
+        Reaper(cgroup_root="").end_user(uid, uid, [(sub, 1)])
+        assert gone_within(procs[0])
+    finally:
+        reap(procs)
+
+
+def test_survivors_are_reported_with_their_pids(monkeypatch):
+    reaper = Reaper(cgroup_root="")
+    monkeypatch.setattr(reaper, "kill_as", lambda uid, gid: False)
+    monkeypatch.setattr(reaper, "processes_of", lambda uids: [4242])
+    monkeypatch.setattr(reaper, "MAX_ROUNDS", 2)
+    monkeypatch.setattr(reaper, "ROUND_PAUSE", 0)
+    monkeypatch.setattr(os, "kill", lambda pid, sig: None)
+    with pytest.raises(UserBackendError, match="survived 2 rounds of SIGKILL: 4242"):
+        reaper.end_user(23456, 23456)
+
+
+def test_a_helper_that_never_reports_an_empty_round_is_a_failure(monkeypatch):
+    reaper = Reaper(cgroup_root="")
+    monkeypatch.setattr(reaper, "kill_as", lambda uid, gid: None)
+    monkeypatch.setattr(reaper, "processes_of", lambda uids: [])
+    monkeypatch.setattr(reaper, "MAX_ROUNDS", 2)
+    monkeypatch.setattr(reaper, "ROUND_PAUSE", 0)
+    with pytest.raises(UserBackendError, match="did not complete a round"):
+        reaper.end_user(23456, 23456)
+
+
+@pytest.fixture
+def user_slice_root():
+    """A private cgroup2 subtree shaped like systemd's (ROOT/user.slice/user-UID.slice), removed afterwards."""
+    mount = cgroup2_mount()
+    if not mount or not os.path.exists(os.path.join(mount, "cgroup.procs")):
+        pytest.skip("no cgroup2 hierarchy")
+    root = os.path.join(mount, "fleetkeeper-test-%d-%d" % (os.getpid(), random.randint(0, 1 << 30)))
+    os.mkdir(root)
+    try:
+        yield root
+    finally:
+        for current, dirs, _files in sorted(os.walk(root), key=lambda item: -len(item[0])):
+            for name in dirs:
+                try:
+                    os.rmdir(os.path.join(current, name))
+                except OSError:
+                    pass
+        os.rmdir(root)
+
+
+def test_the_user_slice_is_frozen_killed_and_thawed(user_slice_root):
+    for _attempt in range(5):
+        uid = unused_uid()
+        slice_path = os.path.join(user_slice_root, "user.slice", "user-%d.slice" % uid, "session-1.scope")
+        os.makedirs(slice_path)
+        # Enter the session's cgroup as root, then become the user and fork away.
+        proc = start(uid, FORK_CHAIN, cgroup=slice_path)
+        reaper = Reaper(cgroup_root=user_slice_root)
+        try:
+            wait_running(proc)
+            user_slice = reaper.user_slice(uid)
+            assert user_slice == os.path.dirname(slice_path)
+            assert reaper.kill_cgroup(user_slice) is True
+            with open(os.path.join(user_slice, "cgroup.events"), encoding="ascii") as handle:
+                events = handle.read()
+            assert "populated 0" in events and "frozen 0" in events  # emptied, and not left frozen
+            assert gone_within(proc, 0.5)  # the cgroup alone ended the chain
+        finally:
+            Reaper(cgroup_root="").end_user(uid, uid)
+            reap([proc])
+
+
+def test_the_helper_cannot_be_signalled_by_the_user():
+    """The helper's real and saved UID are not the user's: the user's kill(-1) does not reach it."""
+    uid = unused_uid()
+    # The user's process tries to stop everything it can for 3 s; the helper is started meanwhile.
+    stopper = start(uid, "import os, signal, time\nos.write(1, b'x')\nend = time.time() + 3\nwhile time.time() < end:\n"
+                         "    try:\n        os.kill(-1, signal.SIGSTOP)\n    except OSError:\n        pass\n")
+    try:
+        wait_running(stopper)
+        started = time.monotonic()
+        assert Reaper(cgroup_root="").kill_as(uid, uid) is True  # it ran to the end and killed the stopper
+        assert time.monotonic() - started < Reaper.HELPER_TIMEOUT
+        assert gone_within(stopper)
+    finally:
+        reap([stopper])
