@@ -751,3 +751,164 @@ def test_the_default_lock_lives_in_a_root_only_directory(root):
 
 
 # --- the system backend's process and group commands ----------------------------------------------------------
+
+
+# --- every "no access" revokes; removed keys end sessions; writes that fail leave no keys; staleness ---------------
+
+
+class RecordingBackend(DirectoryUserBackend):
+    """The directory backend, remembering whose sessions the sync ended (it has no processes to end)."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.ended = []
+        self.ended_keys = []
+
+    def end_sessions(self, name, uid, gid, fresh=True):
+        self.ended.append(name)
+        return True
+
+    def end_key_sessions(self, account, fingerprints):
+        self.ended_keys.append((account, sorted(fingerprints)))
+        return [4242]
+
+
+@pytest.mark.parametrize("how", ["deny_users", "emptied", "every-key-refused", "deleted"])
+def test_every_way_of_saying_no_access_revokes_like_a_deleted_object(root, how):
+    s3 = FakeS3()
+    put(s3, {"alice": ed25519_line("a"), "bob": ed25519_line("b"), "carol": ed25519_line("c")})
+    run(make_config(root), s3)
+    config = make_config(root, deny_users=["bob"] if how == "deny_users" else [])
+    if how == "emptied":
+        s3.objects["keys/bob.pub"] = b""
+    elif how == "every-key-refused":
+        put(s3, {"bob": 'command="/bin/sh" ' + ed25519_line("b")})
+    elif how == "deleted":
+        del s3.objects["keys/bob.pub"]
+    backend = RecordingBackend(root)
+    result = sync(config, s3, backend)
+    assert result["users_revoked"] == ["bob"] and result["users_locked"] == ["bob"]
+    assert authorized_keys(root, "bob") == "" and backend.ended == ["bob"]
+    assert directory_users(root)["users"]["bob"]["locked"] is True
+
+
+def test_removal_keep_ends_sessions_and_retires_jobs_but_leaves_the_account(root):
+    s3 = FakeS3()
+    put(s3, {"alice": ed25519_line("a"), "bob": ed25519_line("b")})
+    config = make_config(root, removal="keep")
+    run(config, s3)
+    del s3.objects["keys/bob.pub"]
+    backend = RecordingBackend(root)
+    result = sync(config, s3, backend)
+    assert result["users_revoked"] == ["bob"] and result["users_locked"] == [] and backend.ended == ["bob"]
+    assert ["retire", "bob", True] in directory_users(root)["operations"]
+    assert directory_users(root)["users"]["bob"]["locked"] is False and authorized_keys(root, "bob") == ""
+
+
+def test_a_removed_key_ends_the_users_sessions_in_per_user_mode(root):
+    s3 = FakeS3()
+    first, second, third = ed25519_line("a1"), ed25519_line("a2"), ed25519_line("a3")
+    put(s3, {"alice": first + "\n" + second, "bob": ed25519_line("b")})
+    config = make_config(root)
+    run(config, s3)
+    put(s3, {"alice": first})
+    backend = RecordingBackend(root)
+    sync(config, s3, backend)
+    assert backend.ended == ["alice"]
+    backend = RecordingBackend(root)
+    put(s3, {"alice": first + "\n" + third})  # a key added: nothing ends
+    sync(config, s3, backend)
+    assert backend.ended == []
+
+
+def test_shared_user_ends_exactly_the_sessions_of_removed_keys(root):
+    from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import parse_key_line
+    seed_directory_user(root, "ec2-user", 1000)
+    s3 = FakeS3()
+    bob_line = ed25519_line("b")
+    put(s3, {"alice": ed25519_line("a"), "bob": bob_line})
+    config = make_config(root, mode="shared_user", shared_user="ec2-user")
+    run(config, s3)
+    bob = parse_key_line(bob_line).fingerprint
+    del s3.objects["keys/bob.pub"]
+    backend = RecordingBackend(root)
+    result = sync(config, s3, backend)
+    assert backend.ended_keys == [("ec2-user", [bob])] and backend.ended == []
+    assert result["sessions_ended"] == [{"user": "ec2-user", "pid": 4242}]
+
+
+def test_a_key_file_that_cannot_be_written_leaves_no_keys_never_the_old_ones(root, monkeypatch):
+    from ansible_collections.fleetkeeper.aws.plugins.module_utils import keysync_store
+    s3 = FakeS3()
+    put(s3, {"alice": ed25519_line("old"), "bob": ed25519_line("b")})
+    config = make_config(root)
+    run(config, s3)
+    put(s3, {"alice": ed25519_line("new")})
+
+    real = keysync_store.atomic_write_in_dir
+
+    def refuse(dir_fd, name, text, owner, mode, sync_dir=True):
+        if name == "authorized_keys":
+            raise OSError(28, "No space left on device")
+        return real(dir_fd, name, text, owner, mode, sync_dir)
+
+    monkeypatch.setattr(keysync_store, "atomic_write_in_dir", refuse)
+    result = run(config, s3)
+    assert authorized_keys(root, "alice") is None  # removed, not left with the old key
+    assert any(f["user"] == "alice" and "has no keys" in f["message"] for f in result["failures"])
+
+
+def test_a_temp_name_planted_by_the_user_cannot_block_the_write(root):
+    s3 = FakeS3()
+    put(s3, {"alice": ed25519_line("old"), "bob": ed25519_line("b")})
+    config = make_config(root)
+    run(config, s3)
+    ssh_dir = os.path.dirname(_keys_path(root))
+    for pid in range(os.getpid() - 50, os.getpid() + 50):  # every name the old, predictable scheme could use
+        os.mkdir(os.path.join(ssh_dir, ".authorized_keys.fk-%d" % pid))
+    put(s3, {"alice": ed25519_line("new")})
+    result = run(config, s3)
+    assert result["failures"] == [] and authorized_keys(root, "alice").endswith(" new\n")
+
+
+def test_each_run_records_its_outcome_and_a_stale_host_is_loud_and_can_lock(root):
+    s3 = FakeS3()
+    put(s3, {"alice": ed25519_line("a"), "bob": ed25519_line("b")})
+    config = make_config(root, max_sync_age=3600, stale_action="lock")
+    start = 1_800_000_000
+    result = sync(config, s3, make_backend(config), now=start)
+    assert result["stale"] is False and result["age"] == 0 and result["last_success"] == "2027-01-15T08:00:00Z"
+    s3.fail_list = Error("AccessDenied", 403)
+    with pytest.raises(ListingError) as caught:
+        sync(config, s3, make_backend(config), now=start + 600)
+    assert not getattr(caught.value, "stale", None)  # 10 minutes: not stale yet, nobody locked
+    assert directory_users(root)["users"]["alice"]["locked"] is False
+    with pytest.raises(ListingError) as caught:
+        sync(config, s3, make_backend(config), now=start + 3700)
+    assert caught.value.stale["stale"] is True and caught.value.stale["age"] == 3700
+    assert caught.value.stale["locked"] == ["alice", "bob"]
+    assert all(u["locked"] for n, u in directory_users(root)["users"].items() if n in ("alice", "bob"))
+    report = sync(config, s3 if False else FakeS3(s3.objects), make_backend(config), check_mode=True,
+                  now=start + 3800)
+    assert report["stale"] is True and report["age"] == 3800
+    # the bucket is readable again: the next good sync unlocks them and the host is fresh
+    s3.fail_list = None
+    result = sync(config, s3, make_backend(config), now=start + 4000)
+    assert sorted(result["users_unlocked"]) == ["alice", "bob"] and result["stale"] is False
+
+
+def test_the_host_tool_says_stale_at_error_priority_and_fails(tmp_path, root, monkeypatch):
+    config_path = tmp_path / "keysync.json"
+    config_path.write_text(json.dumps({"bucket": "keys-bucket", "root": root, "user_backend": "directory",
+                                       "max_sync_age": 1}))
+    s3 = FakeS3()
+    put(s3, {"alice": ed25519_line("a")})
+    assert keysync_host.main(["--config", str(config_path)], s3_factory=lambda c: s3,
+                             stdout=io.StringIO(), stderr=io.StringIO()) == 0
+    time.sleep(2.2)
+    s3.fail_list = Error("AccessDenied", 403)
+    monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
+    err = io.StringIO()
+    assert keysync_host.main(["--config", str(config_path)], s3_factory=lambda c: s3, stdout=io.StringIO(),
+                             stderr=err) == keysync_host.EXIT_FAILED
+    assert "<3>fleetkeeper-keysync: STALE: revocations are not being applied" in err.getvalue()
