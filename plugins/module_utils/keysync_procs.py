@@ -131,6 +131,7 @@ class Reaper:
     HELPER_TIMEOUT = 2.0    # a helper cannot be stopped by the user; this only bounds a stuck fork or exec
     ROUND_PAUSE = 0.05
     SLICE_WAIT = 5.0        # for a killed cgroup to empty
+    TIME_BOUND = 30.0       # the most one end_user() may take, slice included; then it reports what survived
 
     def __init__(self, runner=None, proc="/proc", cgroup_root=None, python=None, killer_uid=KILLER_UID,
                  log=None):
@@ -143,8 +144,9 @@ class Reaper:
 
     @classmethod
     def time_bound(cls):
-        """The longest ``end_user`` can take, in seconds (documented in docs/bastion_keys.md)."""
-        return cls.SLICE_WAIT + cls.MAX_ROUNDS * (cls.HELPER_TIMEOUT + cls.ROUND_PAUSE + 1.0)
+        """The longest ``end_user`` takes, in seconds (documented in docs/bastion_keys.md): a round starts only
+        while a whole helper timeout and one more second for root's pass still fit before it."""
+        return cls.TIME_BOUND
 
     # -- process table, for root's own pass (never the only means) --
 
@@ -262,6 +264,7 @@ class Reaper:
 
         Raises UserBackendError when processes survive ``MAX_ROUNDS`` rounds.
         """
+        deadline = time.monotonic() + self.TIME_BOUND
         found = False
         path = self.user_slice(uid)
         if path is not None:
@@ -274,7 +277,9 @@ class Reaper:
         ids = _UidSet(uid, extra_uids)
         found = bool(self.processes_of(ids)) or found  # for the report only: the kill does not start from it
         quiet = 0
-        for _round in range(self.MAX_ROUNDS):
+        rounds = 0
+        while rounds < self.MAX_ROUNDS and time.monotonic() + self.HELPER_TIMEOUT + 1.0 < deadline:
+            rounds += 1
             hit = self.kill_as(uid, gid)
             strays = self.processes_of(ids)
             for pid in strays:  # real UID root with the user's effective UID, or a subordinate ID
@@ -286,7 +291,7 @@ class Reaper:
             time.sleep(self.ROUND_PAUSE)
         left = self.processes_of(ids)
         raise UserBackendError("processes of UID %d survived %d rounds of SIGKILL%s" % (
-            uid, self.MAX_ROUNDS, (": " + " ".join(str(p) for p in left[:10])) if left else
+            uid, rounds, (": " + " ".join(str(p) for p in left[:10])) if left else
             " (the kill helper did not complete a round)"))
 
     # -- sessions of one key (shared_user mode) --

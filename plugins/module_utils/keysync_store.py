@@ -245,10 +245,6 @@ class SystemUserBackend:
             self._reaper = Reaper(self._runner)
         return self._reaper
 
-    @staticmethod
-    def logind_running():
-        return os.path.isdir("/run/systemd/system") and shutil.which("loginctl") is not None
-
     def end_sessions(self, name, uid, gid, fresh=True):
         """End every session and process of ``uid``, however started. True when anything ran.
 
@@ -262,13 +258,9 @@ class SystemUserBackend:
         if not fresh and not reaper.busy(uid, ranges):
             return False
         self.operations.append(["kill", "-KILL", "uid=%d" % uid])
-        ended = reaper.end_user(uid, gid, ranges)
-        if ended and self.logind_running():
-            try:  # the sessions' processes are gone; let logind forget them now
-                self._runner(["loginctl", "terminate-user", "--", name])
-            except UserBackendError:
-                pass
-        return ended
+        # No loginctl call: logind closes the sessions by itself once their scopes are empty, and a D-Bus call
+        # could only add time to the bound.
+        return reaper.end_user(uid, gid, ranges)
 
     def end_key_sessions(self, account, fingerprints):
         """End exactly the sshd sessions of ``account`` that authenticated with one of ``fingerprints``."""
@@ -285,11 +277,11 @@ class SystemUserBackend:
         """Stop what would run for a revoked user later: lingering, subordinate IDs, and with ``keep`` (the
         account stays usable) the user's cron and at jobs, moved into a root-only directory. Returns what it did."""
         done = []
-        if os.path.exists(os.path.join(LINGER_DIR, name)):
-            if self.logind_running():
-                self._do(["loginctl", "disable-linger", "--", name])
-            else:
-                os.unlink(os.path.join(LINGER_DIR, name))
+        linger = os.path.join(LINGER_DIR, name)
+        if os.path.lexists(linger):
+            # logind reads this at boot; the running user manager is in the user's slice and ends with it.
+            self.operations.append(["rm", linger])
+            os.unlink(linger)
             done.append("lingering disabled")
         for kind, option in (("uid", "--del-subuids"), ("gid", "--del-subgids")):
             for start, count in subordinate_ranges(name, uid, kind):
