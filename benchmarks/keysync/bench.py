@@ -48,10 +48,9 @@ sys.path[:0] = [REPO, os.path.join(REPO, ".build", "collections")]
 
 from tests.support.ansiblerun import ansible_env  # noqa: E402
 from tests.support.awsemu import AwsEmulator  # noqa: E402
-from tests.support.keysync import ed25519_line, render_entry_point  # noqa: E402
+from tests.support.keysync import ed25519_line, host_files, render_entry_point  # noqa: E402
 
 BUCKET = "bench-bastion-keys"
-HOST_FILES = ["keysync.py", "keysync_store.py", "keysync_s3.py", "keysync_host.py"]
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 
 
@@ -59,7 +58,7 @@ def install_host_tool(prefix):
     lib = os.path.join(prefix, "lib", "fleetkeeper-keysync", "ansible_collections", "fleetkeeper", "aws",
                        "plugins", "module_utils")
     os.makedirs(lib)
-    for name in HOST_FILES:
+    for name in host_files(REPO):
         shutil.copy(os.path.join(REPO, "plugins", "module_utils", name), lib)
     os.makedirs(os.path.join(prefix, "sbin"))
     script = os.path.join(prefix, "sbin", "fleetkeeper-keysync")

@@ -23,13 +23,13 @@ from tests.support.keysync import (
     authorized_keys,
     directory_users,
     ed25519_line,
+    host_files,
     render_entry_point,
     seed_directory_user,
 )
 
 BUCKET = "bastion-keys"
 MODULE = "fleetkeeper.aws.s3_authorized_keys"
-HOST_FILES = ["keysync.py", "keysync_store.py", "keysync_s3.py", "keysync_host.py"]
 
 
 def args(aws, root, **extra):
@@ -43,8 +43,8 @@ def snapshot(root):
     out = {}
     for base, _dirs, files in os.walk(root):
         for name in files:
-            if name.endswith(".lock"):
-                continue
+            if name.endswith(".lock") or name == "status.json":
+                continue  # the lock, and each run's recorded outcome (which a failed run updates on purpose)
             path = os.path.join(base, name)
             with open(path, "rb") as handle:
                 out[os.path.relpath(path, root)] = handle.read()
@@ -197,7 +197,7 @@ def host_tool(tmp_path):
     prefix = tmp_path / "usr-local"
     lib = prefix / "lib" / "fleetkeeper-keysync" / "ansible_collections" / "fleetkeeper" / "aws" / "plugins" / "module_utils"
     lib.mkdir(parents=True)
-    for name in HOST_FILES:
+    for name in host_files(REPO_ROOT):
         shutil.copy(os.path.join(REPO_ROOT, "plugins", "module_utils", name), lib / name)
     (prefix / "sbin").mkdir()
     script = prefix / "sbin" / "fleetkeeper-keysync"

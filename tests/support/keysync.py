@@ -97,3 +97,10 @@ def render_entry_point(repo_root: str, dest: str, python: str) -> str:
         handle.write(text)
     os.chmod(dest, 0o755)
     return dest
+
+
+def host_files(repo_root: str) -> list:
+    """The module_utils files the role copies onto hosts (``__bastion_keys_utils``): one list, the role's."""
+    import yaml  # pylint: disable=import-outside-toplevel
+    with open(os.path.join(repo_root, "roles", "bastion_keys", "vars", "main.yml"), encoding="utf-8") as handle:
+        return list(yaml.safe_load(handle)["__bastion_keys_utils"])
