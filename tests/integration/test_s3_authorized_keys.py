@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import shutil
 import subprocess
 import sys
@@ -288,3 +289,17 @@ def test_host_tool_reports_a_bad_config(aws, tmp_path, host_tool):
     config.write_text('{"bucket": "x", "mode": "shared_user"}')
     proc = run_host(host_tool, aws, config)
     assert proc.returncode == 2 and "needs shared_user" in proc.stderr
+
+
+def test_module_reports_the_last_good_sync_in_check_mode_and_a_stale_host_fails_loudly(aws, bucket, tmp_path):
+    root = tmp_path / "root"
+    applied = run_module(MODULE, args(aws, root, max_sync_age=2), env=aws.env())
+    assert applied["stale"] is False and applied["age"] == 0 and applied["last_success"].endswith("Z")
+    checked = run_module(MODULE, args(aws, root, max_sync_age=2), env=aws.env(), check=True)
+    assert checked["last_success"] == applied["last_success"] and checked["age"] >= 0, checked.result
+    time.sleep(3)
+    aws.proxy.inject("deny", service="s3", operation="ListObjectsV2", times=10)
+    failed = run_module(MODULE, args(aws, root, max_sync_age=2, stale_action="lock"), env=aws.env())
+    assert failed.failed and "STALE: revocations are not being applied" in failed["msg"], failed.result
+    assert failed["stale"] is True and failed["age"] >= 3 and sorted(failed["locked"]) == ["alice", "bob"]
+    assert all(directory_users(root)["users"][name]["locked"] for name in ("alice", "bob"))
