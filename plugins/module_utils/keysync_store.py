@@ -60,11 +60,11 @@ def expiry_date(days):
     return (datetime.date(1970, 1, 1) + datetime.timedelta(days=int(days))).isoformat()
 
 
-def subordinate_ranges(name, uid, kind="uid"):
+def subordinate_ranges(name, uid, kind="uid", etc="/etc"):
     """[(start, count)] of ``name``'s entries in /etc/subuid (or /etc/subgid with kind gid)."""
     ranges = []
     try:
-        with open("/etc/sub%s" % kind, "r", encoding="utf-8") as handle:
+        with open(os.path.join(etc, "sub%s" % kind), "r", encoding="utf-8") as handle:
             for line in handle:
                 fields = line.strip().split(":")
                 if len(fields) == 3 and fields[0] in (name, str(uid)) and fields[1].isdigit() and fields[2].isdigit():
@@ -74,15 +74,15 @@ def subordinate_ranges(name, uid, kind="uid"):
     return ranges
 
 
-def quarantine_jobs(name, uid):
+def quarantine_jobs(name, uid, cron_spools=CRON_SPOOLS, at_spools=AT_SPOOLS, quarantine=QUARANTINE_DIR):
     """Move ``name``'s crontab and at jobs into QUARANTINE_DIR/NAME (root only). Returns what was moved."""
     moved = []
     found = []
-    for spool in CRON_SPOOLS:
+    for spool in cron_spools:
         path = os.path.join(spool, name)
         if os.path.isfile(path) and not os.path.islink(path):
             found.append((path, "crontab"))
-    for spool in AT_SPOOLS:
+    for spool in at_spools:
         try:
             entries = os.listdir(spool)
         except OSError:
@@ -97,9 +97,9 @@ def quarantine_jobs(name, uid):
                 found.append((path, "at job " + entry))
     if not found:
         return moved
-    fd = open_private_dir(QUARANTINE_DIR)
+    fd = open_private_dir(quarantine)
     os.close(fd)
-    target = os.path.join(QUARANTINE_DIR, name)
+    target = os.path.join(quarantine, name)
     os.makedirs(target, 0o700, exist_ok=True)
     for path, what in found:
         dest = os.path.join(target, "%s-%d" % (os.path.basename(path), int(time.time())))
@@ -109,7 +109,7 @@ def quarantine_jobs(name, uid):
         except (IOError, OSError):
             continue
     if moved:
-        for spool in CRON_SPOOLS:  # cron rereads its spool when the directory's mtime changes
+        for spool in cron_spools:  # cron rereads its spool when the directory's mtime changes
             if os.path.isdir(spool):
                 os.utime(spool)
     return moved

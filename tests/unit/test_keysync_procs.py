@@ -270,3 +270,56 @@ def test_the_helper_cannot_be_signalled_by_the_user():
         assert gone_within(stopper)
     finally:
         reap([stopper])
+
+
+# --- sessions of one key, subordinate IDs, jobs left behind (no processes needed) ---------------------------------
+
+
+def test_sessions_are_matched_to_keys_from_sshds_log_lines_of_live_processes(tmp_path):
+    proc = tmp_path / "proc"
+    for pid in (101, 202):
+        (proc / str(pid)).mkdir(parents=True)
+    journal = [
+        (101, "Accepted publickey for ec2-user from 10.0.0.5 port 50000 ssh2: ED25519 SHA256:AAAA+/key1"),
+        (202, "Accepted publickey for ec2-user from 10.0.0.6 port 50001 ssh2: RSA SHA256:BBBBkey2"),
+        (303, "Accepted publickey for ec2-user from 10.0.0.7 port 50002 ssh2: ED25519 SHA256:CCCCgone"),  # exited
+        (404, "Accepted publickey for alice from 10.0.0.8 port 50003 ssh2: ED25519 SHA256:AAAA+/key1"),  # other user
+        (505, "Failed publickey for ec2-user from 10.0.0.9 port 50004 ssh2: ED25519 SHA256:DDDD"),
+    ]
+    reaper = Reaper(proc=str(proc), cgroup_root="")
+    assert reaper.sessions_by_key("ec2-user", journal) == {101: "SHA256:AAAA+/key1", 202: "SHA256:BBBBkey2"}
+
+
+def test_end_key_sessions_ends_only_the_sessions_of_removed_keys(monkeypatch):
+    ended = []
+    backend = SystemUserBackend(runner=lambda argv: None)
+    reaper = Reaper(cgroup_root="")
+    monkeypatch.setattr(reaper, "sessions_by_key", lambda account: {101: "SHA256:keep", 202: "SHA256:gone"})
+    monkeypatch.setattr(reaper, "end_session_of", ended.append)
+    monkeypatch.setattr(backend, "reaper", lambda: reaper)
+    assert backend.end_key_sessions("ec2-user", {"SHA256:gone"}) == [202] and ended == [202]
+
+
+def test_subordinate_ranges_are_read_by_name_or_uid(tmp_path):
+    from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_store import subordinate_ranges
+    (tmp_path / "subuid").write_text("alice:100000:65536\n23456:300000:10\nbob:200000:65536\nbad line\n")
+    assert subordinate_ranges("alice", 23456, etc=str(tmp_path)) == [(100000, 65536), (300000, 10)]
+    assert subordinate_ranges("carol", 1, kind="gid", etc=str(tmp_path)) == []
+
+
+def test_a_kept_users_cron_and_at_jobs_are_moved_aside_root_only(tmp_path):
+    from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_store import quarantine_jobs
+    cron, at, quarantine = tmp_path / "crontabs", tmp_path / "atjobs", tmp_path / "jobs"
+    cron.mkdir()
+    at.mkdir()
+    (cron / "bob").write_text("* * * * * /home/bob/backdoor\n")
+    (cron / "alice").write_text("* * * * * true\n")
+    job = at / "a0001201a2b3c4"
+    job.write_text("#!/bin/sh\n/home/bob/backdoor\n")
+    os.chown(str(job), 3456789, 3456789)
+    moved = quarantine_jobs("bob", 3456789, cron_spools=(str(cron),), at_spools=(str(at),),
+                            quarantine=str(quarantine))
+    assert sorted(moved) == ["at job a0001201a2b3c4", "crontab"]
+    assert not (cron / "bob").exists() and not job.exists() and (cron / "alice").exists()
+    assert oct(os.stat(str(quarantine)).st_mode & 0o777) == "0o700"
+    assert len(os.listdir(str(quarantine / "bob"))) == 2
