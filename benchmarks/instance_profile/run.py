@@ -67,9 +67,10 @@ def seed(emulator, instances, groups):
     return [i for ids in fleet.groups.values() for i in ids]
 
 
-def ansible_playbook(args, env, tmp):
-    command = [os.path.join(os.path.dirname(sys.executable), "ansible-playbook"), "-i",
-               os.path.join(tmp, "inventory")] + args
+def ansible_playbook(args, env, tmp, prefix=()):
+    """One ansible-playbook run (``prefix``: e.g. taskset arguments): (seconds, changed results, json report)."""
+    command = list(prefix) + [os.path.join(os.path.dirname(sys.executable), "ansible-playbook"), "-i",
+                              os.path.join(tmp, "inventory")] + args
     environment = ansible_env(env)
     start = time.monotonic()
     proc = subprocess.run(command, env=environment, capture_output=True, text=True, check=False)
@@ -97,9 +98,9 @@ def task_durations(report):
     return durations
 
 
-def measure(emulator, label, args, tmp):
+def measure(emulator, label, args, tmp, prefix=()):
     emulator.proxy.state.calls.clear()
-    elapsed, changed, report = ansible_playbook(args, emulator.env(), tmp)
+    elapsed, changed, report = ansible_playbook(args, emulator.env(), tmp, prefix)
     summary = emulator.proxy.summary()
     figures = {"label": label, "wall_seconds": round(elapsed, 2), "changed_results": changed,
                "api_calls": sum(summary.values()), "api_calls_by_operation": summary,

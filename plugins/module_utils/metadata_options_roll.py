@@ -69,13 +69,25 @@ class MetadataRollOptions(RollOptions):
 
 
 class MetadataRoller(GroupRoller):
-    """Applies metadata options to a set of Auto Scaling groups. ``cloudwatch`` is a CloudWatch client;
-    ``now`` (a callable returning an aware datetime) is injectable for tests."""
+    """Applies metadata options to a set of Auto Scaling groups. ``cloudwatch`` is a CloudWatch client, or a
+    function that makes one when it is first needed (a run with no instance to check makes none: loading a
+    client's service model is a noticeable part of a no-change run). ``now`` (a callable returning an
+    aware datetime) is injectable for tests."""
 
     def __init__(self, ec2, autoscaling, cloudwatch, options, now=None, **kwargs):
         super().__init__(ec2, autoscaling, options, **kwargs)
-        self.cloudwatch = cloudwatch
+        self._cloudwatch = cloudwatch
         self.now = now or (lambda: datetime.datetime.now(datetime.timezone.utc))
+
+    @property
+    def cloudwatch(self):
+        if not hasattr(self._cloudwatch, "get_metric_data"):
+            self._cloudwatch = self._cloudwatch()
+        return self._cloudwatch
+
+    @cloudwatch.setter
+    def cloudwatch(self, client):
+        self._cloudwatch = client
 
     # --- whole run: named steps ----------------------------------------------
     def run(self, names=None, tag_filters=None):

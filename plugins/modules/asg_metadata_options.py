@@ -297,7 +297,9 @@ def main():
     pool = {"max_pool_connections": options.max_concurrency + 4}
     ec2 = module.client("ec2", retry_decorator=retry, config=pool)
     autoscaling = module.client("autoscaling", retry_decorator=retry, config=pool)
-    cloudwatch = module.client("cloudwatch", retry_decorator=retry, config=pool)
+
+    def cloudwatch():  # made only when an instance's IMDSv1 use must be read
+        return module.client("cloudwatch", retry_decorator=retry, config=pool)
 
     roller = MetadataRoller(ec2, autoscaling, cloudwatch, options, warn=module.warn)
     try:

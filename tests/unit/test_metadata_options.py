@@ -249,3 +249,11 @@ def test_source_version_emulation_keeps_the_source_fields_the_request_does_not_n
     # EC2's query names for lists, as botocore's model serialises them.
     assert merged["LaunchTemplateData.SecurityGroupId.1"] == "sg-1"
     assert emulation.before("us-east-1", "CreateLaunchTemplateVersion", {"LaunchTemplateId": "lt-1"}) is None
+
+
+def test_cloudwatch_client_is_made_only_when_needed():
+    made = []
+    roller, _stubs = stubbed_roller([group("one", ["i-a"])], {"i-a": dict(V1, HttpTokens="required")}, None)
+    roller.cloudwatch = lambda: made.append(1)
+    result = roller.run(names=["one"])
+    assert made == [] and result["changed"] is False
