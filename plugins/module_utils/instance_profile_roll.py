@@ -243,7 +243,8 @@ class GroupRoller:
 
         self._map(roll, by_template)
 
-    def _new_result(self, group):  # pylint: disable=no-self-use
+    def _new_result(self, group):
+        """A group's result before anything is known; subclasses add their own keys."""
         return {
             "name": group["AutoScalingGroupName"],
             "status": "ok",
