@@ -7,6 +7,8 @@ Run through ``scripts/demo.sh`` (which installs what it needs first):
 1. start the local AWS endpoint (moto in server mode) and seed a small fleet;
 2. show the fleet through the ``fleetkeeper.aws.fleet`` inventory;
 3. roll out an instance profile with ``fleetkeeper.aws.instance_profiles``, twice;
+   then IMDSv2 the safe way: find the IMDSv1 users (inventory group, CloudWatch
+   MetadataNoToken in a dry run), fix them, require tokens;
 4. boot a bastion and a private test host and run ``fleetkeeper.aws.site``
    on them, log in as a synced user through the bastion, read the DNS cache's
    statistics;
@@ -32,6 +34,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from tests.support import fleet as fleetlib  # noqa: E402  pylint: disable=wrong-import-position
+from tests.support import metadata_options as imdslib  # noqa: E402  pylint: disable=wrong-import-position
 from tests.support.ansiblerun import plain  # noqa: E402  pylint: disable=wrong-import-position
 from tests.support.awsemu import TEST_CREDENTIALS, AwsEmulator  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -178,6 +181,8 @@ def step_instance_profiles(emulator):
         },
         "instance_profile_aws_endpoint_url": emulator.endpoint_url,
         "instance_profile_aws_region": REGION,
+        # IMDSv2 comes next, with its migration path (step_imdsv2).
+        "instance_profile_metadata_options": {},
     }
     vars_file = os.path.join(WORK, "instance_profiles.json")
     with open(vars_file, "w", encoding="utf-8") as handle:
@@ -191,6 +196,50 @@ def step_instance_profiles(emulator):
     note(f"second run: {changes} changes")
     if changes:
         raise SystemExit("demo: the second instance profile run changed something; it must not")
+
+
+def step_imdsv2(emulator, fleet):
+    headline("3b", "IMDSv2 without breaking anyone: find IMDSv1 users, fix them, require tokens")
+    legacy = fleet.groups["worker"][0]
+    # EC2 publishes MetadataNoToken per instance; here a legacy agent on one worker made 96 IMDSv1 calls
+    # three days ago, and none since its SDK was updated.
+    imdslib.put_v1_calls(emulator.client("cloudwatch", REGION), legacy, 96, days_ago=3)
+    inventory = os.path.join(WORK, "demo.fleet.yml")
+    note("hosts whose metadata service still answers without a token (inventory group imdsv1):")
+    run([os.path.join(BIN, "ansible-inventory"), "-i", inventory, "--graph", "imdsv1"])
+    playbook = os.path.join(WORK, "imdsv2.yml")
+    with open(playbook, "w", encoding="utf-8") as handle:
+        json.dump([{
+            "name": "IMDSv2 on the web and worker fleets", "hosts": "localhost", "gather_facts": False,
+            "module_defaults": {"group/fleetkeeper.aws.aws": {"endpoint_url": emulator.endpoint_url,
+                                                              "region": REGION}},
+            "tasks": [{
+                "name": "Require IMDSv2 tokens, hop limit 1",
+                "fleetkeeper.aws.asg_metadata_options": {
+                    "tag_filters": {"fleetkeeper:fleet": ["web", "worker"]},
+                    "metadata_options": {"http_tokens": "required", "http_put_response_hop_limit": 1},
+                    "imdsv1_window_days": "{{ window | default(14) | int }}"},
+            }],
+        }], handle)
+    argv = [os.path.join(BIN, "ansible-playbook"), "-i", local_inventory(), playbook]
+    note("dry run (--check): CloudWatch MetadataNoToken over 14 days; a group with IMDSv1 users is refused")
+    dry = run(argv + ["--check"], capture=True, check=False)
+    if dry.returncode == 0 or legacy not in dry.stdout:
+        raise SystemExit(f"demo: the dry run did not refuse the worker group with IMDSv1 user {legacy}")
+    note(f"the dry run named {legacy}; its agent was updated three days ago, so look at the last two days only")
+    first = run(argv + ["-e", "window=2"], capture=True)
+    note(f"first run: {recap_changes(first.stdout)} changes")
+    second = run(argv + ["-e", "window=2"], capture=True)
+    changes = recap_changes(second.stdout)
+    note(f"second run: {changes} changes")
+    if changes:
+        raise SystemExit("demo: the second IMDSv2 run changed something; it must not")
+    remaining = subprocess.run([os.path.join(BIN, "ansible-inventory"), "-i", inventory, "--list"],
+                               env=ansible_env(), text=True, capture_output=True, check=True, cwd=WORK)
+    left = json.loads(remaining.stdout).get("imdsv1", {}).get("hosts", [])
+    note(f"hosts still answering IMDSv1 (inventory group imdsv1): {len(left)}")
+    if left:
+        raise SystemExit(f"demo: hosts still answer IMDSv1 after the roll-out: {left}")
 
 
 def step_hosts(emulator, ephemeral):
@@ -274,9 +323,10 @@ def main(argv=None):
     emulator = AwsEmulator()
     started = time.monotonic()
     try:
-        step_endpoint(emulator)
+        fleet = step_endpoint(emulator)
         step_inventory(emulator)
         step_instance_profiles(emulator)
+        step_imdsv2(emulator, fleet)
         if not args.skip_hosts:
             step_hosts(emulator, ephemeral)
     finally:

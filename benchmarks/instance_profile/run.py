@@ -36,6 +36,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -67,13 +68,18 @@ def seed(emulator, instances, groups):
     return [i for ids in fleet.groups.values() for i in ids]
 
 
-def ansible_playbook(args, env, tmp):
-    command = [os.path.join(os.path.dirname(sys.executable), "ansible-playbook"), "-i",
-               os.path.join(tmp, "inventory")] + args
+def ansible_playbook(args, env, tmp, prefix=()):
+    """One ansible-playbook run (``prefix``: e.g. taskset arguments): (seconds, changed results, json report)."""
+    command = list(prefix) + [os.path.join(os.path.dirname(sys.executable), "ansible-playbook"), "-i",
+                              os.path.join(tmp, "inventory")] + args
     environment = ansible_env(env)
     start = time.monotonic()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(command, env=environment, capture_output=True, text=True, check=False)
     elapsed = time.monotonic() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU of the run and all its processes (ansible-playbook, forks, modules): what load cannot inflate.
+    ansible_playbook.cpu_seconds = round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 2)
     if proc.returncode != 0:
         raise SystemExit(f"ansible-playbook failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}")
     report = json.loads(proc.stdout)
@@ -97,14 +103,16 @@ def task_durations(report):
     return durations
 
 
-def measure(emulator, label, args, tmp):
+def measure(emulator, label, args, tmp, prefix=()):
     emulator.proxy.state.calls.clear()
-    elapsed, changed, report = ansible_playbook(args, emulator.env(), tmp)
+    elapsed, changed, report = ansible_playbook(args, emulator.env(), tmp, prefix)
     summary = emulator.proxy.summary()
     figures = {"label": label, "wall_seconds": round(elapsed, 2), "changed_results": changed,
                "api_calls": sum(summary.values()), "api_calls_by_operation": summary,
+               "cpu_seconds": ansible_playbook.cpu_seconds,
                "task_seconds": task_durations(report)}
-    print(f"{label:40s} {elapsed:8.2f} s  {figures['api_calls']:6d} API calls  changed={changed}", flush=True)
+    print(f"{label:40s} {elapsed:8.2f} s  {figures['cpu_seconds']:7.2f} s CPU  {figures['api_calls']:6d} API calls  "
+          f"changed={changed}", flush=True)
     return figures, report
 
 

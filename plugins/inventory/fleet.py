@@ -19,10 +19,14 @@ description:
   - Every host joins a group per Auto Scaling group (O(asg_group_prefix) plus the sanitised name), per
     availability zone (C(az_*)), per region (C(region_*), when several regions are read) and per lifecycle
     state (C(lifecycle_*)); hosts whose
-    launch template version is not the one their group now launches also join C(launch_template_drift).
+    launch template version is not the one their group now launches also join C(launch_template_drift), and
+    hosts whose instance metadata service still answers without a session token (IMDSv1) join C(imdsv1).
   - Host variables carry the ASG name, lifecycle and health status, availability zone, subnet, VPC, private
     and public addresses and DNS names, instance type, launch template id, name and version, the version the
-    ASG now launches and whether they differ (C(launch_template_drift)), the instance profile ARN and the tags
+    ASG now launches and whether they differ (C(launch_template_drift)), the instance profile ARN, the
+    instance metadata options (C(metadata_options) with C(http_tokens), C(http_put_response_hop_limit),
+    C(http_endpoint), C(instance_metadata_tags) and C(imdsv1); read from the same C(DescribeInstances)
+    answers, no extra call) and the tags
     (C(ec2_tags)).
   - Failures never yield a partial inventory silently. Missing permissions, a region name AWS does not know,
     an endpoint that cannot be reached and a malformed file each raise an error naming the problem. With
@@ -222,6 +226,11 @@ bastion:
 keyed_groups:
   - key: ec2_tags.Environment | default('none')
     prefix: env
+  # imds_required / imds_optional, and hop limits (imds_hops_1, imds_hops_2) for the IMDSv2 migration
+  - key: metadata_options.http_tokens
+    prefix: imds
+  - key: "'hops_' ~ metadata_options.http_put_response_hop_limit"
+    prefix: imds
 groups:
   outdated: launch_template_drift
 compose:

@@ -77,6 +77,10 @@ class InstanceProfileError(Exception):
     """Base of every error this module raises; the message says what to fix."""
 
 
+# The roller's errors are shared by every setting it rolls (instance profile, metadata options).
+RollError = InstanceProfileError
+
+
 class InputError(InstanceProfileError):
     """The task's input names something that does not exist or cannot be used."""
 
@@ -299,15 +303,59 @@ def patched_data(data, desired, state):
     return result
 
 
+class ProfileChange:
+    """The launch template side of rolling an instance profile (see :func:`plan_template_change`)."""
+
+    report_key = "profile"
+
+    def __init__(self, desired, state):
+        self.desired = desired
+        self.state = state
+
+    def current(self, data):
+        return profile_display((data or {}).get("IamInstanceProfile"))
+
+    def satisfied(self, data):
+        matches = self.desired.matches((data or {}).get("IamInstanceProfile"))
+        return matches if self.state == "present" else not matches
+
+    def full_data(self, data):
+        return patched_data(data, self.desired, self.state)
+
+    def request(self, base, full):
+        if self.state == "present":
+            # Only IamInstanceProfile is sent; EC2 copies the rest from SourceVersion.
+            return {"SourceVersion": str(base), "LaunchTemplateData": {"IamInstanceProfile": self.desired.as_template_data()}}
+        # A field cannot be removed through SourceVersion: send the whole data without it.
+        return {"LaunchTemplateData": full}
+
+    def description(self, full):
+        if self.state == "present":
+            return "fleetkeeper.aws.asg_instance_profile: instance profile " + (
+                profile_display(full.get("IamInstanceProfile")) or "")
+        return "fleetkeeper.aws.asg_instance_profile: instance profile removed"
+
+
 def plan_template(ref, template, desired, state, version_mode):
-    """Decide what one group's launch template reference needs.
+    """:func:`plan_template_change` for an instance profile (``desired`` a ProfileRef, ``state`` present/absent)."""
+    return plan_template_change(ref, template, ProfileChange(desired, state), version_mode)
+
+
+def plan_template_change(ref, template, change, version_mode):
+    """Decide what one group's launch template reference needs for one setting (``change``).
+
+    ``change`` is the setting rolled out (:class:`ProfileChange`, or the metadata options' change in
+    ``metadata_options_plan.py``): ``satisfied(data)`` says whether version data already has it,
+    ``full_data(data)`` is what a new version will hold, ``request(base, full)`` the
+    CreateLaunchTemplateVersion arguments, ``current(data)`` what to report, ``report_key`` the report's
+    key prefix (``profile`` -> ``profile_before``/``profile_after``).
 
     Returns a dict:
       follows: what the group follows now ($Latest / $Default / pinned)
       version_before / version_after: the version number the group uses before and after
       spec_before / spec_after: the Version spec in the group before and after
-      profile_before / profile_after: the instance profile those versions carry
-      create_version: None or {"source_version", "data" (patch sent), "full_data" (what the version will hold)}
+      <report_key>_before / <report_key>_after: the setting those versions carry
+      create_version: None or {"source_version", "request" (sent), "full_data" (what the version will hold)}
       set_default: True if the template's default version must move to the new version
       update_group: True if the group's Version spec must change
     ``template`` is a TemplateState; this function does not change it.
@@ -328,13 +376,7 @@ def plan_template(ref, template, desired, state, version_mode):
     base_data = template.versions.get(base)
     if base_data is None:
         raise GroupError(f"launch template {template.name or template.id} version {base} was not read")
-    profile_before_spec = (template.versions.get(current) or {}).get("IamInstanceProfile")
-    base_profile = base_data.get("IamInstanceProfile")
-    if state == "present":
-        wanted = desired.matches(base_profile)
-    else:
-        wanted = not desired.matches(base_profile)
-
+    key = change.report_key
     plan = {
         "source": ref["source"],
         "launch_template_id": template.id,
@@ -342,24 +384,19 @@ def plan_template(ref, template, desired, state, version_mode):
         "follows": follows(spec_before),
         "spec_before": spec_before,
         "version_before": current,
-        "profile_before": profile_display(profile_before_spec),
+        f"{key}_before": change.current(template.versions.get(current)),
         "create_version": None,
         "set_default": False,
         "update_group": False,
     }
     target = base
-    after_profile = base_profile
-    if not wanted:
+    after_data = base_data
+    if not change.satisfied(base_data):
         target = template.latest + 1
-        full = patched_data(base_data, desired, state)
-        if state == "present":
-            # Only IamInstanceProfile is sent; EC2 copies the rest from SourceVersion.
-            request = {"SourceVersion": str(base), "LaunchTemplateData": {"IamInstanceProfile": desired.as_template_data()}}
-        else:
-            # A field cannot be removed through SourceVersion: send the whole data without it.
-            request = {"LaunchTemplateData": full}
-        plan["create_version"] = {"source_version": base, "request": request, "full_data": full, "number": target}
-        after_profile = full.get("IamInstanceProfile")
+        after_data = change.full_data(base_data)
+        plan["create_version"] = {"source_version": base, "request": change.request(base, after_data),
+                                  "full_data": after_data, "number": target,
+                                  "description": change.description(after_data)[:255]}
         plan["set_default"] = mode == VERSION_DEFAULT
     if mode == VERSION_LATEST:
         spec_after = LATEST
@@ -369,7 +406,7 @@ def plan_template(ref, template, desired, state, version_mode):
         spec_after = str(target)
     plan["spec_after"] = spec_after
     plan["version_after"] = target
-    plan["profile_after"] = profile_display(after_profile)
+    plan[f"{key}_after"] = change.current(after_data)
     plan["update_group"] = spec_after != spec_before
     plan["changed"] = bool(plan["create_version"] or plan["update_group"] or plan["set_default"])
     return plan
@@ -541,19 +578,24 @@ def summarise(groups):
     return summary
 
 
+def template_diff(group, report_key, label, before, after):
+    """Add the launch template references of ``group`` that change to the diff halves ``before``/``after``."""
+    for template in group.get("launch_templates") or []:
+        if not template.get("changed"):
+            continue
+        key = f"{template['source']} {template['launch_template_name'] or template['launch_template_id']}"
+        before[key] = {"version": template["spec_before"], "uses_version": template["version_before"],
+                       label: template[f"{report_key}_before"]}
+        after[key] = {"version": template["spec_after"], "uses_version": template["version_after"],
+                      label: template[f"{report_key}_after"]}
+
+
 def build_diff(groups):
     """Ansible diff: per group, the launch template and instances that change (before/after)."""
     before, after = {}, {}
     for group in groups:
         b, a = {}, {}
-        for template in group.get("launch_templates") or []:
-            if not template.get("changed"):
-                continue
-            key = f"{template['source']} {template['launch_template_name'] or template['launch_template_id']}"
-            b[key] = {"version": template["spec_before"], "uses_version": template["version_before"],
-                      "instance_profile": template["profile_before"]}
-            a[key] = {"version": template["spec_after"], "uses_version": template["version_after"],
-                      "instance_profile": template["profile_after"]}
+        template_diff(group, "profile", "instance_profile", b, a)
         changes = [i for i in group.get("instances") or [] if i["action"] in CHANGING_ACTIONS]
         if changes:
             b["instances"] = {i["instance_id"]: i["profile_before"] for i in changes}

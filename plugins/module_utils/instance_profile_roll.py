@@ -40,28 +40,28 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_p
     ASSOCIATION_BATCH_SIZE, ASSOCIATION_NOT_FOUND, ASSOCIATION_PAGE_SIZE, CHANGING_ACTIONS, DEFAULT,
     DISASSOCIATING, INCORRECT_STATE, LATEST, LIVE_STATES, PROFILE_NOT_FOUND_CODES, TEMPLATE_NOT_FOUND_CODES,
     VERSION_CHOICES, VERSION_KEEP, AwsCallError, GroupError, InputError, InstanceProfileError, PlanningError,
-    ProfileNotFoundError, ProfileRef, TemplateState, bucket_by_template, build_diff, current_association,
-    follows, group_update_request, in_service, is_iam_not_ready, is_profile_arn, plan_instance, plan_template,
-    profile_display, profile_name_from_arn, public_template_plan, summarise, template_references,
+    ProfileChange, ProfileNotFoundError, ProfileRef, RollError, TemplateState, bucket_by_template, build_diff,
+    current_association, follows, group_update_request, in_service, is_iam_not_ready, is_profile_arn,
+    plan_instance, plan_template_change, profile_name_from_arn, public_template_plan, summarise,
+    template_references,
 )
 
 MAX_CONCURRENCY = 100
 
 
 @dataclasses.dataclass(frozen=True)
-class Options:
-    """What the task asks for. The module's argument_spec checks types and choices (VERSION_CHOICES);
-    the ranges are checked here, once, for the module and for any other caller."""
+class RollOptions:
+    """What every roll-out over Auto Scaling groups takes (launch templates, instances, concurrency).
 
-    state: str = "present"
-    replace: bool = False
+    The modules' argument_specs check types and choices (VERSION_CHOICES); the ranges are checked here,
+    once, for the modules and for any other caller."""
+
     version_mode: str = VERSION_KEEP
     manage_launch_template: bool = True
     manage_instances: bool = True
     instance_refresh: bool = False
     instance_refresh_preferences: dict | None = None
     max_concurrency: int = 10
-    wait_timeout: int = 120
     check_mode: bool = False
 
     def __post_init__(self):
@@ -69,6 +69,30 @@ class Options:
             raise InputError(f"launch_template_version must be one of {', '.join(VERSION_CHOICES)}")
         if not 1 <= self.max_concurrency <= MAX_CONCURRENCY:
             raise InputError(f"max_concurrency must be between 1 and {MAX_CONCURRENCY}")
+
+    @staticmethod
+    def roll_params(params):
+        """The shared settings from a module's parameters (``module.params``)."""
+        return dict(
+            version_mode=params["launch_template_version"],
+            manage_launch_template=params["manage_launch_template"],
+            manage_instances=params["manage_instances"],
+            instance_refresh=params["instance_refresh"],
+            instance_refresh_preferences=params["instance_refresh_preferences"],
+            max_concurrency=params["max_concurrency"],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Options(RollOptions):
+    """What the instance profile task asks for."""
+
+    state: str = "present"
+    replace: bool = False
+    wait_timeout: int = 120
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.wait_timeout < 0:
             raise InputError("wait_timeout must not be negative")
 
@@ -78,29 +102,24 @@ class Options:
         return cls(
             state=params["state"],
             replace=params["replace"],
-            version_mode=params["launch_template_version"],
-            manage_launch_template=params["manage_launch_template"],
-            manage_instances=params["manage_instances"],
-            instance_refresh=params["instance_refresh"],
-            instance_refresh_preferences=params["instance_refresh_preferences"],
-            max_concurrency=params["max_concurrency"],
             wait_timeout=params["wait_timeout"],
             check_mode=check_mode,
+            **cls.roll_params(params),
         )
 
 
-class Roller:
-    """Applies one instance profile to a set of Auto Scaling groups.
+class GroupRoller:
+    """What every roll-out over Auto Scaling groups shares: selecting the groups, reading their launch
+    templates, rolling one setting onto the templates (versions, group version settings, instance
+    refresh), and a bounded thread pool. Subclasses add their instances' side.
 
-    ``ec2``, ``autoscaling`` and ``iam`` are boto3 clients (usually amazon.aws's
-    retrying wrappers: every call passes ``aws_retry=True``). ``sleep`` and
-    ``clock`` are injectable for tests.
+    ``ec2`` and ``autoscaling`` are boto3 clients (usually amazon.aws's retrying wrappers: every call
+    passes ``aws_retry=True``). ``sleep`` and ``clock`` are injectable for tests.
     """
 
-    def __init__(self, ec2, autoscaling, iam, options, sleep=time.sleep, clock=time.monotonic, warn=None):
+    def __init__(self, ec2, autoscaling, options, sleep=time.sleep, clock=time.monotonic, warn=None):
         self.ec2 = ec2
         self.autoscaling = autoscaling
-        self.iam = iam
         self.options = options
         self.sleep = sleep
         self.clock = clock
@@ -111,42 +130,6 @@ class Roller:
         self.warnings.append(message)
         if self._warn:
             self._warn(message)
-
-    # --- reading ----------------------------------------------------------
-    def resolve_profile(self, profile):
-        """ProfileRef for a name or ARN; waits for a just-created profile (present, not in check mode)."""
-        name = profile_name_from_arn(profile) if is_profile_arn(profile) else profile
-        try:
-            record = self.iam.get_instance_profile(InstanceProfileName=name, aws_retry=True)["InstanceProfile"]
-        except is_boto3_error_code(PROFILE_NOT_FOUND_CODES):
-            record = None
-        except AWS_ERRORS as exc:
-            raise AwsCallError(f"GetInstanceProfile {name}", exc) from exc
-        if record is None and self.options.state == "present" and not self.options.check_mode:
-            record = self._wait_for_profile(name)
-        if record is None:
-            if self.options.check_mode and self.options.state == "present":
-                self.warn(f"instance profile {name!r} does not exist yet: planned as if it did (check mode)")
-                return ProfileRef(name, profile if is_profile_arn(profile) else None)
-            raise ProfileNotFoundError(name)
-        if is_profile_arn(profile) and record["Arn"] != profile:
-            raise InputError(f"instance profile {name!r} has ARN {record['Arn']}, not {profile}: fix the ARN")
-        return ProfileRef(record["InstanceProfileName"], record["Arn"])
-
-    def _wait_for_profile(self, name):
-        """IAM is eventually consistent: a profile created a moment ago may not be visible yet."""
-        delay = max(1, min(5, self.options.wait_timeout // 10 or 1))
-        attempts = max(1, int(self.options.wait_timeout // delay))
-        try:
-            waiter = self.iam.get_waiter("instance_profile_exists")
-            waiter.wait(InstanceProfileName=name, WaiterConfig={"Delay": delay, "MaxAttempts": attempts})
-        except AWS_ERRORS as exc:
-            # botocore's WaiterError: "Max attempts exceeded" means the profile never appeared;
-            # anything else (access denied, a terminal failure) is an error of its own.
-            if "Max attempts exceeded" in str(exc) or error_code(exc) in PROFILE_NOT_FOUND_CODES:
-                return None
-            raise AwsCallError(f"waiting for instance profile {name}", exc) from exc
-        return self.iam.get_instance_profile(InstanceProfileName=name, aws_retry=True)["InstanceProfile"]
 
     def find_groups(self, names=None, tag_filters=None):
         """Describe the groups named and/or matching the tag filters; unknown names are an InputError."""
@@ -188,40 +171,12 @@ class Roller:
             raise GroupError(f"launch template {label} not found. Point the group at an existing launch template")
         return TemplateState.from_versions(records)
 
-    def read_associations(self, instance_ids):
-        """{instance id: [association records]} for the instances, batched, batches concurrently."""
-        found = {i: [] for i in instance_ids}
-        batches = list(chunks(list(instance_ids), ASSOCIATION_BATCH_SIZE))
-
-        def one(batch):
-            params = {"Filters": [{"Name": "instance-id", "Values": batch}], "MaxResults": ASSOCIATION_PAGE_SIZE}
-            return list(self._pages(self.ec2.describe_iam_instance_profile_associations,
-                                    "IamInstanceProfileAssociations", "DescribeIamInstanceProfileAssociations", params))
-
-        for records in self._map(one, batches):
-            for record in records:
-                found.setdefault(record["InstanceId"], []).append(record)
-        return found
-
     def _map(self, func, items):
         items = list(items)
         if len(items) <= 1 or self.options.max_concurrency == 1:
             return [func(item) for item in items]
         with ThreadPoolExecutor(max_workers=min(self.options.max_concurrency, len(items))) as pool:
             return list(pool.map(func, items))
-
-    # --- whole run: named steps ----------------------------------------------
-    def run(self, profile, names=None, tag_filters=None):
-        """Plan everything, fail before any change on bad input, then apply; returns the result dict."""
-        desired = self.resolve_profile(profile)
-        groups = self.find_groups(names, tag_filters)
-        results = {g["AutoScalingGroupName"]: self._new_result(g) for g in groups}
-        if self.options.manage_launch_template:
-            refs_by_group, templates = self._read_templates(groups, results)
-            self._roll_templates(groups, refs_by_group, templates, desired, results)
-        if self.options.manage_instances:
-            self._roll_instances(groups, desired, results)
-        return self._report(results, desired)
 
     def _read_templates(self, groups, results):
         """Each group's launch template references and every template's state (reads only).
@@ -272,19 +227,185 @@ class Roller:
             )
         return refs_by_group, templates
 
-    def _roll_templates(self, groups, refs_by_group, templates, desired, results):
-        """Launch templates: groups sharing a template in sequence, templates concurrently."""
+    def _roll_templates(self, groups, refs_by_group, templates, change, results):
+        """Roll ``change`` onto the launch templates: groups sharing a template in sequence, templates
+        concurrently. Groups whose result is not ``ok`` any more (refused while planning) are left alone."""
         by_template = bucket_by_template(
             [(g, {templates[r["id"] or r["name"]].id for r in refs_by_group.get(g["AutoScalingGroupName"], [])})
-             for g in groups if g["AutoScalingGroupName"] in refs_by_group]
+             for g in groups if g["AutoScalingGroupName"] in refs_by_group
+             and results[g["AutoScalingGroupName"]]["status"] == "ok"]
         )
 
         def roll(template_groups):
             for group in template_groups:
                 self._roll_group_templates(group, refs_by_group.get(group["AutoScalingGroupName"], []),
-                                           templates, desired, results[group["AutoScalingGroupName"]])
+                                           templates, change, results[group["AutoScalingGroupName"]])
 
         self._map(roll, by_template)
+
+    def _new_result(self, group):
+        """A group's result before anything is known; subclasses add their own keys."""
+        return {
+            "name": group["AutoScalingGroupName"],
+            "status": "ok",
+            "changed": False,
+            "error": None,
+            "launch_templates": [],
+            "instance_refresh": None,
+            "instances": [],
+            "skipped_instances": [],
+        }
+
+    def _roll_group_templates(self, group, refs, templates, change, result):
+        name = group["AutoScalingGroupName"]
+        try:
+            plans = []
+            for ref in refs:
+                template = templates[ref["id"] or ref["name"]]
+                plan = plan_template_change(ref, template, change, self.options.version_mode)
+                plans.append(plan)
+                if plan["create_version"]:
+                    self._create_version(template, plan)
+                elif plan["set_default"]:
+                    self._set_default(template, plan["version_after"])
+            request = group_update_request(group, plans)
+            if request and not self.options.check_mode:
+                try:
+                    self.autoscaling.update_auto_scaling_group(aws_retry=True, **request)
+                except AWS_ERRORS as exc:
+                    raise AwsCallError(f"UpdateAutoScalingGroup {name}", exc) from exc
+            result["launch_templates"] = [public_template_plan(p) for p in plans]
+            if any(p["changed"] for p in plans):
+                result["changed"] = True
+            if self.options.instance_refresh and any(p["create_version"] for p in plans):
+                result["instance_refresh"] = self._start_refresh(name)
+        except RollError as exc:
+            result["status"] = "failed"
+            result["error"] = f"Auto Scaling group {name!r}: {exc}"
+            result["launch_templates"] = result["launch_templates"] or []
+
+    def _create_version(self, template, plan):
+        create = plan["create_version"]
+        make_default = plan["set_default"]
+        number = create["number"]
+        if not self.options.check_mode:
+            try:
+                answer = self.ec2.create_launch_template_version(
+                    aws_retry=True, LaunchTemplateId=template.id, VersionDescription=create["description"],
+                    **create["request"]
+                )["LaunchTemplateVersion"]
+            except AWS_ERRORS as exc:
+                raise AwsCallError(f"CreateLaunchTemplateVersion {template.name or template.id}", exc) from exc
+            number = int(answer["VersionNumber"])
+            if make_default:
+                self._set_default(template, number)
+        template.record_version(number, create["full_data"], make_default=make_default)
+        plan["created_version"] = number
+        plan["version_after"] = number
+        if plan["spec_after"] not in (LATEST, DEFAULT, None):
+            plan["spec_after"] = str(number)
+            plan["update_group"] = plan["spec_after"] != plan["spec_before"]
+
+    def _set_default(self, template, number):
+        if not self.options.check_mode:
+            try:
+                self.ec2.modify_launch_template(aws_retry=True, LaunchTemplateId=template.id,
+                                                DefaultVersion=str(number))
+            except AWS_ERRORS as exc:
+                raise AwsCallError(f"ModifyLaunchTemplate {template.name or template.id}", exc) from exc
+        template.default = number
+
+    def _start_refresh(self, name):
+        if self.options.check_mode:
+            return {"id": None, "would_start": True}
+        params = {"AutoScalingGroupName": name}
+        if self.options.instance_refresh_preferences:
+            params["Preferences"] = self.options.instance_refresh_preferences
+        try:
+            answer = self.autoscaling.start_instance_refresh(aws_retry=True, **params)
+        except is_boto3_error_code("InstanceRefreshInProgress"):
+            self.warn(f"Auto Scaling group {name!r}: an instance refresh is already in progress; none started")
+            return {"id": None, "in_progress": True}
+        except AWS_ERRORS as exc:
+            raise AwsCallError(f"StartInstanceRefresh {name}", exc) from exc
+        return {"id": answer.get("InstanceRefreshId")}
+
+
+class Roller(GroupRoller):
+    """Applies one instance profile to a set of Auto Scaling groups (``iam`` is an IAM client)."""
+
+    def __init__(self, ec2, autoscaling, iam, options, sleep=time.sleep, clock=time.monotonic, warn=None):
+        super().__init__(ec2, autoscaling, options, sleep=sleep, clock=clock, warn=warn)
+        self.iam = iam
+
+    # --- reading ----------------------------------------------------------
+    def resolve_profile(self, profile):
+        """ProfileRef for a name or ARN; waits for a just-created profile (present, not in check mode)."""
+        name = profile_name_from_arn(profile) if is_profile_arn(profile) else profile
+        try:
+            record = self.iam.get_instance_profile(InstanceProfileName=name, aws_retry=True)["InstanceProfile"]
+        except is_boto3_error_code(PROFILE_NOT_FOUND_CODES):
+            record = None
+        except AWS_ERRORS as exc:
+            raise AwsCallError(f"GetInstanceProfile {name}", exc) from exc
+        if record is None and self.options.state == "present" and not self.options.check_mode:
+            record = self._wait_for_profile(name)
+        if record is None:
+            if self.options.check_mode and self.options.state == "present":
+                self.warn(f"instance profile {name!r} does not exist yet: planned as if it did (check mode)")
+                return ProfileRef(name, profile if is_profile_arn(profile) else None)
+            raise ProfileNotFoundError(name)
+        if is_profile_arn(profile) and record["Arn"] != profile:
+            raise InputError(f"instance profile {name!r} has ARN {record['Arn']}, not {profile}: fix the ARN")
+        return ProfileRef(record["InstanceProfileName"], record["Arn"])
+
+    def _wait_for_profile(self, name):
+        """IAM is eventually consistent: a profile created a moment ago may not be visible yet."""
+        delay = max(1, min(5, self.options.wait_timeout // 10 or 1))
+        attempts = max(1, int(self.options.wait_timeout // delay))
+        try:
+            waiter = self.iam.get_waiter("instance_profile_exists")
+            waiter.wait(InstanceProfileName=name, WaiterConfig={"Delay": delay, "MaxAttempts": attempts})
+        except AWS_ERRORS as exc:
+            # botocore's WaiterError: "Max attempts exceeded" means the profile never appeared;
+            # anything else (access denied, a terminal failure) is an error of its own.
+            if "Max attempts exceeded" in str(exc) or error_code(exc) in PROFILE_NOT_FOUND_CODES:
+                return None
+            raise AwsCallError(f"waiting for instance profile {name}", exc) from exc
+        return self.iam.get_instance_profile(InstanceProfileName=name, aws_retry=True)["InstanceProfile"]
+
+    def read_associations(self, instance_ids):
+        """{instance id: [association records]} for the instances, batched, batches concurrently."""
+        found = {i: [] for i in instance_ids}
+        batches = list(chunks(list(instance_ids), ASSOCIATION_BATCH_SIZE))
+
+        def one(batch):
+            params = {"Filters": [{"Name": "instance-id", "Values": batch}], "MaxResults": ASSOCIATION_PAGE_SIZE}
+            return list(self._pages(self.ec2.describe_iam_instance_profile_associations,
+                                    "IamInstanceProfileAssociations", "DescribeIamInstanceProfileAssociations", params))
+
+        for records in self._map(one, batches):
+            for record in records:
+                found.setdefault(record["InstanceId"], []).append(record)
+        return found
+
+    def _new_result(self, group):
+        result = super()._new_result(group)
+        result["mismatched"] = []
+        return result
+
+    # --- whole run: named steps ----------------------------------------------
+    def run(self, profile, names=None, tag_filters=None):
+        """Plan everything, fail before any change on bad input, then apply; returns the result dict."""
+        desired = self.resolve_profile(profile)
+        groups = self.find_groups(names, tag_filters)
+        results = {g["AutoScalingGroupName"]: self._new_result(g) for g in groups}
+        if self.options.manage_launch_template:
+            refs_by_group, templates = self._read_templates(groups, results)
+            self._roll_templates(groups, refs_by_group, templates, ProfileChange(desired, self.options.state), results)
+        if self.options.manage_instances:
+            self._roll_instances(groups, desired, results)
+        return self._report(results, desired)
 
     def _roll_instances(self, groups, desired, results):
         """Instances: plan from batched association reads, apply in the thread pool."""
@@ -343,97 +464,16 @@ class Roller:
             "diff": build_diff(ordered),
         }
 
-    @staticmethod
-    def _new_result(group):
-        return {
-            "name": group["AutoScalingGroupName"],
-            "status": "ok",
-            "changed": False,
-            "error": None,
-            "launch_templates": [],
-            "instance_refresh": None,
-            "instances": [],
-            "skipped_instances": [],
-            "mismatched": [],
-        }
-
-    def _roll_group_templates(self, group, refs, templates, desired, result):
-        name = group["AutoScalingGroupName"]
-        try:
-            plans = []
-            for ref in refs:
-                template = templates[ref["id"] or ref["name"]]
-                plan = plan_template(ref, template, desired, self.options.state, self.options.version_mode)
-                plans.append(plan)
-                if plan["create_version"]:
-                    self._create_version(template, plan)
-                elif plan["set_default"]:
-                    self._set_default(template, plan["version_after"])
-            request = group_update_request(group, plans)
-            if request and not self.options.check_mode:
-                try:
-                    self.autoscaling.update_auto_scaling_group(aws_retry=True, **request)
-                except AWS_ERRORS as exc:
-                    raise AwsCallError(f"UpdateAutoScalingGroup {name}", exc) from exc
-            result["launch_templates"] = [public_template_plan(p) for p in plans]
-            if any(p["changed"] for p in plans):
-                result["changed"] = True
-            if self.options.instance_refresh and any(p["create_version"] for p in plans):
-                result["instance_refresh"] = self._start_refresh(name)
-        except InstanceProfileError as exc:
-            result["status"] = "failed"
-            result["error"] = f"Auto Scaling group {name!r}: {exc}"
-            result["launch_templates"] = result["launch_templates"] or []
-
-    def _create_version(self, template, plan):
-        create = plan["create_version"]
-        make_default = plan["set_default"]
-        number = create["number"]
-        if not self.options.check_mode:
-            description = "fleetkeeper.aws.asg_instance_profile: " + (
-                "instance profile " + (profile_display(create["full_data"].get("IamInstanceProfile")) or "")
-                if self.options.state == "present" else "instance profile removed"
-            )
-            try:
-                answer = self.ec2.create_launch_template_version(
-                    aws_retry=True, LaunchTemplateId=template.id, VersionDescription=description[:255],
-                    **create["request"]
-                )["LaunchTemplateVersion"]
-            except AWS_ERRORS as exc:
-                raise AwsCallError(f"CreateLaunchTemplateVersion {template.name or template.id}", exc) from exc
-            number = int(answer["VersionNumber"])
-            if make_default:
-                self._set_default(template, number)
-        template.record_version(number, create["full_data"], make_default=make_default)
-        plan["created_version"] = number
-        plan["version_after"] = number
-        if plan["spec_after"] not in (LATEST, DEFAULT, None):
-            plan["spec_after"] = str(number)
-            plan["update_group"] = plan["spec_after"] != plan["spec_before"]
-
-    def _set_default(self, template, number):
-        if not self.options.check_mode:
-            try:
-                self.ec2.modify_launch_template(aws_retry=True, LaunchTemplateId=template.id,
-                                                DefaultVersion=str(number))
-            except AWS_ERRORS as exc:
-                raise AwsCallError(f"ModifyLaunchTemplate {template.name or template.id}", exc) from exc
-        template.default = number
-
-    def _start_refresh(self, name):
-        if self.options.check_mode:
-            return {"id": None, "would_start": True}
-        params = {"AutoScalingGroupName": name}
-        if self.options.instance_refresh_preferences:
-            params["Preferences"] = self.options.instance_refresh_preferences
-        try:
-            answer = self.autoscaling.start_instance_refresh(aws_retry=True, **params)
-        except is_boto3_error_code("InstanceRefreshInProgress"):
-            self.warn(f"Auto Scaling group {name!r}: an instance refresh is already in progress; none started")
-            return {"id": None, "in_progress": True}
-        except AWS_ERRORS as exc:
-            raise AwsCallError(f"StartInstanceRefresh {name}", exc) from exc
-        return {"id": answer.get("InstanceRefreshId")}
+    def _poll(self, what, done):
+        deadline = self.clock() + self.options.wait_timeout
+        delay = 1.0
+        while True:
+            if done():
+                return
+            if self.clock() + delay > deadline:
+                raise InstanceProfileError(f"timed out after {self.options.wait_timeout}s waiting for {what}")
+            self.sleep(delay)
+            delay = min(delay * 1.5, 10.0)
 
     # --- one instance -------------------------------------------------------
     def _apply_instance(self, plan, desired):
@@ -531,17 +571,6 @@ class Roller:
         params = {"Filters": [{"Name": "instance-id", "Values": [instance_id]}]}
         return list(self._pages(self.ec2.describe_iam_instance_profile_associations,
                                 "IamInstanceProfileAssociations", "DescribeIamInstanceProfileAssociations", params))
-
-    def _poll(self, what, done):
-        deadline = self.clock() + self.options.wait_timeout
-        delay = 1.0
-        while True:
-            if done():
-                return
-            if self.clock() + delay > deadline:
-                raise InstanceProfileError(f"timed out after {self.options.wait_timeout}s waiting for {what}")
-            self.sleep(delay)
-            delay = min(delay * 1.5, 10.0)
 
     def _wait_until_unassociated(self, instance_id):
         def gone():

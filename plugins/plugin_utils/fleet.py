@@ -403,6 +403,24 @@ def drift(group, member, target):
     return None
 
 
+def metadata_options(instance):
+    """The instance metadata options of a DescribeInstances item, as the host var ``metadata_options``.
+
+    ``imdsv1`` is true when the metadata service answers without a session token (tokens optional and the
+    endpoint enabled): the hosts the IMDSv2 migration still has to reach. None when EC2 did not say."""
+    options = instance.get("MetadataOptions")
+    if not options:
+        return None
+    tokens, endpoint = options.get("HttpTokens"), options.get("HttpEndpoint")
+    return {
+        "http_tokens": tokens,
+        "http_put_response_hop_limit": options.get("HttpPutResponseHopLimit"),
+        "http_endpoint": endpoint,
+        "instance_metadata_tags": options.get("InstanceMetadataTags"),
+        "imdsv1": tokens == "optional" and endpoint != "disabled",
+    }
+
+
 def instance_record(instance, region, group=None, member=None, versions=None):
     """The cached, JSON-serialisable facts about one instance; host vars are built from it."""
     tags = tag_dict(instance.get("Tags"))
@@ -436,6 +454,7 @@ def instance_record(instance, region, group=None, member=None, versions=None):
         "launch_template_drift": drift(group, member, target),
         "launch_configuration_name": (member or {}).get("launch_configuration"),
         "instance_profile_arn": profile.get("Arn"),
+        "metadata_options": metadata_options(instance),
         "ec2_tags": tags,
     }
     if group is None and record["asg_name"] is None:
@@ -466,16 +485,19 @@ def safe_group_name(name):
 
 
 def builtin_groups(record, asg_prefix="asg_", region_groups=True):
-    """Groups a host joins without any constructed options: ASG, AZ, region (when several), lifecycle, drift."""
+    """Groups a host joins without any constructed options: ASG, AZ, region (when several), lifecycle, drift,
+    IMDSv1 still answering."""
     return list(_builtin_groups(
         record.get("asg_name"), bool(record.get("standalone")), record.get("availability_zone"),
         record["region"] if region_groups else None, record.get("lifecycle_state"),
         bool(record.get("launch_template_drift")), asg_prefix,
+        bool((record.get("metadata_options") or {}).get("imdsv1")),
     ))
 
 
 @functools.lru_cache(maxsize=4096)
-def _builtin_groups(asg_name, standalone, availability_zone, region, lifecycle_state, drift, asg_prefix):
+def _builtin_groups(asg_name, standalone, availability_zone, region, lifecycle_state, drift, asg_prefix,
+                    imdsv1=False):
     # Memoised: a fleet has few distinct combinations, and each name is sanitised by a regex.
     groups = []
     if asg_name:
@@ -490,6 +512,8 @@ def _builtin_groups(asg_name, standalone, availability_zone, region, lifecycle_s
         groups.append(safe_group_name("lifecycle_" + lifecycle_state.replace(":", "_").lower()))
     if drift:
         groups.append("launch_template_drift")
+    if imdsv1:
+        groups.append("imdsv1")
     return tuple(groups)
 
 

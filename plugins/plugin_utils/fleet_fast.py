@@ -41,7 +41,7 @@ from ansible import constants as C
 from ansible.inventory.host import Host
 from ansible.utils.path import basedir
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 _ABSENT = "\x00absent"  # a key a record lacks, in the column-wise cache (AWS never returns NUL)
 
 
@@ -210,6 +210,13 @@ _INSTANCE_TEXT_FIELDS = {
 }
 
 
+# The metadata options the inventory reports (host var metadata_options).
+_METADATA_FIELDS = {
+    "httpTokens": "HttpTokens", "httpPutResponseHopLimit": "HttpPutResponseHopLimit",
+    "httpEndpoint": "HttpEndpoint", "instanceMetadataTags": "InstanceMetadataTags",
+}
+
+
 def _namespace(root):
     return root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
 
@@ -228,7 +235,7 @@ _UNUSED_SUBTREES = re.compile(
     rb"|usageOperationUpdateTime|currentInstanceBootMode|code|reason|keyName|amiLaunchIndex|groupName|tenancy|id)>"
     rb"[^<]*</\1>"
     rb"|<(?:groupSet|productCodes|reason|keyName)/>"
-    rb"|<(networkInterfaceSet|blockDeviceMapping|groupSet|metadataOptions|privateDnsNameOptions|cpuOptions"
+    rb"|<(networkInterfaceSet|blockDeviceMapping|groupSet|privateDnsNameOptions|cpuOptions"
     rb"|capacityReservationSpecification|hibernationOptions|enclaveOptions|maintenanceOptions"
     rb"|networkPerformanceOptions|operator|monitoring|stateReason|productCodes|elasticGpuAssociationSet"
     rb"|elasticInferenceAcceleratorAssociationSet|licenseSet|ipv6AddressesSet)>.*?</\2>",
@@ -259,6 +266,8 @@ def parse_describe_instances(body, element_tree):
     profile_tag, tags_tag = ns + "iamInstanceProfile", ns + "tagSet"
     name_tag, az_tag, arn_tag = ns + "name", ns + "availabilityZone", ns + "arn"
     key_tag, value_tag = ns + "key", ns + "value"
+    metadata_tag = ns + "metadataOptions"
+    metadata_fields = [(ns + name, field) for name, field in _METADATA_FIELDS.items()]
     for reservation in reservation_set:
         instances = []
         reservations.append({"Instances": instances})
@@ -281,6 +290,11 @@ def parse_describe_instances(body, element_tree):
                     instance["IamInstanceProfile"] = {"Arn": child.findtext(arn_tag)}
                 elif tag == tags_tag:
                     instance["Tags"] = [{"Key": t.findtext(key_tag), "Value": t.findtext(value_tag) or ""} for t in child]
+                elif tag == metadata_tag:
+                    options = {field: child.findtext(name) for name, field in metadata_fields}
+                    hops = options["HttpPutResponseHopLimit"]
+                    options["HttpPutResponseHopLimit"] = int(hops) if hops and hops.isdigit() else None
+                    instance["MetadataOptions"] = options
             if "InstanceId" not in instance:
                 return None
             instances.append(instance)

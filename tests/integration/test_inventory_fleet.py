@@ -192,6 +192,31 @@ def test_instance_profile_arn(aws, tmp_path):
     assert arns == {with_profile: profile["Arn"], fleet.groups["web"][1]: None}
 
 
+def test_metadata_options_host_vars_and_groups(aws, tmp_path):
+    fleet = fl.demo_fleet(aws, groups={"web": 3})
+    ec2 = aws.client("ec2")
+    v2 = fleet.groups["web"][0]
+    ec2.modify_instance_metadata_options(InstanceId=v2, HttpTokens="required", HttpPutResponseHopLimit=2,
+                                         HttpEndpoint="enabled", InstanceMetadataTags="disabled")
+    for fast_parser in (True, False):
+        aws.proxy.reset()
+        path = write_config(tmp_path, aws, fast_parser=fast_parser, keyed_groups=[
+            {"key": "metadata_options.http_tokens", "prefix": "imds"},
+            {"key": "'hops_' ~ metadata_options.http_put_response_hop_limit", "prefix": "imds"}])
+        data = listed(path, aws)[0]
+        by_id = {v["instance_id"]: (name, v) for name, v in hostvars(data).items()}
+        name, variables = by_id[v2]
+        assert variables["metadata_options"] == {"http_tokens": "required", "http_put_response_hop_limit": 2,
+                                                 "http_endpoint": "enabled", "instance_metadata_tags": "disabled",
+                                                 "imdsv1": False}
+        v1_names = sorted(by_id[i][0] for i in fleet.groups["web"][1:])
+        assert hosts_of(data, "imdsv1") == v1_names
+        assert hosts_of(data, "imds_optional") == v1_names and hosts_of(data, "imds_required") == [name]
+        assert hosts_of(data, "imds_hops_2") == [name] and hosts_of(data, "imds_hops_1") == v1_names
+        # Read from the DescribeInstances answers the inventory makes anyway: no call more.
+        assert aws.proxy.count("ec2", "DescribeInstances") == 1
+
+
 def test_standalone_instances_by_filters_and_hostnames(aws, tmp_path):
     fleet = fl.demo_fleet(aws, groups={"web": 2})
     path = write_config(tmp_path, aws, instance_filters=[{"tag:fleetkeeper:role": "bastion"}],

@@ -11,6 +11,7 @@ import yaml
 
 from tests.support import fleet as fleet_support
 from tests.support import instance_profile as support
+from tests.support import metadata_options as imds
 from tests.support.ansiblerun import run_playbook
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,6 +42,7 @@ def play(aws, **variables):
 
 PREFIX = "fleetkeeper.aws.instance_profile : "
 ROLLOUT = PREFIX + "Roll the instance profile onto the target Auto Scaling groups"
+METADATA = PREFIX + "Roll the instance metadata options onto the target Auto Scaling groups"
 
 
 def changed_tasks(run):
@@ -66,6 +68,8 @@ def test_role_converges_idempotently_and_detaches(aws):
     assert "Create or update the IAM role with the EC2 trust policy and managed policies" in changed_tasks(check)
     rollout = check.task(ROLLOUT)
     assert rollout.changed and rollout["summary"]["associated"] == 4 and rollout["summary"]["replaced"] == 1
+    metadata = check.task(METADATA)
+    assert metadata.changed and metadata["summary"]["modified"] == 5 and metadata["imdsv1_instances"] == []
     assert iam.list_roles()["Roles"] == [r for r in iam.list_roles()["Roles"] if r["RoleName"] == "legacy"]
 
     first = run_playbook(play(aws, instance_profile_managed_policies=[]), env=aws.env())
@@ -78,7 +82,11 @@ def test_role_converges_idempotently_and_detaches(aws):
     assert [r["RoleName"] for r in profile["Roles"]] == ["fleet-app"]
     assert set(support.profile_of_instances(ec2, instances).values()) == {profile["Arn"]}
     for name in fleet.groups:
+        # Both roll-outs made a version; the second kept the first's profile (SourceVersion).
         assert support.group_template(ec2, autoscaling, name)[2] == {"Arn": profile["Arn"]}
+        assert imds.template_data(ec2, autoscaling, name)[1]["MetadataOptions"] == {
+            "HttpTokens": "required", "HttpPutResponseHopLimit": 1, "HttpEndpoint": "enabled"}
+    assert {o["HttpTokens"] for o in imds.options_of_instances(ec2, instances).values()} == {"required"}
 
     second = run_playbook(play(aws, instance_profile_managed_policies=[]), env=aws.env())
     assert second.returncode == 0, second.stdout + second.stderr
@@ -102,6 +110,26 @@ def test_role_converges_idempotently_and_detaches(aws):
     assert again.returncode == 0 and changed_tasks(again) == [], again.stdout
 
 
+def test_imdsv1_users_stop_the_role_until_forced(aws):
+    ec2 = aws.client("ec2")
+    fleet = fleet_support.demo_fleet(aws)
+    user = fleet.groups["web"][1]
+    imds.put_v1_calls(aws.client("cloudwatch"), user, 30, days_ago=2)
+    create_managed_policy(aws.client("iam"))
+    run = run_playbook(play(aws), env=aws.env())
+    assert run.returncode != 0
+    failure = run.task(METADATA)
+    assert failure.failed and failure["refused_groups"] == ["web"] and user in failure["msg"]
+    options = imds.options_of_instances(ec2, [i for ids in fleet.groups.values() for i in ids])
+    assert {options[i]["HttpTokens"] for i in fleet.groups["web"]} == {"optional"}
+    forced = run_playbook(play(aws, instance_profile_metadata_force=True), env=aws.env())
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert forced.task(METADATA)["imdsv1_instances"][0]["instance_id"] == user
+    # Leaving the options alone: the task is skipped.
+    untouched = run_playbook(play(aws, instance_profile_metadata_options={}), env=aws.env())
+    assert untouched.returncode == 0 and changed_tasks(untouched) == []
+
+
 def test_invalid_policy_json_is_named_and_nothing_changes(aws):
     fleet_support.demo_fleet(aws)
     aws.proxy.reset()
@@ -121,6 +149,8 @@ def test_invalid_policy_json_is_named_and_nothing_changes(aws):
 def test_argument_spec_rejects_bad_variables(aws):
     run = run_playbook(play(aws, instance_profile_launch_template_version="newest"), env=aws.env())
     assert run.returncode != 0 and "instance_profile_launch_template_version" in run.stdout
+    tokens = run_playbook(play(aws, instance_profile_metadata_options={"http_tokens": "sometimes"}), env=aws.env())
+    assert tokens.returncode != 0 and "http_tokens" in tokens.stdout
     assert aws.proxy.count() == 0
 
 
@@ -136,4 +166,5 @@ def test_role_and_module_operations_are_allowed_by_the_documented_policy(aws):
         policy = json.load(handle)
     seen = support.iam_actions(aws.proxy)
     assert "iam:CreateRole" in seen and "ec2:AssociateIamInstanceProfile" in seen
+    assert "ec2:ModifyInstanceMetadataOptions" in seen and "cloudwatch:GetMetricData" in seen
     assert [a for a in seen if not support.policy_allows(policy, a)] == []

@@ -11,7 +11,8 @@ test reaches either only through ``endpoint_url``, as it would reach AWS.
 The proxy also emulates what moto lacks for Auto Scaling launch lifecycle hooks
 (instances held in ``Pending:Wait``, CompleteLifecycleAction,
 RecordLifecycleActionHeartbeat, the hook's notifications to SQS/SNS): see
-``tests/support/lifecycle.py`` and docs/lifecycle.md.
+``tests/support/lifecycle.py`` and docs/lifecycle.md; and ``SourceVersion`` of
+CreateLaunchTemplateVersion (``tests/support/launch_templates.py``).
 
 Run as a script it starts both and prints the proxy's URL, for manual use::
 
@@ -39,9 +40,11 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 try:  # run as ``python tests/support/awsemu.py`` or imported as tests.support.awsemu
+    from tests.support.launch_templates import SourceVersionEmulation
     from tests.support.lifecycle import LifecycleEmulation, query_params
 except ImportError:  # pragma: no cover - script mode
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    from tests.support.launch_templates import SourceVersionEmulation
     from tests.support.lifecycle import LifecycleEmulation, query_params
 
 TEST_CREDENTIALS = {
@@ -135,8 +138,11 @@ class Fault:
     half, with the full Content-Length) or ``deny`` (403 AccessDenied).
     ``code`` replaces the error code of ``error`` (for example
     ``ResourceContention`` with status 500, Auto Scaling's contention fault).
-    ``service`` and ``operation`` restrict it (None matches all); ``times``
-    limits how often it fires (None: always).
+    ``service`` and ``operation`` restrict it (None matches all); ``where``
+    restricts it to requests whose query parameters hold one of the given values
+    (``{"InstanceId": [ids]}``, ``{"LaunchTemplateId": "lt-..."}``), so that
+    one group's calls fail and the others' do not; ``times`` limits how often it
+    fires (None: always).
     """
 
     kind: str
@@ -145,15 +151,20 @@ class Fault:
     times: int | None = None
     status: int = 500
     code: str | None = None
+    where: dict | None = None
     fired: int = 0
 
-    def matches(self, service: str, operation: str) -> bool:
+    def matches(self, service: str, operation: str, params: dict | None = None) -> bool:
         if self.times is not None and self.fired >= self.times:
             return False
         if self.service and self.service != service:
             return False
         if self.operation and self.operation != operation:
             return False
+        for key, wanted in (self.where or {}).items():
+            values = wanted if isinstance(wanted, (list, tuple, set, frozenset)) else [wanted]
+            if (params or {}).get(key) not in values:
+                return False
         return True
 
 
@@ -172,6 +183,7 @@ class ProxyState:
     calls: list = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     lifecycle: LifecycleEmulation | None = None
+    launch_templates: SourceVersionEmulation | None = None
 
 
 def scope_of(headers) -> list:
@@ -318,8 +330,11 @@ def _make_handler(upstream: str, state: ProxyState):
                 time.sleep(state.latency)
             fault = None
             with state.lock:
+                wants_params = any(f.where for f in state.faults)
+            params = query_params(self.path, body) if wants_params else None
+            with state.lock:
                 for candidate in state.faults:
-                    if candidate.matches(service, operation):
+                    if candidate.matches(service, operation, params):
                         candidate.fired += 1
                         fault = candidate
                         break
@@ -357,6 +372,12 @@ def _make_handler(upstream: str, state: ProxyState):
                     state.calls.append(Call(service, operation, status, "emulated"))
                     self._send(status, [("Content-Type", "text/xml")], payload)
                     return
+            if service == "ec2" and operation == "CreateLaunchTemplateVersion" and state.launch_templates:
+                scope = scope_of(self.headers)
+                rewritten = state.launch_templates.before(scope[2] if len(scope) >= 5 else "us-east-1", operation,
+                                                          query_params(self.path, body))
+                if rewritten is not None:
+                    body = rewritten
             status, headers, payload = self._upstream(self.command, body)
             if lifecycle is not None:
                 payload = lifecycle.after(region, operation, params, status, payload)
@@ -376,6 +397,7 @@ class FaultProxy:
         self.state = ProxyState()
         self._clients: dict = {}
         self.lifecycle = self.state.lifecycle = LifecycleEmulation(self._upstream_client)
+        self.state.launch_templates = SourceVersionEmulation(self._upstream_client)
         self.server = ThreadingHTTPServer((host, port), _make_handler(upstream, self.state))
         self.server.daemon_threads = True
         self.thread: threading.Thread | None = None
@@ -412,10 +434,12 @@ class FaultProxy:
         self.state.latency = milliseconds / 1000.0
 
     def inject(self, kind: str, service: str | None = None, operation: str | None = None,
-               times: int | None = None, status: int = 500, code: str | None = None) -> Fault:
+               times: int | None = None, status: int = 500, code: str | None = None,
+               where: dict | None = None) -> Fault:
         if kind not in ("throttle", "error", "drop", "truncate", "deny"):
             raise ValueError(f"unknown fault kind {kind!r}")
-        fault = Fault(kind=kind, service=service, operation=operation, times=times, status=status, code=code)
+        fault = Fault(kind=kind, service=service, operation=operation, times=times, status=status, code=code,
+                      where=where)
         with self.state.lock:
             self.state.faults.append(fault)
         return fault

@@ -107,8 +107,11 @@ def policy_allows(policy, action):
 
 
 def iam_actions(proxy):
-    """IAM action names (service:Operation) for every call the proxy saw, excluding test set-up."""
-    return sorted({f"{c.service}:{c.operation}" for c in proxy.calls()})
+    """IAM action names (service:Operation) for every call the proxy saw, excluding test set-up.
+
+    The SigV4 service name is the IAM prefix except for CloudWatch (signed as ``monitoring``)."""
+    prefixes = {"monitoring": "cloudwatch"}
+    return sorted({f"{prefixes.get(c.service, c.service)}:{c.operation}" for c in proxy.calls()})
 
 
 # --------------------------------------------------------------------------

@@ -44,6 +44,9 @@ def test_fast_describe_instances_matches_botocore():
     for fast_one, slow_one in zip(fast_instances, slow_instances):
         assert logic.instance_record(fast_one, "us-east-1") == logic.instance_record(slow_one, "us-east-1")
         assert fast_one["PrivateIpAddress"] == slow_one["PrivateIpAddress"]  # not the interface's copy
+        assert logic.instance_record(fast_one, "us-east-1")["metadata_options"] == {
+            "http_tokens": "required", "http_put_response_hop_limit": 2, "http_endpoint": "enabled",
+            "instance_metadata_tags": "disabled", "imdsv1": False}
 
 
 def test_fast_describe_auto_scaling_groups_matches_botocore():

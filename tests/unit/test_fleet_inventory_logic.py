@@ -212,6 +212,23 @@ def test_builtin_groups():
     assert logic.builtin_groups(record) == ["asg_web_1", "az_us_east_1a", "region_us_east_1", "lifecycle_pending_wait",
                                             "launch_template_drift"]
     assert logic.builtin_groups({"standalone": True, "region": "eu-west-1"}, "fleet_") == ["standalone", "region_eu_west_1"]
+    v1 = {"asg_name": "web", "region": "us-east-1", "metadata_options": {"imdsv1": True}}
+    assert logic.builtin_groups(v1, region_groups=False) == ["asg_web", "imdsv1"]
+    v2 = {"asg_name": "web", "region": "us-east-1", "metadata_options": {"imdsv1": False}}
+    assert logic.builtin_groups(v2, region_groups=False) == ["asg_web"]
+
+
+def test_metadata_options_host_var():
+    assert logic.metadata_options(INSTANCE) is None  # EC2 did not say: unknown, not v1
+    options = {"State": "applied", "HttpTokens": "optional", "HttpPutResponseHopLimit": 1,
+               "HttpEndpoint": "enabled", "InstanceMetadataTags": "disabled", "HttpProtocolIpv6": "disabled"}
+    assert logic.metadata_options(dict(INSTANCE, MetadataOptions=options)) == {
+        "http_tokens": "optional", "http_put_response_hop_limit": 1, "http_endpoint": "enabled",
+        "instance_metadata_tags": "disabled", "imdsv1": True}
+    required = logic.metadata_options(dict(INSTANCE, MetadataOptions=dict(options, HttpTokens="required")))
+    assert required["imdsv1"] is False
+    off = logic.metadata_options(dict(INSTANCE, MetadataOptions=dict(options, HttpEndpoint="disabled")))
+    assert off["imdsv1"] is False  # no metadata service at all: nothing to migrate
 
 
 def test_hostname_preferences_and_fallbacks():
