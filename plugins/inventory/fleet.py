@@ -76,6 +76,8 @@ options:
       - ASG lifecycle states whose instances become hosts, for example V(InService), V(Standby),
         V(Pending:Wait), V(Terminating:Wait), V(Detaching).
       - V(all) keeps every instance whatever its state (terminated instances included).
+      - A value that is not an Auto Scaling lifecycle state (the C(LifecycleState) values of the Auto Scaling API,
+        spelled as there, such as V(InService)) fails the inventory with the list of valid states.
       - Hosts in V(Pending:Wait) also get C(lifecycle_hook_names) (the launch lifecycle hooks of their group, one
         C(DescribeLifecycleHooks) call per group holding such instances) and C(lifecycle_hook_name) when there is
         exactly one, for the C(fleetkeeper.aws.provision) playbook. The action token is not known to the

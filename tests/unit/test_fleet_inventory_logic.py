@@ -41,6 +41,22 @@ def test_hostnames_and_lifecycle_options():
         logic.validate_lifecycle_states([])
 
 
+def test_lifecycle_states_outside_auto_scaling_fail_listing_the_valid_ones():
+    with pytest.raises(logic.FleetConfigError) as caught:
+        logic.validate_lifecycle_states(["Pending:Wait", "Inservice"])
+    message = str(caught.value)
+    assert "'Inservice' (did you mean 'InService'?)" in message
+    assert "Pending:Wait, " in message and "Warmed:Hibernated" in message and "'all'" in message
+    with pytest.raises(logic.FleetConfigError, match="'Booting'"):
+        logic.validate_lifecycle_states(["Booting"])
+
+
+def test_lifecycle_states_are_those_of_botocores_model():
+    import botocore.session
+    model = botocore.session.get_session().get_service_model("autoscaling")
+    assert set(logic.LIFECYCLE_STATES) == set(model.shape_for("LifecycleState").enum)
+
+
 def test_bastion_option():
     assert logic.parse_bastion(None) is None
     parsed = logic.parse_bastion({"tag": "fleetkeeper:role=bastion", "user": "admin", "port": "2222"})
