@@ -541,8 +541,11 @@ def proxy_jump_args(address, user=None, port=None, extra=""):
 
 
 def host_vars(record, bastion_args=None):
-    """Host variables of one record (the record minus bookkeeping, plus connection vars)."""
-    variables = dict(record)
+    """Host variables of one record (the record minus bookkeeping, plus connection vars).
+
+    The record is taken over and becomes the variables (no copy: at 100,000 hosts a copy per host is
+    about 130 MB), so the caller must not use it afterwards."""
+    variables = record
     variables.pop("standalone", None)
     variables["ansible_host"] = record.get("public_ip_address") or record.get("private_ip_address") or record.get("instance_id")
     if bastion_args and not record.get("public_ip_address"):

@@ -192,10 +192,11 @@ def test_instance_record_and_host_vars():
     assert record["public_dns_name"] is None and record["public_ip_address"] is None
     assert record["instance_profile_arn"] == "arn:aws:iam::1:instance-profile/web"
     assert record["ec2_tags"] == {"Name": "web", "aws:autoscaling:groupName": "web"}
+    public = dict(record, public_ip_address="198.51.100.7")
     variables = logic.host_vars(record, "-o ProxyJump=admin@192.0.2.1")
+    assert variables is record, "the record is taken over, not copied"
     assert variables["ansible_host"] == "10.0.0.5"
     assert variables["ansible_ssh_common_args"] == "-o ProxyJump=admin@192.0.2.1"
-    public = dict(record, public_ip_address="198.51.100.7")
     assert "ansible_ssh_common_args" not in logic.host_vars(public, "-o ProxyJump=x")
     assert logic.host_vars(public)["ansible_host"] == "198.51.100.7"
     standalone = logic.instance_record(dict(INSTANCE, Tags=[]), "us-east-1")
