@@ -25,7 +25,7 @@ description:
     O(heartbeat_interval) seconds until every action is completed (by another task), the lifetime is over,
     O(stop_file) appears or the process O(watch_pid) ends; run it with C(async) beside a long configuration run.
   - A completion by token that AWS does not know while the instance still waits in C(Pending:Wait) is reported as
-    V(token_mismatch) (the token is not that of the open action: a stale or foreign notification) and fails the
+    V(token_mismatch) (the token is not that of the open action, a stale or foreign notification) and fails the
     task; nothing is completed.
   - Why not C(community.aws.autoscaling_complete_lifecycle_action)? It takes one instance id per task and no
     token, fails on every error including "No active Lifecycle Action found" (so a re-run or a redelivered event
@@ -74,14 +74,14 @@ options:
   stop_file:
     description:
       - With O(heartbeat_lifetime), stop sending heartbeats within a second of this file appearing (on the host
-        that runs the module: the controller when delegated to C(localhost)), and remove it. The task that
+        that runs the module, the controller when delegated to C(localhost)), and remove it. The task that
         completes the action creates it, so the heartbeat job ends with the host's completion instead of at its
         next heartbeat.
     type: path
   watch_pid:
     description:
       - With O(heartbeat_lifetime), stop sending heartbeats within a second of this process ending.
-      - When the module runs on the controller (C(delegate_to: localhost) or a local connection) and this is not
+      - When the module runs on the controller (a task delegated to C(localhost), or a local connection) and this is not
         set, the collection's action plugin sets it to the C(ansible-playbook) process, so a heartbeat job started
         with C(async) never outlives the run that started it, even one that was killed.
     type: int
