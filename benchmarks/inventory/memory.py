@@ -132,10 +132,14 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(inventory_bench.ROOT, "benchmarks", "results",
                                                       "inventory_memory.json"))
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--no-export", action="store_true", help="the stages only (the export takes longest)")
+    parser.add_argument("--only", choices=["current", "before"], help="one variant only")
     args = parser.parse_args(argv)
     variants = {"current": COLLECTIONS_PATH}
     if args.before:
         variants["before"] = args.before
+    if args.only:
+        variants = {args.only: variants[args.only]}
     groups = inventory_bench.SIZES[args.instances]
     cpus = sorted(os.sched_getaffinity(0))
     child_cpu = cpus[-1] if len(cpus) > 1 and args.pin else None
@@ -150,9 +154,10 @@ def main(argv=None):
             for name in (names if n % 2 == 0 else list(reversed(names))):
                 row = {"round": n + 1, "variant": name, "instances": args.instances, "asgs": groups}
                 row.update(stages(source, variants[name], child_cpu))
-                row.update({f"export_{k}": v for k, v in
-                            export(source, workdir, replay.total_calls, variants[name], child_cpu).items()})
-                row["export_share_mb"] = round(row["export_peak_rss_mb"] - row["rss_after_populate_mb"], 1)
+                if not args.no_export:
+                    row.update({f"export_{k}": v for k, v in
+                                export(source, workdir, replay.total_calls, variants[name], child_cpu).items()})
+                    row["export_share_mb"] = round(row["export_peak_rss_mb"] - row["rss_after_populate_mb"], 1)
                 row["load_average"] = os.getloadavg()[0]
                 results.append(row)
                 print(json.dumps(row), flush=True)
