@@ -12,7 +12,10 @@ Run through ``scripts/demo.sh`` (which installs what it needs first):
 4. boot a bastion and a private test host and run ``fleetkeeper.aws.site``
    on them, log in as a synced user through the bastion, read the DNS cache's
    statistics;
-5. clean up everything it started, also when interrupted.
+5. put a launch lifecycle hook on one group, scale it out by one, show the new
+   instance held in Pending:Wait, configure the private test host standing in
+   for it with ``fleetkeeper.aws.provision`` and see the instance go InService;
+6. clean up everything it started, also when interrupted.
 
 Nothing here reaches AWS or any address outside this machine and the test
 hosts' own network namespaces.
@@ -307,6 +310,68 @@ def step_hosts(emulator, ephemeral):
     run([ansible, "-i", inventory_dir, "dns_cache_hosts", "-m", "fleetkeeper.aws.dns_cache_stats"])
 
 
+def step_scale_out(emulator, ephemeral):
+    """A launch hook on one group, a scale-out by one, the new instance held in Pending:Wait until
+    fleetkeeper.aws.provision has configured the test host standing in for it; then it is InService."""
+    import yaml  # pylint: disable=import-outside-toplevel
+
+    headline(5, "Scale-out: a launch hook holds the new instance until fleetkeeper.aws.provision configured it")
+    group, hook = "worker", "fleetkeeper-provision"
+    playbook = os.path.join(BIN, "ansible-playbook")
+    hook_playbook = os.path.join(WORK, "lifecycle_hook.yml")
+    with open(hook_playbook, "w", encoding="utf-8") as handle:
+        yaml.safe_dump([{
+            "name": "Hold new instances of one group until they are configured",
+            "hosts": "localhost", "gather_facts": False,
+            "tasks": [{"name": "A launch hook on the worker group",
+                       "fleetkeeper.aws.asg_lifecycle_hook": {
+                           "names": [group], "hook_name": hook, "heartbeat_timeout": 600,
+                           "default_result": "ABANDON", "endpoint_url": emulator.endpoint_url, "region": REGION}}],
+        }], handle, sort_keys=False)
+    run([playbook, "-i", local_inventory(), hook_playbook])
+
+    autoscaling = emulator.client("autoscaling", REGION)
+    desired = autoscaling.describe_auto_scaling_groups(
+        AutoScalingGroupNames=[group])["AutoScalingGroups"][0]["DesiredCapacity"]
+    note(f"scale {group} out by one: desired capacity {desired} -> {desired + 1}")
+    autoscaling.set_desired_capacity(AutoScalingGroupName=group, DesiredCapacity=desired + 1)
+
+    pending_source = os.path.join(WORK, "pending.fleet.yml")
+    with open(pending_source, "w", encoding="utf-8") as handle:
+        handle.write("plugin: fleetkeeper.aws.fleet\n"
+                     f"regions: [{REGION}]\n"
+                     f"endpoint_url: {emulator.endpoint_url}\n"
+                     "lifecycle_states: [Pending:Wait]\n")
+    note("the pending inventory (lifecycle_states: [Pending:Wait]) shows the new instance, held by the hook:")
+    run([os.path.join(BIN, "ansible-inventory"), "-i", pending_source, "--graph", "lifecycle_pending_wait"])
+    listed = subprocess.run([os.path.join(BIN, "ansible-inventory"), "-i", pending_source, "--list"],
+                            env=ansible_env(), text=True, capture_output=True, check=True, cwd=WORK)
+    [pending] = [plain(v) for v in json.loads(listed.stdout)["_meta"]["hostvars"].values()]
+    note(f"{pending['instance_id']}: lifecycle_state {pending['lifecycle_state']}, "
+         f"lifecycle_hook_name {pending.get('lifecycle_hook_name')}")
+
+    # No real instance boots here: the private test host (Debian 12, behind the bastion) stands in for it,
+    # with the pending instance's identity.
+    with open(os.path.join(ephemeral, "inventory", "testhosts_inventory.yml"), encoding="utf-8") as handle:
+        connection = yaml.safe_load(handle)["all"]["hosts"]["private"]
+    stand_in = dict(connection, **{key: pending[key] for key in ("instance_id", "asg_name", "region",
+                                                                 "lifecycle_state", "lifecycle_hook_name")})
+    stand_in["dns_cache_upstreams"] = [{"address": UPSTREAM_ADDRESS}]
+    stand_in_inventory = os.path.join(WORK, "pending_stand_in.yml")
+    with open(stand_in_inventory, "w", encoding="utf-8") as handle:
+        yaml.safe_dump({"all": {"children": {"lifecycle_pending_wait": {"hosts": {"new_worker": stand_in}}}}}, handle)
+    note("fleetkeeper.aws.provision converges the stand-in through the bastion and completes the action")
+    started = time.monotonic()
+    run([playbook, "-i", stand_in_inventory, "fleetkeeper.aws.provision", "-e", json.dumps({
+        "provision_aws_endpoint_url": emulator.endpoint_url,
+        "provision_roles": [{"name": "fleetkeeper.aws.dns_cache"}]})])
+    [record] = autoscaling.describe_auto_scaling_instances(InstanceIds=[pending["instance_id"]])["AutoScalingInstances"]
+    note(f"{pending['instance_id']} is {record['LifecycleState']} {time.monotonic() - started:.0f}s after the "
+         "playbook started")
+    if record["LifecycleState"] != "InService":
+        raise SystemExit(f"demo: {pending['instance_id']} is {record['LifecycleState']}, not InService")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--skip-hosts", action="store_true", help="stop after the AWS steps (no test hosts)")
@@ -329,8 +394,9 @@ def main(argv=None):
         step_imdsv2(emulator, fleet)
         if not args.skip_hosts:
             step_hosts(emulator, ephemeral)
+            step_scale_out(emulator, ephemeral)
     finally:
-        headline(5, "Clean-up")
+        headline(6, "Clean-up")
         if not args.skip_hosts and os.path.isdir(ephemeral):
             from tests.hosts import teardown  # pylint: disable=import-outside-toplevel
 

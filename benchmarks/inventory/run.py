@@ -50,7 +50,7 @@ from tests.support.replay import ReplayServer  # noqa: E402
 
 ONE_REGION = ["us-east-1"]
 FOUR_REGIONS = ["eu-central-1", "eu-west-1", "ap-southeast-2", "us-west-2"]
-SIZES = {1000: 20, 10000: 200, 50000: 1000}
+SIZES = {1000: 20, 10000: 200, 20000: 400, 50000: 1000, 100000: 1000}
 HOST_LINE = re.compile(r"^[ |]*\|--([^@].*)$")
 
 

@@ -80,6 +80,8 @@ options:
       - ASG lifecycle states whose instances become hosts, for example V(InService), V(Standby),
         V(Pending:Wait), V(Terminating:Wait), V(Detaching).
       - V(all) keeps every instance whatever its state (terminated instances included).
+      - A value that is not an Auto Scaling lifecycle state (the C(LifecycleState) values of the Auto Scaling API,
+        spelled as there, such as V(InService)) fails the inventory with the list of valid states.
       - Hosts in V(Pending:Wait) also get C(lifecycle_hook_names) (the launch lifecycle hooks of their group, one
         C(DescribeLifecycleHooks) call per group holding such instances) and C(lifecycle_hook_name) when there is
         exactly one, for the C(fleetkeeper.aws.provision) playbook. The action token is not known to the
@@ -463,6 +465,20 @@ class InventoryModule(AWSInventoryBase):
                 remaining = [i for i in remaining if i not in missing]
         return []
 
+    def _records_by_ids(self, ec2, ids, region, members, versions, hooks):
+        """The records of one DescribeInstances batch of ASG members (the parsed answer is dropped here)."""
+        records = []
+        for instance in self._describe_by_ids(ec2, ids):
+            group, member = members[instance["InstanceId"]]
+            record = logic.instance_record(instance, region, group, member, versions)
+            if record["lifecycle_state"] == "Pending:Wait" and hooks.get(group["name"]):
+                # The action's token is in the hook's notification only: no API returns it.
+                record["lifecycle_hook_names"] = hooks[group["name"]]
+                if len(hooks[group["name"]]) == 1:
+                    record["lifecycle_hook_name"] = hooks[group["name"]][0]
+            records.append(record)
+        return records
+
     def _describe_groups(self, autoscaling, request):
         return [logic.asg_summary(group) for page in pages(autoscaling.describe_auto_scaling_groups, request)
                 for group in page.get("AutoScalingGroups", ())]
@@ -533,31 +549,29 @@ class InventoryModule(AWSInventoryBase):
                 for group in groups:
                     for instance_id, member in group["instances"].items():
                         members[instance_id] = (group, member)
-                batches = [pool.submit(self._describe_by_ids, ec2, batch)
-                           for batch in logic.batches(sorted(members), logic.INSTANCE_BATCH_SIZE)]
-                versions = {}
+                # Launch template versions and hooks first (two calls at most, side by side), so that each
+                # DescribeInstances batch becomes records in the worker that fetched it: botocore's parsed
+                # instances (about 15 KB each in Python) then live one batch per worker at a time, not the
+                # whole region's at once (1.5 GB at 100,000 instances).
                 template_ids = logic.templates_to_resolve(groups)
+                versions_future = hooks_future = None
                 if template_ids and self.get_option("resolve_launch_template_versions"):
-                    action = "ec2:DescribeLaunchTemplates"
-                    versions = self._describe_templates(ec2, template_ids)
-                hooks = {}
+                    versions_future = pool.submit(self._describe_templates, ec2, template_ids)
                 states = settings["lifecycle_states"]
                 if states is None or "Pending:Wait" in states:
                     waiting = sorted({g["name"] for g in groups
                                       if any(m.get("lifecycle_state") == "Pending:Wait" for m in g["instances"].values())})
-                    action = "autoscaling:DescribeLifecycleHooks"
-                    hooks = self._launch_hooks(clients[("autoscaling", region)], waiting, result)
+                    if waiting:
+                        hooks_future = pool.submit(self._launch_hooks, clients[("autoscaling", region)], waiting, result)
+                action = "ec2:DescribeLaunchTemplates"
+                versions = versions_future.result() if versions_future else {}
+                action = "autoscaling:DescribeLifecycleHooks"
+                hooks = hooks_future.result() if hooks_future else {}
                 action = "ec2:DescribeInstances"
-                for future in batches:
-                    for instance in future.result():
-                        group, member = members[instance["InstanceId"]]
-                        record = logic.instance_record(instance, region, group, member, versions)
-                        if record["lifecycle_state"] == "Pending:Wait" and hooks.get(group["name"]):
-                            # The action's token is in the hook's notification only: no API returns it.
-                            record["lifecycle_hook_names"] = hooks[group["name"]]
-                            if len(hooks[group["name"]]) == 1:
-                                record["lifecycle_hook_name"] = hooks[group["name"]][0]
-                        result.records.append(record)
+                batches = [pool.submit(self._records_by_ids, ec2, batch, region, members, versions, hooks)
+                           for batch in logic.batches(sorted(members), logic.INSTANCE_BATCH_SIZE)]
+                while batches:
+                    result.records.extend(batches.pop(0).result())
             seen = {r["instance_id"] for r in result.records}
             for future in standalone:
                 for instance in future.result():
@@ -700,12 +714,14 @@ class InventoryModule(AWSInventoryBase):
             if fetched:
                 raw = self._fetch(settings)
                 data = {"hosts": self._shape(raw, settings), "warnings": raw["warnings"], "complete": raw["complete"]}
+                del raw  # the records became the hosts' variables
             read = time.monotonic(), time.process_time()
             for warning in data.get("warnings", ()):
                 self.warn(warning)
-            self._populate(data["hosts"])
+            # Cached before populating: the hosts' variables dicts become the inventory's own.
             if key is not None and fetched and data["complete"]:
                 self._cache[key] = fast.pack(data)
+            self._populate(data["hosts"])
             done = time.monotonic(), time.process_time()
         self.display.vvv(
             f"{self.NAME}: {len(data['hosts'])} hosts "

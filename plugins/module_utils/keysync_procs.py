@@ -128,7 +128,7 @@ class Reaper:
     HELPER_CALLS = 3        # kill(-1) calls in one helper run
     QUIET_ROUNDS = 2        # rounds in a row (helper run + root's pass) that find no live process
     MAX_ROUNDS = 10
-    HELPER_TIMEOUT = 2.0    # a helper cannot be stopped by the user; this only bounds a stuck fork or exec
+    HELPER_TIMEOUT = 5.0    # a helper cannot be stopped by the user; this only bounds a stuck fork or exec
     ROUND_PAUSE = 0.05
     SLICE_WAIT = 5.0        # for a killed cgroup to empty
     TIME_BOUND = 30.0       # the most one end_user() may take, slice included; then it reports what survived

@@ -46,7 +46,9 @@ NOT_PENDING = "not_pending"
 WOULD_COMPLETE = "would_complete"
 WOULD_HEARTBEAT = "would_heartbeat"
 FAILED = "failed"
+TOKEN_MISMATCH = "token_mismatch"
 CHANGING = (COMPLETED, HEARTBEAT, WOULD_COMPLETE, WOULD_HEARTBEAT)
+FAILING = (FAILED, TOKEN_MISMATCH)
 
 
 class LifecycleError(Exception):
@@ -318,16 +320,39 @@ class ActionRunner:
         planned, settled = self.plan(requests)
         if planned:
             with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(planned))) as pool:
-                done = list(pool.map(lambda r: self._call(action, r), planned))
+                done = self.tell_token_mismatches(list(pool.map(lambda r: self._call(action, r), planned)))
         else:
             done = []
         return sorted(settled + done, key=lambda r: (r["instance_id"], r["hook_name"] or ""))
 
-    def heartbeat_until_done(self, requests, interval, lifetime, sleep=time.sleep, clock=time.monotonic):
-        """Heartbeat every ``interval`` s until no action is left open or ``lifetime`` s passed.
+    def tell_token_mismatches(self, results):
+        """A token AWS does not know ("No active Lifecycle Action found with token") while the instance still
+        waits in Pending:Wait is not a completed action: the token is not that of the open action (a stale or
+        foreign notification). The state is read again to tell the two apart; nothing was completed."""
+        suspects = [r for r in results if r["status"] == ALREADY_COMPLETED and r.get("token")]
+        if not suspects:
+            return results
+        states = self.states([r["instance_id"] for r in suspects])
+        suspect_ids = {id(r) for r in suspects}
+        out = []
+        for result in results:
+            record = states.get(result["instance_id"]) if id(result) in suspect_ids else None
+            if record and record["LifecycleState"] == PENDING_WAIT:
+                result = dict(result, status=TOKEN_MISMATCH, error=(
+                    f"{result['instance_id']}: the token {result['token']} does not match the lifecycle action the "
+                    f"instance waits on in Pending:Wait (hook {result['hook_name']} of {result['asg_name']}); "
+                    "nothing was completed, the action stays open"))
+            out.append(result)
+        return out
+
+    def heartbeat_until_done(self, requests, interval, lifetime, sleep=time.sleep, clock=time.monotonic, stop=None):
+        """Heartbeat every ``interval`` s until no action is left open, ``lifetime`` s passed or ``stop()``.
 
         An action leaves the loop when it is completed (AWS answers "No active
         Lifecycle Action found") or fails; the last result per instance is returned.
+        ``stop`` (checked at least once a second between heartbeats) ends the loop
+        at once: the caller completed the action, or the process that started the
+        loop is gone.
         """
         deadline = clock() + lifetime
         latest = {}
@@ -343,7 +368,14 @@ class ActionRunner:
                       if (r["instance_id"], r["hook_name"]) in still]
             if not active or clock() + interval > deadline:
                 break
-            sleep(interval)
+            if stop is None:
+                sleep(interval)
+                continue
+            wake = clock() + interval
+            while not stop() and clock() < wake:
+                sleep(min(1.0, max(0.0, wake - clock())))
+            if stop():
+                break
         return sorted(latest.values(), key=lambda r: (r["instance_id"], r["hook_name"] or ""))
 
 

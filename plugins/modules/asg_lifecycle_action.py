@@ -22,8 +22,11 @@ description:
     errors are retried with jittered backoff. A failure for one instance does not stop the others.
   - Without a hook name, every launch hook of the instance's group is completed.
   - With O(action=heartbeat) and O(heartbeat_lifetime), the module keeps sending heartbeats every
-    O(heartbeat_interval) seconds until every action is completed (by another task) or the lifetime is over; run
-    it with C(async) beside a long configuration run.
+    O(heartbeat_interval) seconds until every action is completed (by another task), the lifetime is over,
+    O(stop_file) appears or the process O(watch_pid) ends; run it with C(async) beside a long configuration run.
+  - A completion by token that AWS does not know while the instance still waits in C(Pending:Wait) is reported as
+    V(token_mismatch) (the token is not that of the open action, a stale or foreign notification) and fails the
+    task; nothing is completed.
   - Why not C(community.aws.autoscaling_complete_lifecycle_action)? It takes one instance id per task and no
     token, fails on every error including "No active Lifecycle Action found" (so a re-run or a redelivered event
     fails instead of being recognised as done) and does not retry contention. No Ansible module records
@@ -68,6 +71,20 @@ options:
         action is left open. V(0) sends one heartbeat.
     type: int
     default: 0
+  stop_file:
+    description:
+      - With O(heartbeat_lifetime), stop sending heartbeats within a second of this file appearing (on the host
+        that runs the module, the controller when delegated to C(localhost)), and remove it. The task that
+        completes the action creates it, so the heartbeat job ends with the host's completion instead of at its
+        next heartbeat.
+    type: path
+  watch_pid:
+    description:
+      - With O(heartbeat_lifetime), stop sending heartbeats within a second of this process ending.
+      - When the module runs on the controller (a task delegated to C(localhost), or a local connection) and this is not
+        set, the collection's action plugin sets it to the C(ansible-playbook) process, so a heartbeat job started
+        with C(async) never outlives the run that started it, even one that was killed.
+    type: int
 extends_documentation_fragment:
   - amazon.aws.common.modules
   - amazon.aws.region.modules
@@ -105,6 +122,8 @@ EXAMPLES = r"""
     action: heartbeat
     heartbeat_interval: 300
     heartbeat_lifetime: 3600
+    stop_file: /tmp/heartbeat-i-0123456789abcdef0.stop   # touched by the task that completes the action
+  delegate_to: localhost
   async: 3700
   poll: 0
 """
@@ -136,7 +155,8 @@ instances:
       description:
         - V(completed), V(heartbeat), V(would_complete) / V(would_heartbeat) (check mode), V(already_completed)
           (no open action; done before, timed out, or terminated), V(not_pending) (the instance is not in
-          C(Pending:Wait)), or V(failed).
+          C(Pending:Wait)), V(token_mismatch) (the token is not that of the action the instance waits on; nothing
+          was done), or V(failed).
       type: str
       returned: always
     lifecycle_state_before:
@@ -163,12 +183,13 @@ summary:
 """
 
 import collections
+import os
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle import CHANGING
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle import FAILED
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle import FAILING
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle import RETRY_CODES
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle import ActionRunner
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle import LifecycleError
@@ -182,6 +203,23 @@ def expected_state(result):
     return "InService" if result["result"] == "CONTINUE" else "Terminating"
 
 
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_condition(stop_file, watch_pid):
+    """None (beat until done) or a callable that is true once the stop file exists or the watched process ended."""
+    if not stop_file and not watch_pid:
+        return None
+    return lambda: bool(stop_file and os.path.exists(stop_file)) or bool(watch_pid and not process_alive(watch_pid))
+
+
 def main():
     argument_spec = dict(
         instances=dict(type="list", elements="raw", required=True),
@@ -192,6 +230,8 @@ def main():
         max_concurrency=dict(type="int", default=10),
         heartbeat_interval=dict(type="int", default=60),
         heartbeat_lifetime=dict(type="int", default=0),
+        stop_file=dict(type="path"),
+        watch_pid=dict(type="int"),
     )
     module = AnsibleAWSModule(argument_spec=argument_spec, supports_check_mode=True)
     params = module.params
@@ -211,7 +251,8 @@ def main():
     runner = ActionRunner(autoscaling, params["max_concurrency"], module.check_mode)
     try:
         if params["action"] == "heartbeat" and params["heartbeat_lifetime"] and not module.check_mode:
-            results = runner.heartbeat_until_done(requests, params["heartbeat_interval"], params["heartbeat_lifetime"])
+            results = runner.heartbeat_until_done(requests, params["heartbeat_interval"], params["heartbeat_lifetime"],
+                                                  stop=stop_condition(params["stop_file"], params["watch_pid"]))
         else:
             results = runner.run(params["action"], requests)
     except Exception as exc:  # pylint: disable=broad-except  # reading states or hooks failed: nothing was done
@@ -227,7 +268,12 @@ def main():
             "before": {r["instance_id"]: r.get("lifecycle_state_before") for r in results},
             "after": {r["instance_id"]: expected_state(r) for r in results},
         }
-    failed = [r for r in results if r["status"] == FAILED]
+    if params["stop_file"]:
+        try:
+            os.unlink(params["stop_file"])
+        except FileNotFoundError:
+            pass
+    failed = [r for r in results if r["status"] in FAILING]
     if failed:
         module.fail_json(msg=f"{len(failed)} of {len(results)} lifecycle action(s) failed: "
                          + "; ".join(r["error"] for r in failed), **output)

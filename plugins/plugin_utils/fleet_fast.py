@@ -73,7 +73,10 @@ def add_hosts(inventory, entries, bulk=True, each=None):
     directly, as add_host() and set_variable() would put them (same Host objects, same
     inventory_file and inventory_dir, plain untrusted strings from AWS that are never templated
     either way). Without ``bulk``, on older ansible-core, for localhost names and for hosts
-    already in the inventory, the plain per-call API is used."""
+    already in the inventory, the plain per-call API is used.
+
+    In bulk, each entry's variables dict becomes its host's ``vars`` (one dict per host instead of
+    two: about 130 MB at 100,000 hosts), so ``entries`` belong to the inventory afterwards."""
     data_obj = getattr(inventory, "__wrapped__", None) if bulk else None
     bulk = data_obj is not None and isinstance(getattr(data_obj, "hosts", None), dict)
     known_groups = set(inventory.groups)
@@ -91,7 +94,7 @@ def add_hosts(inventory, entries, bulk=True, each=None):
                     known_groups.add(group)
             if bulk and name not in all_hosts and name not in C.LOCALHOST:
                 host = Host(name)
-                host.vars = dict(variables)
+                host.vars = variables  # taken over, not copied (see the docstring)
                 host.vars.update(origin_vars)
                 all_hosts[name] = host
                 for group in groups:

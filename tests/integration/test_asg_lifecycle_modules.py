@@ -110,13 +110,20 @@ def test_no_active_action_is_final_and_contention_is_retried(aws, groups):
                        "instances": [{"instance_id": held, "token": token, "result": "CONTINUE"}]})
     assert done["summary"] == {"completed": 1} and done["instances"][0]["token_used"]
     assert aws.proxy.count("autoscaling", "CompleteLifecycleAction") == 3
-    # A stale token for an instance still shown pending (a second hook's action, a race): AWS's answer is final.
+    # The same token again (a redelivered event): the action is completed, AWS's answer is final.
+    again = run_module("fleetkeeper.aws.asg_lifecycle_action",
+                       {"endpoint_url": aws.endpoint_url, "instances": [{"instance_id": held, "token": token}],
+                        "result": "CONTINUE"})
+    assert not again.failed and again["instances"][0]["status"] == "not_pending"
+    # A token that is not the action's of an instance still waiting (stale, foreign): said plainly, not "done".
     [other] = scale_out(aws, groups, 2)[:1]
     stale = run_module("fleetkeeper.aws.asg_lifecycle_action",
                        {"endpoint_url": aws.endpoint_url, "asg_name": "web", "hook_name": "fleetkeeper-provision",
                         "instances": [{"instance_id": other, "token": token, "result": "CONTINUE"}]})
-    assert not stale.failed and stale["instances"][0]["status"] == "already_completed"
+    assert stale.failed and stale["instances"][0]["status"] == "token_mismatch"
+    assert f"the token {token} does not match the lifecycle action" in stale["msg"] and other in stale["msg"]
     assert aws.proxy.count("autoscaling", "CompleteLifecycleAction") == 4
+    assert other in [a["EC2InstanceId"] for a in aws.proxy.lifecycle.actions()], "the open action is left open"
 
 
 def test_heartbeat_loop_ends_when_the_action_is_completed(aws, groups):

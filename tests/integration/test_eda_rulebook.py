@@ -216,15 +216,18 @@ def test_rulebook_provisions_each_launched_instance_once_through_the_playbook(aw
     (inventory / "pending.fleet.yml").write_text(json.dumps({
         "plugin": "fleetkeeper.aws.fleet", "regions": ["us-east-1"], "endpoint_url": aws.endpoint_url,
         "lifecycle_states": ["Pending:Wait"],
-        "compose": {"ansible_connection": "'local'", "ansible_python_interpreter": f"'{python}'",
-                    "provision_aws_endpoint_url": f"'{aws.endpoint_url}'", "eda_mark_dir": f"'{marks}'",
-                    "provision_roles": "[{'name': 'eda_mark', 'become': false}]"}}))
+        "compose": {"ansible_connection": "'local'", "ansible_python_interpreter": f"'{python}'"}}))
     (inventory / "controller.yml").write_text(json.dumps({"all": {"hosts": {"localhost": {
-        "ansible_connection": "local", "ansible_python_interpreter": python,
-        "provision_aws_endpoint_url": aws.endpoint_url}}}}))
+        "ansible_connection": "local", "ansible_python_interpreter": python}}}}))
+    # The playbook's settings and the roles' variables come from the --vars file, as docs/eda.md says: without
+    # them reaching the playbook, the default roles (dns_cache) would run and the endpoint would be AWS's.
     rulebook = Rulebook(tmp_path, {
         "fleetkeeper_lifecycle_queue_url": url, "fleetkeeper_lifecycle_endpoint_url": aws.endpoint_url,
-        "fleetkeeper_lifecycle_region": "us-east-1"}, inventory=inventory,
+        "fleetkeeper_lifecycle_region": "us-east-1",
+        "fleetkeeper_provision_extra_vars": {
+            "provision_aws_endpoint_url": aws.endpoint_url, "eda_mark_dir": str(marks),
+            "provision_roles": [{"name": "eda_mark", "become": False}], "provision_heartbeat_interval": 0}},
+        inventory=inventory,
         env={"ANSIBLE_ROLES_PATH": os.path.join(os.path.dirname(__file__), "files", "provision_roles")})
     try:
         wait_for(lambda: set(lifecycle_states(autoscaling).values()) == {"InService"}
@@ -250,5 +253,6 @@ def test_rulebook_provisions_each_launched_instance_once_through_the_playbook(aw
     tokens = {h["EC2InstanceId"]: h["LifecycleActionToken"] for h in aws.proxy.lifecycle.history}
     assert all(r["token"] == tokens[r["instance_id"]] and r["hook"] == "fleetkeeper-provision" for r in runs)
     assert aws.proxy.count("autoscaling", "CompleteLifecycleAction") == 2
+    assert aws.proxy.count("autoscaling", "RecordLifecycleActionHeartbeat") == 0, "provision_heartbeat_interval: 0"
     assert "deleted test notification" in log and "is not a lifecycle notification" in log
     assert "Traceback" not in log, log[-4000:]

@@ -301,6 +301,8 @@ def test_throttling_is_retried(aws, tmp_path):
     ({"hostnames": ["bogus"]}, "unknown hostnames entry 'bogus'"),
     ({"bastion": {"tag": "role=bastion", "address": "192.0.2.1"}}, "exactly one of tag"),
     ({"lifecycle_states": []}, "'lifecycle_states' must list at least one state"),
+    ({"lifecycle_states": ["Inservice"]}, "'Inservice' (did you mean 'InService'?), which is not an Auto Scaling "
+                                          "lifecycle state; valid states are 'all' or Pending, Pending:Wait"),
     ({"instance_filters": ["tag:Name=x"]}, "instance_filters"),
     ({"retry_mode": "sometimes"}, "retry_mode"),
 ])

@@ -41,6 +41,22 @@ def test_hostnames_and_lifecycle_options():
         logic.validate_lifecycle_states([])
 
 
+def test_lifecycle_states_outside_auto_scaling_fail_listing_the_valid_ones():
+    with pytest.raises(logic.FleetConfigError) as caught:
+        logic.validate_lifecycle_states(["Pending:Wait", "Inservice"])
+    message = str(caught.value)
+    assert "'Inservice' (did you mean 'InService'?)" in message
+    assert "Pending:Wait, " in message and "Warmed:Hibernated" in message and "'all'" in message
+    with pytest.raises(logic.FleetConfigError, match="'Booting'"):
+        logic.validate_lifecycle_states(["Booting"])
+
+
+def test_lifecycle_states_are_those_of_botocores_model():
+    import botocore.session
+    model = botocore.session.get_session().get_service_model("autoscaling")
+    assert set(logic.LIFECYCLE_STATES) == set(model.shape_for("LifecycleState").enum)
+
+
 def test_bastion_option():
     assert logic.parse_bastion(None) is None
     parsed = logic.parse_bastion({"tag": "fleetkeeper:role=bastion", "user": "admin", "port": "2222"})
@@ -176,10 +192,11 @@ def test_instance_record_and_host_vars():
     assert record["public_dns_name"] is None and record["public_ip_address"] is None
     assert record["instance_profile_arn"] == "arn:aws:iam::1:instance-profile/web"
     assert record["ec2_tags"] == {"Name": "web", "aws:autoscaling:groupName": "web"}
+    public = dict(record, public_ip_address="198.51.100.7")
     variables = logic.host_vars(record, "-o ProxyJump=admin@192.0.2.1")
+    assert variables is record, "the record is taken over, not copied"
     assert variables["ansible_host"] == "10.0.0.5"
     assert variables["ansible_ssh_common_args"] == "-o ProxyJump=admin@192.0.2.1"
-    public = dict(record, public_ip_address="198.51.100.7")
     assert "ansible_ssh_common_args" not in logic.host_vars(public, "-o ProxyJump=x")
     assert logic.host_vars(public)["ansible_host"] == "198.51.100.7"
     standalone = logic.instance_record(dict(INSTANCE, Tags=[]), "us-east-1")

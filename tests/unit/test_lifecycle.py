@@ -115,3 +115,56 @@ def test_heartbeat_loop_stops_when_the_action_is_gone(stubbed):
         sleep=sleeps.append, clock=lambda: 0)
     assert sleeps == [5]
     assert results[0]["status"] == "already_completed" and results[0]["heartbeats"] == 2
+
+
+def test_a_token_that_is_not_the_open_actions_is_reported_as_a_mismatch_not_as_done(stubbed):
+    client, stub = stubbed
+    token = "7d0e5bb2-0b1c-4c3e-9a43-2f8f4f6c1b1e"
+    stub.add_response("describe_auto_scaling_instances",
+                      instances_response(("i-1", "Pending:Wait"), ("i-2", "Pending:Wait")))
+    stub.add_client_error("complete_lifecycle_action", "ValidationError",
+                          f"No active Lifecycle Action found with token {token}", 400)
+    stub.add_client_error("complete_lifecycle_action", "ValidationError",
+                          f"No active Lifecycle Action found with token {token}", 400)
+    # Read again: i-1 still waits (the token is not its action's), i-2 went InService meanwhile (completed).
+    stub.add_response("describe_auto_scaling_instances",
+                      instances_response(("i-1", "Pending:Wait"), ("i-2", "InService")),
+                      {"InstanceIds": ["i-1", "i-2"], "MaxRecords": 50})
+    requests = lc.normalise_actions([{"instance_id": "i-1", "token": token}, {"instance_id": "i-2", "token": token}],
+                                    asg_name="web", hook_name="fk", result="CONTINUE")
+    results = lc.ActionRunner(client, max_concurrency=1).run("complete", requests)
+    assert [(r["instance_id"], r["status"]) for r in results] == [("i-1", "token_mismatch"),
+                                                                   ("i-2", "already_completed")]
+    assert f"the token {token} does not match the lifecycle action" in results[0]["error"]
+    assert "nothing was completed" in results[0]["error"] and results[1]["error"] is None
+
+
+def test_without_a_token_no_active_action_is_not_read_again(stubbed):
+    client, stub = stubbed
+    stub.add_response("describe_auto_scaling_instances", instances_response(("i-1", "Pending:Wait")))
+    stub.add_client_error("complete_lifecycle_action", "ValidationError",
+                          "No active Lifecycle Action found with instance ID i-1", 400)
+    results = lc.ActionRunner(client).run(
+        "complete", lc.normalise_actions(["i-1"], asg_name="web", hook_name="fk", result="CONTINUE"))
+    assert results[0]["status"] == "already_completed"
+
+
+def test_heartbeat_loop_ends_within_a_second_of_stop():
+    class Beating:  # pylint: disable=too-few-public-methods
+        def describe_auto_scaling_instances(self, aws_retry=False, **kwargs):
+            return instances_response(("i-1", "Pending:Wait"))
+
+        def record_lifecycle_action_heartbeat(self, aws_retry=False, **kwargs):
+            return {}
+
+    now = [0.0]
+
+    def sleep(seconds):
+        assert seconds <= 1.0
+        now[0] += seconds
+
+    results = lc.ActionRunner(Beating()).heartbeat_until_done(
+        lc.normalise_actions(["i-1"], asg_name="web", hook_name="fk", action="heartbeat"), interval=300,
+        lifetime=7200, sleep=sleep, clock=lambda: now[0], stop=lambda: now[0] >= 42.5)
+    assert 42.5 <= now[0] <= 43.5, "the loop noticed stop() within a second, long before the next heartbeat"
+    assert results[0]["status"] == "heartbeat" and results[0]["heartbeats"] == 1
