@@ -120,3 +120,28 @@ def test_an_overlapping_configuration_and_bad_input_fail_clearly(aws):
     missing = run_module("fleetkeeper.aws.s3_key_notifications", args(aws, bucket="no-such-bucket"))
     assert missing.failed and "NoSuchBucket" in missing["msg"], missing.result
     assert missing.get("error", {}).get("code") == "NoSuchBucket"
+
+
+# IAM action names of the operations (S3's notification operations are authorised under older names).
+IAM_ACTIONS = {"s3:GetBucketNotificationConfiguration": "s3:GetBucketNotification",
+               "s3:PutBucketNotificationConfiguration": "s3:PutBucketNotification"}
+
+
+def test_operations_are_allowed_by_the_documented_policy(aws):
+    """Every call the module makes (create, update, absent) is in docs/iam/s3_key_notifications.json."""
+    import os  # pylint: disable=import-outside-toplevel
+
+    from tests.support.instance_profile import policy_allows  # pylint: disable=import-outside-toplevel
+
+    aws.client("s3").create_bucket(Bucket=BUCKET)
+    aws.proxy.reset()
+    run_module("fleetkeeper.aws.s3_key_notifications", args(aws))
+    run_module("fleetkeeper.aws.s3_key_notifications", args(aws, visibility_timeout=90))
+    run_module("fleetkeeper.aws.s3_key_notifications", args(aws, state="absent"))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(repo, "docs", "iam", "s3_key_notifications.json"), encoding="utf-8") as handle:
+        policy = json.load(handle)
+    seen = {IAM_ACTIONS.get(f"{c.service}:{c.operation}", f"{c.service}:{c.operation}") for c in aws.proxy.calls()}
+    # sts:GetCallerIdentity (check mode on a missing queue only) needs no permission.
+    assert {"sqs:CreateQueue", "sqs:SetQueueAttributes", "s3:PutBucketNotification"} <= seen, seen
+    assert [a for a in sorted(seen) if not policy_allows(policy, a)] == []

@@ -211,6 +211,8 @@ def operation_of(method: str, path: str, headers, body: bytes) -> str:
     # S3 REST: path-style /bucket or /bucket/key
     parts = [p for p in parsed.path.split("/") if p]
     has_key = len(parts) > 1
+    if "notification" in query and not has_key and method in ("GET", "PUT"):
+        return "GetBucketNotificationConfiguration" if method == "GET" else "PutBucketNotificationConfiguration"
     if method == "GET":
         if not parts:
             return "ListBuckets"
