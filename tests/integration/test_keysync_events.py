@@ -27,11 +27,14 @@ EVENT_PATH_BOUND_S = 120
 
 
 def test_a_deleted_key_ends_the_users_sessions_on_every_host_at_once(tmp_path):
-    with KeyEventsLab(str(tmp_path), hosts=3, users=("alice", "bob", "carol", "dave")) as lab:
+    # Eight users, so that removing three keeps the listing above the sync's min_listing_ratio (0.5).
+    users = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi")
+    with KeyEventsLab(str(tmp_path), hosts=3, users=users) as lab:
         for host in lab.host_names:
             assert not lab.key_refused(host, "alice") and lab.timer_active(host)
 
         results = lab.revoke("alice", timeout=EVENT_PATH_BOUND_S)
+        print(results)
         log = lab.rulebook_text()
         assert sorted(results) == lab.host_names, results
         for host, figures in results.items():
@@ -47,16 +50,21 @@ def test_a_deleted_key_ends_the_users_sessions_on_every_host_at_once(tmp_path):
         assert "down" in log and "unreachable=1" in log, log[-4000:]
         assert "deleted test event" in log and "Traceback" not in log
 
-        # Two deletions within the coalescing window: one event, one playbook run per host.
-        runs = log.count("PLAY RECAP")
+        # Two deletions within the coalescing window: one event, one sync run per host.
+        runs = {host: lab.sync_runs(host) for host in lab.host_names}
+        events = log.count("-> one event")
         s3 = lab.aws.client("s3")
         s3.delete_object(Bucket=BUCKET, Key=f"{PREFIX}bob.pub")
         s3.delete_object(Bucket=BUCKET, Key=f"{PREFIX}carol.pub")
-        lab.wait_for_log("PLAY RECAP", 180, count=runs + 1)
+        lab.wait_for_log("-> one event", 60, count=events + 1)
+        deadline = time.monotonic() + EVENT_PATH_BOUND_S
+        while not all(lab.key_refused(host, "bob") and lab.key_refused(host, "carol") for host in lab.host_names):
+            assert time.monotonic() < deadline, lab.rulebook_text()[-4000:]
+            time.sleep(1)
         time.sleep(lab.coalesce + 8)  # a second run, if there were one, would have started by now
         log = lab.rulebook_text()
-        assert log.count("PLAY RECAP") == runs + 1, log[-4000:]
-        assert "2 record(s) from 2 message(s) -> one event" in log, log[-4000:]
+        assert log.count("-> one event") == events + 1, log[-4000:]
+        assert "2 record(s) from 2 message(s) -> one event (keys/bob.pub, keys/carol.pub)" in log, log[-4000:]
         for host in lab.host_names:
-            assert lab.key_refused(host, "bob") and lab.key_refused(host, "carol")
+            assert lab.sync_runs(host) == runs[host] + 1, lab.journal(host)[-2000:]
             assert not lab.key_refused(host, "dave")

@@ -310,7 +310,11 @@ def _make_handler(upstream: str, state: ProxyState):
                 self.wfile.flush()
                 self.close_connection = True
             else:
-                self.wfile.write(body)
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    # The client went away (a long poll cut short when its process stopped): nothing to answer.
+                    self.close_connection = True
 
         def _handle(self):
             body = self._read_body()

@@ -317,6 +317,10 @@ class KeyEventsLab:  # pylint: disable=too-many-instance-attributes
     def timer_active(self, host: str) -> bool:
         return self.as_root(host, "systemctl is-active fleetkeeper-keysync.timer").stdout.strip() == "active"
 
+    def sync_runs(self, host: str) -> int:
+        """How many times the sync service has been started on the host (systemd's own journal lines)."""
+        return sum(line.startswith("Starting ") for line in self.journal(host).splitlines())
+
     def journal(self, host: str) -> str:
         return self.as_root(host, "journalctl -u fleetkeeper-keysync.service --no-pager -o cat").stdout
 
