@@ -145,3 +145,27 @@ def test_operations_are_allowed_by_the_documented_policy(aws):
     # sts:GetCallerIdentity (check mode on a missing queue only) needs no permission.
     assert {"sqs:CreateQueue", "sqs:SetQueueAttributes", "s3:PutBucketNotification"} <= seen, seen
     assert [a for a in sorted(seen) if not policy_allows(policy, a)] == []
+
+
+def test_the_roles_notification_task_check_mode_then_idempotent(aws):
+    """roles/bastion_keys/tasks/notifications.yml as the role runs it (delegated to the controller)."""
+    from tests.support.ansiblerun import run_playbook  # pylint: disable=import-outside-toplevel
+
+    s3, sqs = aws.client("s3"), aws.client("sqs")
+    s3.create_bucket(Bucket=BUCKET)
+    play = [{"hosts": "localhost", "gather_facts": False, "tasks": [{
+        "name": "notifications", "ansible.builtin.include_role": {
+            "name": "fleetkeeper.aws.bastion_keys", "tasks_from": "notifications.yml"},
+        "vars": {"bastion_keys_bucket": BUCKET, "bastion_keys_region": "us-east-1",
+                 "bastion_keys_notifications_endpoint_url": aws.endpoint_url,
+                 "bastion_keys_notifications_queue_name": "role-keys"}}]}]
+    name = "fleetkeeper.aws.bastion_keys : Send the key bucket's S3 events on the prefix to the keysync rulebook's SQS queue"
+    check = run_playbook(play, env=aws.env(), check=True, diff=True)
+    assert check.returncode == 0 and check.task(name).changed, check.stdout[-3000:]
+    assert sqs.list_queues().get("QueueUrls") is None
+    first = run_playbook(play, env=aws.env())
+    assert first.returncode == 0 and first.task(name).changed
+    assert first.task(name)["notification"]["Filter"]["Key"]["FilterRules"] == [{"Name": "prefix", "Value": "keys/"}]
+    again = run_playbook(play, env=aws.env())
+    assert again.returncode == 0 and not again.task(name).changed
+    assert "[WARNING]" not in first.stderr + again.stderr, first.stderr + again.stderr

@@ -76,13 +76,14 @@ class KeyEventsLab:  # pylint: disable=too-many-instance-attributes
     """Test hosts with the key sync, the key-event queue and a running ansible-rulebook."""
 
     def __init__(self, workdir: str, hosts: int = 3, users=("alice",), unreachable: bool = True,
-                 coalesce_seconds: float = 2.0, log=print):
+                 coalesce_seconds: float = 2.0, emulator_cpus=None, log=print):
         self.workdir = workdir
         self.host_names = [f"keys{n + 1}" for n in range(hosts)]
         self.users = list(users)
         self.with_unreachable = unreachable
         self.coalesce = coalesce_seconds
         self.log = log
+        self.emulator_cpus = emulator_cpus
         self.aws = None
         self.rulebook = None
         self.ephemeral = os.path.join(workdir, "hosts")
@@ -107,7 +108,16 @@ class KeyEventsLab:  # pylint: disable=too-many-instance-attributes
 
     def start(self) -> None:
         started = time.monotonic()
-        self.aws = AwsEmulator().start()
+        if self.emulator_cpus and hasattr(os, "sched_setaffinity"):
+            # moto and the proxy (children and threads started now) on these CPUs; everything later on all.
+            every = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, set(self.emulator_cpus))
+            try:
+                self.aws = AwsEmulator().start()
+            finally:
+                os.sched_setaffinity(0, every)
+        else:
+            self.aws = AwsEmulator().start()
         os.makedirs(os.path.join(self.ephemeral, "inventory"), exist_ok=True)
         owner = {**(runstate.process_identity(os.getpid()) or {}), "command": "test"}
         mark = time.monotonic()
