@@ -79,12 +79,13 @@ def main(argv=None):
             setup = dict(lab.timings)
     per_host = [r["revoked_s"] for rnd in rounds for r in rnd["hosts"].values()]
     slowest = [max(r["revoked_s"] for r in rnd["hosts"].values()) for rnd in rounds]
+    path = ("DeleteObject -> moto S3 event notification -> moto SQS -> ansible-rulebook 1.3.2 "
+            "(fleetkeeper.aws.s3_key_events, coalescing %gs) -> run_playbook fleetkeeper.aws.keysync_now "
+            "(strategy free, %d hosts + 1 down) -> systemctl start fleetkeeper-keysync.service on each host -> "
+            "user locked, key removed, sessions and processes ended" % (args.coalesce_seconds, args.hosts))
     report = {
         "benchmark": "keysync_events",
-        "path": "DeleteObject -> moto S3 event notification -> moto SQS -> ansible-rulebook 1.3.2 "
-                "(fleetkeeper.aws.s3_key_events, coalescing %gs) -> run_playbook fleetkeeper.aws.keysync_now "
-                "(strategy free, %d hosts + 1 down) -> systemctl start fleetkeeper-keysync.service on each host -> "
-                "user locked, key removed, sessions and processes ended" % (args.coalesce_seconds, args.hosts),
+        "path": path,
         "measured": "per host: max(session ended, no process of the user, key login refused), from DeleteObject",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),

@@ -13,7 +13,7 @@ module: s3_key_notifications
 version_added: 0.2.0
 short_description: Send S3 events on the SSH key prefix to an SQS queue, for revocation in seconds
 description:
-  - Puts in place what the rulebook C(fleetkeeper.aws.keysync) (C(extensions/eda/rulebooks/keysync.yml)) reads:
+  - Puts in place what the rulebook C(fleetkeeper.aws.keysync) (C(extensions/eda/rulebooks/keysync.yml)) reads,
     an SQS standard queue, a statement in its policy that lets S3 (this bucket only, optionally this account
     only) send to it, and an event notification on the bucket for O(events) on keys under O(prefix), target
     the queue.

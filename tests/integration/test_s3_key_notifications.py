@@ -35,8 +35,8 @@ def test_check_mode_then_create_then_nothing_to_do_and_events_arrive(aws):
     assert check["changes"] == ["queue", "queue policy", "bucket notification"]
     assert check["queue_arn"] == "arn:aws:sqs:us-east-1:123456789012:fleetkeeper-keys"
     assert check["diff"]["before"]["notification"] is None
-    assert check["diff"]["after"]["notification"]["Filter"] == {"Key": {"FilterRules": [{"Name": "prefix",
-                                                                                          "Value": "keys/"}]}}
+    wanted = {"Key": {"FilterRules": [{"Name": "prefix", "Value": "keys/"}]}}
+    assert check["diff"]["after"]["notification"]["Filter"] == wanted
     assert sqs.list_queues().get("QueueUrls") is None, "check mode created nothing"
     assert "QueueConfigurations" not in s3.get_bucket_notification_configuration(Bucket=BUCKET)
 
@@ -114,8 +114,8 @@ def test_an_overlapping_configuration_and_bad_input_fail_clearly(aws):
     overlap = run_module("fleetkeeper.aws.s3_key_notifications", args(aws))
     assert overlap.failed and "'everything'" in overlap["msg"] and "overlapping" in overlap["msg"]
     assert "Traceback" not in str(overlap.result)
-    fifo = run_module("fleetkeeper.aws.s3_key_notifications", args(aws, queue_name="keys.fifo",
-                                                                      message_retention_period=5))
+    fifo = run_module("fleetkeeper.aws.s3_key_notifications",
+                      args(aws, queue_name="keys.fifo", message_retention_period=5))
     assert fifo.failed and "FIFO" in fifo["msg"] and "message_retention_period" in fifo["msg"]
     missing = run_module("fleetkeeper.aws.s3_key_notifications", args(aws, bucket="no-such-bucket"))
     assert missing.failed and "NoSuchBucket" in missing["msg"], missing.result
