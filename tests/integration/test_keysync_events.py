@@ -49,6 +49,7 @@ def test_a_deleted_key_ends_the_users_sessions_on_every_host_at_once(tmp_path):
         # The host that is down was tried, failed on its own, and delayed nobody.
         assert "down" in log and "unreachable=1" in log, log[-4000:]
         assert "deleted test event" in log and "Traceback" not in log
+        assert "[WARNING]" not in log and "[DEPRECATION WARNING]" not in log, log[-4000:]
 
         # Two deletions within the coalescing window: one event, one sync run per host.
         runs = {host: lab.sync_runs(host) for host in lab.host_names}
