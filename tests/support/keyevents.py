@@ -175,7 +175,7 @@ class KeyEventsLab:  # pylint: disable=too-many-instance-attributes
             with open(path + ".pub", "rb") as handle:
                 s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}{user}.pub", Body=handle.read())
 
-    def _ansible_env(self, extra=None) -> dict:
+    def playbook_env(self, extra=None) -> dict:
         env = ansible_env({"ANSIBLE_PIPELINING": "True", "ANSIBLE_FORKS": "10", **(extra or {})})
         env.pop("ANSIBLE_STDOUT_CALLBACK")
         return env
@@ -186,7 +186,7 @@ class KeyEventsLab:  # pylint: disable=too-many-instance-attributes
             handle.write(CONVERGE.format(group=GROUP, access_key=TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
                                          secret_key=TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]))
         proc = subprocess.run([os.path.join(BIN_DIR, "ansible-playbook"), "-i", self.inventory, playbook],
-                              env=self._ansible_env(), capture_output=True, text=True, check=False, cwd=self.workdir)
+                              env=self.playbook_env(), capture_output=True, text=True, check=False, cwd=self.workdir)
         if proc.returncode != 0:
             raise RuntimeError(f"converge failed (rc {proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
 
@@ -204,7 +204,7 @@ class KeyEventsLab:  # pylint: disable=too-many-instance-attributes
             json.dump({"fleetkeeper_keysync_queue_url": self.queue_url, "fleetkeeper_keysync_region": "us-east-1",
                        "fleetkeeper_keysync_endpoint_url": self.aws.endpoint_url,
                        "fleetkeeper_keysync_coalesce_seconds": self.coalesce}, handle)
-        env = self._ansible_env(self.aws.env())
+        env = self.playbook_env(self.aws.env())
         with open(self.rulebook_log, "wb") as log:
             self.rulebook = subprocess.Popen(  # pylint: disable=consider-using-with
                 [RULEBOOK, "-r", "fleetkeeper.aws.keysync", "-i", self.inventory, "--vars", variables, "-v"],
