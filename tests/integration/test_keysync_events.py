@@ -12,13 +12,10 @@ other. Then two deletions in one burst make one playbook run.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 
 import pytest
 
-from tests.support.ansiblerun import BIN_DIR
 from tests.support.keyevents import BUCKET, PREFIX, KeyEventsLab, requirements_missing
 
 MISSING = requirements_missing()
@@ -72,21 +69,3 @@ def test_a_deleted_key_ends_the_users_sessions_on_every_host_at_once(tmp_path):
         for host in lab.host_names:
             assert lab.sync_runs(host) == runs[host] + 1, lab.journal(host)[-2000:]
             assert not lab.key_refused(host, "dave")
-
-        # A run already going when the playbook comes (its listing may predate the change) is followed by a fresh
-        # one: hold the service in "activating" for a few seconds, then run keysync_now on that host alone.
-        host = lab.host_names[0]
-        slow = ("mkdir -p /run/systemd/system/fleetkeeper-keysync.service.d && printf '[Service]\\nExecStartPre=/bin/sleep 6\\n'"
-                " > /run/systemd/system/fleetkeeper-keysync.service.d/slow.conf && systemctl daemon-reload"
-                " && systemctl start --no-block fleetkeeper-keysync.service && sleep 1"
-                " && systemctl is-active fleetkeeper-keysync.service || true")
-        assert lab.as_root(host, slow).stdout.strip() == "activating"
-        before = lab.sync_runs(host)
-        play = subprocess.run(
-            [os.path.join(BIN_DIR, "ansible-playbook"), "fleetkeeper.aws.keysync_now", "-i", lab.inventory,
-             "--limit", host, "-e", f"keysync_now_bucket={BUCKET}"],
-            env=lab.playbook_env(), capture_output=True, text=True, check=False)
-        assert play.returncode == 0, play.stdout[-3000:] + play.stderr[-2000:]
-        assert "[WARNING]" not in play.stdout + play.stderr
-        assert lab.sync_runs(host) == before + 1, "the running sync, then one fresh start"
-        lab.as_root(host, "rm -r /run/systemd/system/fleetkeeper-keysync.service.d && systemctl daemon-reload")
