@@ -223,6 +223,8 @@ def operation_of(method: str, path: str, headers, body: bytes) -> str:
     # S3 REST: path-style /bucket or /bucket/key
     parts = [p for p in parsed.path.split("/") if p]
     has_key = len(parts) > 1
+    if "notification" in query and not has_key and method in ("GET", "PUT"):
+        return "GetBucketNotificationConfiguration" if method == "GET" else "PutBucketNotificationConfiguration"
     if method == "GET":
         if not parts:
             return "ListBuckets"
@@ -320,7 +322,11 @@ def _make_handler(upstream: str, state: ProxyState):
                 self.wfile.flush()
                 self.close_connection = True
             else:
-                self.wfile.write(body)
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    # The client went away (a long poll cut short when its process stopped): nothing to answer.
+                    self.close_connection = True
 
         def _handle(self):
             body = self._read_body()

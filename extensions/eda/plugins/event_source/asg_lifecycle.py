@@ -5,11 +5,12 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
-import random
+import os
 import re
-import threading
+import sys
 from typing import Any
 
 DOCUMENTATION = r"""
@@ -170,6 +171,21 @@ MAX_BODY = 262144  # SQS's largest message
 LOGGER = logging.getLogger(__name__)
 
 
+def _load_shared_sqs(source_file: str):
+    """extensions/eda/plugins/module_utils/sqs_poller.py, by path (ansible-rulebook runs sources by path)."""
+    name = "ansible_collections_fleetkeeper_aws_eda_sqs_poller"
+    if name not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.abspath(source_file)), "..", "module_utils", "sqs_poller.py")
+        spec = importlib.util.spec_from_file_location(name, os.path.normpath(path))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+# The SQS polling shared with the collection's other sources (extensions/eda/plugins/module_utils).
+_SQS = _load_shared_sqs(__file__)
+
+
 class NotLifecycleMessage(ValueError):
     """The message is not an Auto Scaling lifecycle notification; the text says why."""
 
@@ -280,40 +296,13 @@ def parse_message(body: Any) -> dict | None:
     return _action(document, fmt)
 
 
-def _receive_count(message: dict) -> int | None:
-    try:
-        return int(message.get("Attributes", {}).get("ApproximateReceiveCount"))
-    except (TypeError, ValueError):
-        return None
+class Settings(_SQS.SqsSettings):  # pylint: disable=too-few-public-methods
+    """The validated arguments: the queue and connection ones (shared), then this source's own."""
 
-
-def _argument(args: dict, key: str, default: Any, low: int | None = None, high: int | None = None) -> Any:
-    value = args.get(key, default)
-    if low is None:
-        return value
-    try:
-        value = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"asg_lifecycle: {key} must be an integer, got {value!r}") from None
-    if not low <= value <= high:
-        raise ValueError(f"asg_lifecycle: {key} must be between {low} and {high}, got {value}")
-    return value
-
-
-class Settings:  # pylint: disable=too-few-public-methods,too-many-instance-attributes
-    """The validated arguments."""
+    source = "asg_lifecycle"
 
     def __init__(self, args: dict):
-        self.queue_url = args.get("queue_url")
-        self.name = args.get("name")
-        if bool(self.queue_url) == bool(self.name):
-            raise ValueError("asg_lifecycle: give exactly one of queue_url and name")
-        self.owner = args.get("queue_owner_aws_account_id")
-        self.wait = _argument(args, "wait_time_seconds", 20, 1, 20)
-        self.batch = _argument(args, "max_number_of_messages", 10, 1, 10)
-        self.visibility = args.get("visibility_timeout")
-        if self.visibility is not None:
-            self.visibility = _argument(args, "visibility_timeout", None, 0, 43200)
+        super().__init__(args)
         self.delete_malformed = bool(args.get("delete_malformed", True))
         transitions = args.get("transitions", [LAUNCHING, TERMINATING])
         if not isinstance(transitions, list) or not set(transitions) <= {LAUNCHING, TERMINATING}:
@@ -323,102 +312,20 @@ class Settings:  # pylint: disable=too-few-public-methods,too-many-instance-attr
         if args.get("feedback") and self.feedback_queue is None:
             raise ValueError("asg_lifecycle: feedback is on but ansible-rulebook passed no feedback queue "
                              "(it needs persistence: --persistence-id, or an EDA server activation)")
-        self.feedback_timeout = _argument(args, "feedback_timeout", 120, 1, 86400)
-        self.max_backoff = _argument(args, "max_backoff", 60, 1, 3600)
-        names = (("profile", "profile_name"), ("access_key", "aws_access_key_id"),
-                 ("secret_key", "aws_secret_access_key"), ("session_token", "aws_session_token"),
-                 ("region", "region_name"))
-        self.session = {key: args[arg] for arg, key in names if args.get(arg)}
-        self.endpoint_url = args.get("endpoint_url") or None
+        self.feedback_timeout = _SQS.argument(args, "feedback_timeout", 120, 1, 86400, self.source)
 
 
-class Poller:
-    """Receive, hand on, delete; every boto3 call runs in a daemon thread of its own."""
+class Poller(_SQS.SqsPoller):
+    """Receive, hand on, delete (receiving, backing off and deleting are the shared SQS poller's)."""
 
     def __init__(self, settings: Settings, queue: asyncio.Queue):
-        import boto3  # pylint: disable=import-outside-toplevel
-
-        self.settings = settings
+        super().__init__(settings)
         self.queue = queue
-        self.client = boto3.session.Session(**settings.session).client("sqs", endpoint_url=settings.endpoint_url)
-        self.queue_url = settings.queue_url
-        self.failures = 0
-
-    async def call(self, operation: str, **kwargs) -> dict:
-        """One boto3 call off the event loop (a daemon thread: a 20 s long poll must not delay shutdown)."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-
-        def settle(result, error):
-            if not future.done():
-                if error is None:
-                    future.set_result(result)
-                else:
-                    future.set_exception(error)
-
-        def work():
-            try:
-                outcome = (getattr(self.client, operation)(**kwargs), None)
-            except Exception as exc:  # pylint: disable=broad-exception-caught
-                outcome = (None, exc)
-            try:
-                loop.call_soon_threadsafe(settle, *outcome)
-            except RuntimeError:  # the loop closed while the call ran
-                pass
-
-        threading.Thread(target=work, name=f"asg_lifecycle {operation}", daemon=True).start()
-        return await future
-
-    async def backoff(self, what: str, error: Exception) -> None:
-        self.failures += 1
-        delay = min(self.settings.max_backoff, 2 ** min(self.failures, 10)) * random.uniform(0.5, 1.0)  # noqa: S311
-        LOGGER.error("asg_lifecycle: %s failed (%s); retrying in %.1f s", what, error, delay)
-        await asyncio.sleep(delay)
-
-    async def resolve(self) -> None:
-        kwargs = {"QueueName": self.settings.name}
-        if self.settings.owner:
-            kwargs["QueueOwnerAWSAccountId"] = self.settings.owner
-        while self.queue_url is None:
-            try:
-                self.queue_url = (await self.call("get_queue_url", **kwargs))["QueueUrl"]
-                self.failures = 0
-            except Exception as exc:  # pylint: disable=broad-exception-caught
-                # botocore's ClientError/BotoCoreError and whatever the network raises: keep trying.
-                await self.backoff(f"GetQueueUrl for {self.settings.name}", exc)
-
-    async def receive(self) -> list:
-        kwargs = {"QueueUrl": self.queue_url, "WaitTimeSeconds": self.settings.wait,
-                  "MaxNumberOfMessages": self.settings.batch,
-                  "MessageSystemAttributeNames": ["ApproximateReceiveCount"]}
-        if self.settings.visibility is not None:
-            kwargs["VisibilityTimeout"] = self.settings.visibility
-        try:
-            response = await self.call("receive_message", **kwargs)
-        except Exception as exc:  # pylint: disable=broad-exception-caught
-            await self.backoff("ReceiveMessage", exc)
-            return []
-        self.failures = 0
-        return response.get("Messages", [])
-
-    async def delete(self, messages: list) -> None:
-        if not messages:
-            return
-        entries = [{"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]} for n, m in enumerate(messages)]
-        try:
-            response = await self.call("delete_message_batch", QueueUrl=self.queue_url, Entries=entries)
-        except Exception as exc:  # pylint: disable=broad-exception-caught
-            LOGGER.error("asg_lifecycle: DeleteMessageBatch failed (%s): %d message(s) will be delivered again",
-                         exc, len(entries))
-            return
-        for failed in response.get("Failed", []):
-            LOGGER.error("asg_lifecycle: message %s not deleted (%s: %s); it will be delivered again",
-                         messages[int(failed["Id"])].get("MessageId"), failed.get("Code"), failed.get("Message"))
 
     async def hand_on(self, message: dict, action: dict) -> bool:
         await self.queue.put({"asg_lifecycle": action,
                               "sqs": {"message_id": message.get("MessageId"),
-                                      "receive_count": _receive_count(message)}})
+                                      "receive_count": _SQS.receive_count(message)}})
         if self.settings.feedback_queue is None:
             return True
         try:
@@ -470,8 +377,6 @@ if __name__ == "__main__":
     class _PrintQueue(asyncio.Queue):
         async def put(self, item):
             print(json.dumps(item))  # noqa: T201
-
-    import sys  # pylint: disable=import-outside-toplevel
 
     logging.basicConfig(level=logging.INFO)
     asyncio.run(main(_PrintQueue(), {"queue_url": sys.argv[1]}))
