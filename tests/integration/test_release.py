@@ -4,11 +4,15 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import re
+import shutil
 import subprocess
 import tarfile
 
 import pytest
+import yaml
 
 from tests.support.ansiblerun import BIN_DIR, REPO_ROOT, ansible_env
 
@@ -74,3 +78,55 @@ def test_lint_passes_in_a_fresh_clone_and_the_next_build_ships_only_checkout_fil
     assert not extra, f"the tarball ships files that are not in the checkout: {sorted(extra)[:20]}"
     assert "galaxy.yml" not in shipped and "plugins/inventory/fleet.py" in shipped
     assert os.path.getsize(tarball) < 1_500_000, os.path.getsize(tarball)
+
+
+def test_galaxy_importer_accepts_the_tarball_without_a_warning(fresh_clone, tmp_path):
+    """Galaxy's own import: ansible-doc on every plugin, ansible-lint on the content, the metadata checks."""
+    clone, _ = fresh_clone
+    tarball = build(clone, tmp_path)
+    run = subprocess.run([os.path.join(BIN_DIR, "python"), "-m", "galaxy_importer.main", str(tarball)],
+                         cwd=tmp_path, capture_output=True, text=True, env=plain_env(), timeout=900)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-6000:]
+    assert "Importer processing completed successfully" in output, output[-6000:]
+    for kind, name in (("filter", "vpc_dns_resolver"), ("filter", "dns_cache_nsswitch"), ("inventory", "fleet"),
+                       ("module", "s3_authorized_keys"), ("role", "dns_cache"), ("playbook", "site.yml")):
+        assert f"Loading {kind} {name}" in output, (kind, name)
+    assert "Loading filter dns_cache\n" not in output
+    noise = [line for line in output.splitlines() if re.match(r"^\s*(WARNING|ERROR|CRITICAL)\b", line)]
+    assert not noise, "\n".join(noise)
+
+
+def test_first_release_changelog(fresh_clone, tmp_path):
+    """antsibull-changelog release for galaxy.yml's version, in a copy: what the release commit would contain."""
+    clone, _ = fresh_clone
+    copy = tmp_path / "ansible_collections" / "fleetkeeper" / "aws"
+    shutil.copytree(clone, copy, ignore=shutil.ignore_patterns(".ansible", ".git"))
+    with open(copy / "galaxy.yml", encoding="utf-8") as handle:
+        version = yaml.safe_load(handle)["version"]
+    release = subprocess.run([os.path.join(BIN_DIR, "antsibull-changelog"), "release", "--version", version,
+                              "--date", "2026-12-02"], cwd=copy, capture_output=True, text=True,
+                             env=ansible_env({"ANSIBLE_COLLECTIONS_PATH": str(tmp_path)}), timeout=600)
+    assert release.returncode == 0, release.stdout + release.stderr
+    assert "release_summary" not in release.stderr, release.stderr
+    text = (copy / "CHANGELOG.rst").read_text(encoding="utf-8")
+    sections = re.findall(r"^(.+)\n-+\n", text, re.M)
+    assert sections[0] == "Release Summary", sections
+    assert "Bugfixes" not in sections and "Security Fixes" not in sections, sections
+    assert not {"Breaking Changes / Porting Guide", "Deprecated Features", "Removed Features (previously deprecated)"} & set(sections)
+    new, lines, current = {}, text.splitlines(), None
+    for number, line in enumerate(lines):
+        if number + 1 < len(lines) and lines[number + 1].startswith("---") and line.strip():
+            current = line
+        match = re.match(r"^- fleetkeeper\.aws\.([a-z_0-9]+) - ", line)
+        if match and current:
+            new.setdefault(current, set()).add(match.group(1))
+    expect = {
+        "New Modules": {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO_ROOT, "plugins/modules/*.py"))},
+        "New Plugins": {os.path.basename(p)[:-3] for d in ("filter", "inventory")
+                        for p in glob.glob(os.path.join(REPO_ROOT, "plugins", d, "*.py"))},
+        "New Roles": {os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(REPO_ROOT, "roles/*/meta"))},
+        "New Playbooks": {os.path.basename(p)[:-4] for p in glob.glob(os.path.join(REPO_ROOT, "playbooks/*.yml"))},
+    }
+    assert new == expect
+    assert not list((copy / "changelogs" / "fragments").glob("*.yml")), "the release consumes every fragment"
