@@ -130,3 +130,57 @@ def test_first_release_changelog(fresh_clone, tmp_path):
     }
     assert new == expect
     assert not list((copy / "changelogs" / "fragments").glob("*.yml")), "the release consumes every fragment"
+
+
+@pytest.mark.parametrize("definition", ["execution-environment.yml", "decision-environment.yml"])
+def test_environment_definitions_build_from_the_checkout(fresh_clone, tmp_path, definition):
+    """`ansible-builder create` as the definitions' own comments say to run it, on a fresh clone."""
+    clone, _ = fresh_clone
+    env = plain_env()
+    subprocess.run([os.path.join(BIN_DIR, "ansible-galaxy"), "collection", "build", "--force", "--output-path",
+                    ".build/ee"], cwd=clone, capture_output=True, text=True, check=True, env=env)
+    with open(clone / "galaxy.yml", encoding="utf-8") as handle:
+        version = yaml.safe_load(handle)["version"]
+    context = tmp_path / "context"
+    create = subprocess.run([os.path.join(BIN_DIR, "ansible-builder"), "create", "-f", definition, "--context",
+                             str(context)], cwd=clone, capture_output=True, text=True, env=env, timeout=300)
+    output = create.stdout + create.stderr
+    assert create.returncode == 0, output
+    assert "WARNING" not in output.upper().replace("PIP_BREAK", ""), output
+    (containerfile,) = [path for path in (context / "Containerfile", context / "Dockerfile") if path.is_file()]
+    text = containerfile.read_text(encoding="utf-8")
+    with open(clone / definition, encoding="utf-8") as handle:
+        spec = yaml.safe_load(handle)
+    image = spec["images"]["base_image"]["name"]
+    # A supported base image: UBI 9 (Red Hat supports it until 2032); Fedora releases live 13 months.
+    assert image.startswith("registry.access.redhat.com/ubi9/"), image
+    assert f"EE_BASE_IMAGE=\"{image}\"" in text or f"EE_BASE_IMAGE={image}" in text, text[:800]
+    # The collection is this checkout's tarball, copied into the context; nothing asks Galaxy for it by name.
+    tarball = context / "_build" / "collections" / f"fleetkeeper-aws-{version}.tar.gz"
+    with tarfile.open(tarball) as archive:
+        assert "plugins/inventory/fleet.py" in archive.getnames()
+        assert "extensions/eda/plugins/event_source/asg_lifecycle.py" in archive.getnames()
+    with open(context / "_build" / "requirements.yml", encoding="utf-8") as handle:
+        collections = yaml.safe_load(handle)["collections"]
+    names = {entry["name"]: entry for entry in collections}
+    assert names[f"collections/fleetkeeper-aws-{version}.tar.gz"].get("type") == "file", collections
+    assert "fleetkeeper.aws" not in names and "amazon.aws" in names, collections
+    assert "ansible-galaxy collection install" in text and "-r requirements.yml" in text
+    if definition == "decision-environment.yml":
+        assert "ansible-rulebook" in (context / "_build" / "requirements.txt").read_text(encoding="utf-8")
+        assert "java-17-openjdk-headless" in (context / "_build" / "bindep.txt").read_text(encoding="utf-8")
+        assert "JAVA_HOME=" in text
+
+
+def test_collection_brings_its_python_requirements_into_an_environment(fresh_clone, tmp_path):
+    """ansible-builder reads the installed collection's requirements.txt: boto3 reaches both environments."""
+    clone, _ = fresh_clone
+    tarball = build(clone, tmp_path)
+    subprocess.run([os.path.join(BIN_DIR, "ansible-galaxy"), "collection", "install", "--no-deps", "--force", "-p",
+                    str(tmp_path / "collections"), str(tarball)], capture_output=True, check=True, env=plain_env())
+    introspect = subprocess.run([os.path.join(BIN_DIR, "ansible-builder"), "introspect", "--sanitize",
+                                 str(tmp_path / "collections")], capture_output=True, text=True, check=True,
+                                env=plain_env())
+    data = yaml.safe_load(introspect.stdout.split("\n", 1)[1])
+    assert "boto3>=1.34.0  # from collection fleetkeeper.aws" in data["python"], data
+    assert "openssh-clients [platform:rpm]  # from collection fleetkeeper.aws" in data["system"], data
