@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import glob
 import importlib
 import os
@@ -49,6 +51,7 @@ def test_every_filter_file_is_one_filter_of_its_name():
         assert filter_names(path) == [os.path.splitext(os.path.basename(path))[0]], path
 
 
+@pytest.mark.compat
 def test_build_install_and_document(tmp_path):
     build = subprocess.run(
         [os.path.join(BIN_DIR, "ansible-galaxy"), "collection", "build", REPO_ROOT, "--output-path", str(tmp_path)],
