@@ -68,7 +68,7 @@ def test_lint_passes_in_a_fresh_clone_and_the_next_build_ships_only_checkout_fil
     # ... and caches of the other tools too; the next build ships none of them.
     for cache in (".cache/ansible-compat/x", ".pytest_cache/v/x", "plugins/modules/__pycache__/x.pyc",
                   "tests/output/x", "..venv.lock", ".venv/bin/x", ".venv-compat/bin/x", ".build/x",
-                  "extensions/molecule/testhosts/.molecule/x", ".hypothesis/x", "benchmarks/results/raw/x"):
+                  "extensions/molecule/default/.molecule/x", ".hypothesis/x", "benchmarks/results/raw/x"):
         (clone / cache).parent.mkdir(parents=True, exist_ok=True)
         (clone / cache).write_text("cache\n")
     tarball = build(clone, tmp_path)
@@ -184,3 +184,13 @@ def test_collection_brings_its_python_requirements_into_an_environment(fresh_clo
     data = yaml.safe_load(introspect.stdout.split("\n", 1)[1])
     assert "boto3>=1.34.0  # from collection fleetkeeper.aws" in data["python"], data
     assert "openssh-clients [platform:rpm]  # from collection fleetkeeper.aws" in data["system"], data
+
+
+def test_molecule_finds_its_default_scenario_and_logs_no_critical_line():
+    """Molecule looks for the `default` scenario before every run and logs CRITICAL when there is none."""
+    run = subprocess.run([os.path.join(BIN_DIR, "molecule"), "syntax", "-s", "instance_profile"],
+                         cwd=os.path.join(REPO_ROOT, "extensions"), capture_output=True, text=True,
+                         env=ansible_env({"NO_COLOR": "1"}), timeout=600)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-4000:]
+    assert "CRITICAL" not in output and "glob failed" not in output, output[-4000:]
