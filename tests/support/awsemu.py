@@ -357,7 +357,16 @@ def _make_handler(upstream: str, state: ProxyState):
                     state.calls.append(Call(service, operation, status, "emulated"))
                     self._send(status, [("Content-Type", "text/xml")], payload)
                     return
-            status, headers, payload = self._upstream(self.command, body)
+            try:
+                status, headers, payload = self._upstream(self.command, body)
+            except (http.client.HTTPException, OSError) as exc:
+                # The upstream (moto) is gone, as when a test or the harness stops it: answer like an AWS
+                # front end whose back end is down (a retryable 502), never a traceback on the test's output.
+                payload, content_type = error_body(service, "ServiceUnavailable",
+                                                   f"the endpoint's upstream {upstream} did not answer: {exc}")
+                state.calls.append(Call(service, operation, 502, "upstream-down"))
+                self._send(502, [("Content-Type", content_type)], payload)
+                return
             if lifecycle is not None:
                 payload = lifecycle.after(region, operation, params, status, payload)
             state.calls.append(Call(service, operation, status, kind))
@@ -368,6 +377,18 @@ def _make_handler(upstream: str, state: ProxyState):
     return Handler
 
 
+class _ProxyServer(ThreadingHTTPServer):
+    """The proxy's server: a client that hangs up (a test stopping a run, a killed ansible-playbook, a timeout)
+    ends its request quietly instead of printing socketserver's traceback; other errors still print."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+
 class FaultProxy:
     """Loopback HTTP proxy in front of an AWS endpoint that counts calls and injects faults."""
 
@@ -376,8 +397,7 @@ class FaultProxy:
         self.state = ProxyState()
         self._clients: dict = {}
         self.lifecycle = self.state.lifecycle = LifecycleEmulation(self._upstream_client)
-        self.server = ThreadingHTTPServer((host, port), _make_handler(upstream, self.state))
-        self.server.daemon_threads = True
+        self.server = _ProxyServer((host, port), _make_handler(upstream, self.state))
         self.thread: threading.Thread | None = None
 
     @property
