@@ -93,7 +93,7 @@ def test_a_stopped_upstream_and_a_client_that_hangs_up_print_no_traceback(capfd)
         # A client that sends a request and goes away before the (slow) answer.
         emulator.proxy.set_latency(300)
         host, port = emulator.proxy.server.server_address[:2]
-        for _ in range(3):
+        for _attempt in range(3):
             with socket.create_connection((host, port)) as sock:
                 sock.sendall(b"GET /?Action=DescribeRegions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
         time.sleep(0.8)

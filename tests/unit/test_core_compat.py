@@ -34,8 +34,8 @@ def test_dated_entries_are_reported_and_taken_off_versioned_ones_stay():
     config, display = Config([("AWS_SECURITY_TOKEN", dated), ("[defaults]x", versioned)]), Display()
     assert core_compat.report_dated_deprecations(config, display) == 1
     assert config.DEPRECATED == [("[defaults]x", versioned)]
-    assert display.calls == [("AWS_SECURITY_TOKEN option. Reason: old boto",
-                               {"date": "2024-12-01", "collection_name": "amazon.aws"})]
+    expected = ("AWS_SECURITY_TOKEN option. Reason: old boto", {"date": "2024-12-01", "collection_name": "amazon.aws"})
+    assert display.calls == [expected]
 
 
 def test_nothing_pending_is_nothing_reported():
