@@ -32,7 +32,7 @@ sys.path.insert(0, ROOT)
 
 from tests.hosts import image as imagemod  # noqa: E402  pylint: disable=wrong-import-position
 
-SCENARIO = "testhosts"
+SCENARIO = "default"
 
 
 def molecule(step: str, env: dict) -> float:

@@ -273,6 +273,7 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import e
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import error_message
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import http_status
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import pages
+from ansible_collections.fleetkeeper.aws.plugins.plugin_utils import core_compat
 from ansible_collections.fleetkeeper.aws.plugins.plugin_utils import fleet as logic
 from ansible_collections.fleetkeeper.aws.plugins.plugin_utils import fleet_fast as fast
 
@@ -306,6 +307,13 @@ class InventoryModule(AWSInventoryBase):
         self._credentials_frozen = False
 
     # --- configuration --------------------------------------------------------------------
+    def set_options(self, task_keys=None, var_options=None, direct=None):
+        """On ansible-core 2.18 a set AWS_SECURITY_TOKEN (AWX sets it) would fail the parse (plugin_utils/core_compat.py)."""
+        if not core_compat.DATED_DEPRECATIONS_BREAK_CORE:
+            return super().set_options(task_keys=task_keys, var_options=var_options, direct=direct)
+        return core_compat.set_plugin_options(self, self.display, task_keys=task_keys, var_options=var_options,
+                                              direct=direct)
+
     def verify_file(self, path):
         """The base class checks the file and its suffix (INVENTORY_FILE_SUFFIXES); a file named just
         fleet.yml or fleet.yaml is taken too."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 ---
 module: asg_lifecycle_action
-version_added: 0.2.0
+version_added: 0.1.0
 short_description: Complete, or send heartbeats for, Auto Scaling launch lifecycle actions of many instances
 description:
   - Completes the lifecycle actions of instances waiting in C(Pending:Wait) with V(CONTINUE) (put in service) or

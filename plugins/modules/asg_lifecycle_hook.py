@@ -9,7 +9,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 ---
 module: asg_lifecycle_hook
-version_added: 0.2.0
+version_added: 0.1.0
 short_description: Put a launch lifecycle hook on every selected Auto Scaling group
 description:
   - For every Auto Scaling group named in O(names) or matching O(tag_filters), makes sure a launch lifecycle hook

@@ -45,6 +45,7 @@ def args(aws, **extra):
     return base
 
 
+@pytest.mark.compat
 def test_check_mode_then_apply_then_idempotent(aws, estate):
     ec2, autoscaling, fleet = estate["ec2"], estate["autoscaling"], estate["fleet"]
     web0 = fleet.groups["web"][0]
@@ -119,6 +120,7 @@ def test_state_absent_detaches_and_is_idempotent(aws, estate):
     assert not run_module(MODULE, args(aws, state="absent"), env=aws.env()).changed
 
 
+@pytest.mark.compat
 def test_bad_input_names_the_culprit_and_changes_nothing(aws, estate):
     ec2, autoscaling, fleet = estate["ec2"], estate["autoscaling"], estate["fleet"]
     unknown = run_module(MODULE, args(aws, names=["web", "nosuchgroup"]), env=aws.env())

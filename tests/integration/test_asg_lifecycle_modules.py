@@ -30,6 +30,7 @@ def hooks(autoscaling, group):
     return autoscaling.describe_lifecycle_hooks(AutoScalingGroupName=group)["LifecycleHooks"]
 
 
+@pytest.mark.compat
 def test_hook_by_tags_check_diff_idempotent_and_removal_of_target(aws, groups):
     sqs = aws.client("sqs")
     url = sqs.create_queue(QueueName="fk-lifecycle")["QueueUrl"]
@@ -57,6 +58,7 @@ def test_hook_by_tags_check_diff_idempotent_and_removal_of_target(aws, groups):
     assert gone.changed and hooks(groups, "web") == []
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("args, message", [
     ({"heartbeat_timeout": 10}, "between 30 and 7200"),
     ({"notification_target_arn": "arn:aws:sqs:us-east-1:123456789012:q.fifo", "role_arn": "arn:aws:iam::1:role/r"},
@@ -77,6 +79,7 @@ def scale_out(aws, autoscaling, count):
     return sorted(i["InstanceId"] for i in group["Instances"] if i["LifecycleState"] == "Pending:Wait")
 
 
+@pytest.mark.compat
 def test_complete_many_with_a_result_each_and_never_twice(aws, groups):
     first, second, third = scale_out(aws, groups, 3)
     args = {"endpoint_url": aws.endpoint_url,

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import glob
 import importlib
 import os
@@ -41,6 +43,15 @@ def test_every_filter_has_its_documentation_file():
             assert os.path.isfile(os.path.join(REPO_ROOT, "plugins", "filter", f"{name}.yml")), name
 
 
+def test_every_filter_file_is_one_filter_of_its_name():
+    """Galaxy lists each file in plugins/filter as a filter and documents it by the file's name."""
+    paths = glob.glob(os.path.join(REPO_ROOT, "plugins", "filter", "*.py"))
+    assert paths
+    for path in paths:
+        assert filter_names(path) == [os.path.splitext(os.path.basename(path))[0]], path
+
+
+@pytest.mark.compat
 def test_build_install_and_document(tmp_path):
     build = subprocess.run(
         [os.path.join(BIN_DIR, "ansible-galaxy"), "collection", "build", REPO_ROOT, "--output-path", str(tmp_path)],

@@ -80,3 +80,35 @@ def test_latency_is_added_per_call(aws):
     start = time.monotonic()
     ec2.describe_vpcs()
     assert time.monotonic() - start >= 0.2
+
+
+def test_a_stopped_upstream_and_a_client_that_hangs_up_print_no_traceback(capfd):
+    """Tests stop moto or kill their client on purpose: the endpoint answers or ends quietly."""
+    import socket  # pylint: disable=import-outside-toplevel
+
+    from tests.support.awsemu import AwsEmulator  # pylint: disable=import-outside-toplevel
+
+    emulator = AwsEmulator().start()
+    try:
+        # A client that sends a request and goes away before the (slow) answer.
+        emulator.proxy.set_latency(300)
+        host, port = emulator.proxy.server.server_address[:2]
+        for _attempt in range(3):
+            with socket.create_connection((host, port)) as sock:
+                sock.sendall(b"GET /?Action=DescribeRegions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        time.sleep(0.8)
+        emulator.proxy.set_latency(0)
+        # The upstream stopped: a retryable 502 with an AWS error, not a dropped connection.
+        emulator.moto.stop()
+        ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=emulator.endpoint_url, config=NO_RETRY,
+                           aws_access_key_id="testing", aws_secret_access_key="testing")
+        with pytest.raises(botocore.exceptions.ClientError) as failure:
+            ec2.describe_regions()
+        assert failure.value.response["ResponseMetadata"]["HTTPStatusCode"] == 502
+        assert failure.value.response["Error"]["Code"] == "ServiceUnavailable"
+        assert "did not answer" in failure.value.response["Error"]["Message"]
+        assert [c.injected for c in emulator.proxy.calls("ec2", "DescribeRegions")][-1] == "upstream-down"
+    finally:
+        emulator.stop()
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err and "Exception occurred" not in out + err, out + err

@@ -59,6 +59,7 @@ def two_regions(aws):
     return east, west
 
 
+@pytest.mark.compat
 def test_graph_list_and_host_across_two_regions(aws, tmp_path, two_regions):
     east, west = two_regions
     path = write_config(tmp_path, aws, regions=["us-east-1", EU],
@@ -102,6 +103,7 @@ def test_graph_list_and_host_across_two_regions(aws, tmp_path, two_regions):
     assert plain(json.loads(one.stdout))["asg_name"] == "api"
 
 
+@pytest.mark.compat
 def test_fast_host_vars_builds_the_same_inventory_as_the_plain_api(aws, tmp_path, two_regions):
     """fast_host_vars fills ansible-core's InventoryData directly: same hosts, groups, parents and vars."""
     options = {"regions": ["us-east-1", EU], "bastion": {"tag": "fleetkeeper:role=bastion", "user": "admin"},
@@ -217,6 +219,7 @@ def test_metadata_options_host_vars_and_groups(aws, tmp_path):
         assert aws.proxy.count("ec2", "DescribeInstances") == 1
 
 
+@pytest.mark.compat
 def test_standalone_instances_by_filters_and_hostnames(aws, tmp_path):
     fleet = fl.demo_fleet(aws, groups={"web": 2})
     path = write_config(tmp_path, aws, instance_filters=[{"tag:fleetkeeper:role": "bastion"}],
@@ -272,6 +275,7 @@ def test_missing_autoscaling_permission_falls_back_to_the_asg_tag(aws, tmp_path)
     failed(inventory(strict, aws=aws), "autoscaling:DescribeAutoScalingGroups", "AccessDenied")
 
 
+@pytest.mark.compat
 def test_bad_region_is_a_clear_error(aws, tmp_path):
     proc = inventory(write_config(tmp_path, aws, regions=["us-east-1", "us-eest-1"]), aws=aws)
     failed(proc, "unknown AWS region name(s) 'us-eest-1'")
@@ -297,6 +301,7 @@ def test_throttling_is_retried(aws, tmp_path):
     assert [c.injected for c in aws.proxy.calls("ec2", "DescribeInstances")] == ["throttle", "throttle", None]
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("options,message", [
     ({"hostnames": ["bogus"]}, "unknown hostnames entry 'bogus'"),
     ({"bastion": {"tag": "role=bastion", "address": "192.0.2.1"}}, "exactly one of tag"),
@@ -311,6 +316,7 @@ def test_malformed_config_is_a_clear_error(aws, tmp_path, options, message):
     assert aws.proxy.count() == 0
 
 
+@pytest.mark.compat
 def test_failed_region_fails_the_run_unless_skipping_is_allowed(aws, tmp_path, two_regions):
     # Regions run one after the other (max_concurrency 1), so the first region's first call fails.
     options = {"regions": ["us-east-1", EU], "max_concurrency": 1, "retry_max_attempts": 1}
@@ -335,6 +341,7 @@ def test_default_ansible_config_would_hide_the_failure_but_the_example_cfg_does_
 
 # --- cache ---------------------------------------------------------------------------------------
 
+@pytest.mark.compat
 def test_cache_hit_makes_no_call_and_the_key_follows_options_and_identity(aws, tmp_path):
     fl.demo_fleet(aws, groups={"web": 2})
     cache = {"cache": True, "cache_plugin": "ansible.builtin.jsonfile", "cache_connection": str(tmp_path / "cache")}
@@ -384,6 +391,7 @@ def test_least_privilege_policy_allows_every_call_the_plugin_makes(aws, tmp_path
     assert all(action.split(":")[1].startswith("Describe") for action in allowed), "read-only"
 
 
+@pytest.mark.compat
 def test_verify_file_accepts_fleet_yml_and_fleet_yaml(aws, tmp_path):
     fl.demo_fleet(aws, groups={"web": 1})
     good = write_config(tmp_path, aws, name="awx.fleet.yaml")

@@ -4,11 +4,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.integration.test_inventory_fleet import hostvars, hosts_of, listed, write_config
 from tests.support import fleet as fl
 from tests.support.lifecycle import LAUNCHING
 
 
+@pytest.mark.compat
 def test_pending_wait_hosts_carry_their_launch_hook(aws, tmp_path):
     fl.demo_fleet(aws, groups={"web": 1})
     autoscaling = aws.client("autoscaling")

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 
@@ -146,6 +148,7 @@ def test_invalid_policy_json_is_named_and_nothing_changes(aws):
     assert aws.proxy.count() == 0
 
 
+@pytest.mark.compat
 def test_argument_spec_rejects_bad_variables(aws):
     run = run_playbook(play(aws, instance_profile_launch_template_version="newest"), env=aws.env())
     assert run.returncode != 0 and "instance_profile_launch_template_version" in run.stdout

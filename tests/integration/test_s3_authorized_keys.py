@@ -60,6 +60,7 @@ def bucket(aws):
     return s3
 
 
+@pytest.mark.compat
 def test_check_diff_apply_idempotence(aws, bucket, tmp_path):
     root = tmp_path / "root"
     checked = run_module(MODULE, args(aws, root), env=aws.env(), check=True, diff=True)
@@ -95,6 +96,7 @@ def test_check_diff_apply_idempotence(aws, bucket, tmp_path):
     assert directory_users(root)["users"]["alice"]["locked"] is False
 
 
+@pytest.mark.compat
 def test_bad_input_is_skipped_with_reasons_and_the_rest_syncs(aws, bucket, tmp_path):
     root = tmp_path / "root"
     seed_directory_user(root, "carol", 1005)  # an existing account, not ours

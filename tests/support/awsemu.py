@@ -384,7 +384,16 @@ def _make_handler(upstream: str, state: ProxyState):
                                                           query_params(self.path, body))
                 if rewritten is not None:
                     body = rewritten
-            status, headers, payload = self._upstream(self.command, body)
+            try:
+                status, headers, payload = self._upstream(self.command, body)
+            except (http.client.HTTPException, OSError) as exc:
+                # The upstream (moto) is gone, as when a test or the harness stops it: answer like an AWS
+                # front end whose back end is down (a retryable 502), never a traceback on the test's output.
+                payload, content_type = error_body(service, "ServiceUnavailable",
+                                                   f"the endpoint's upstream {upstream} did not answer: {exc}")
+                state.calls.append(Call(service, operation, 502, "upstream-down"))
+                self._send(502, [("Content-Type", content_type)], payload)
+                return
             if lifecycle is not None:
                 payload = lifecycle.after(region, operation, params, status, payload)
             state.calls.append(Call(service, operation, status, kind))
@@ -393,6 +402,18 @@ def _make_handler(upstream: str, state: ProxyState):
         do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = _handle  # noqa: N815
 
     return Handler
+
+
+class _ProxyServer(ThreadingHTTPServer):
+    """The proxy's server: a client that hangs up (a test stopping a run, a killed ansible-playbook, a timeout)
+    ends its request quietly instead of printing socketserver's traceback; other errors still print."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
 
 class FaultProxy:
@@ -404,8 +425,7 @@ class FaultProxy:
         self._clients: dict = {}
         self.lifecycle = self.state.lifecycle = LifecycleEmulation(self._upstream_client)
         self.state.launch_templates = SourceVersionEmulation(self._upstream_client)
-        self.server = ThreadingHTTPServer((host, port), _make_handler(upstream, self.state))
-        self.server.daemon_threads = True
+        self.server = _ProxyServer((host, port), _make_handler(upstream, self.state))
         self.thread: threading.Thread | None = None
 
     @property

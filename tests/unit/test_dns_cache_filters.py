@@ -10,10 +10,12 @@ import pytest
 from ansible.errors import AnsibleFilterError
 from hypothesis import given, settings, strategies as st
 
-from ansible_collections.fleetkeeper.aws.plugins.filter.dns_cache import FilterModule
+from ansible_collections.fleetkeeper.aws.plugins.filter import dns_cache_nsswitch, dns_cache_resolv_conf, vpc_dns_resolver
 from ansible_collections.fleetkeeper.aws.plugins.module_utils import dns_cache_resolver as resolver
 
-FILTERS = FilterModule().filters()
+# One filter per file, named after it, so Galaxy and ansible-doc list each with its documentation.
+FILTERS = {name: function for module in (vpc_dns_resolver, dns_cache_resolv_conf, dns_cache_nsswitch)
+           for name, function in module.FilterModule().filters().items()}
 
 
 @pytest.mark.parametrize("cidr,address", [

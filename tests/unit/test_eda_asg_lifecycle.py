@@ -18,6 +18,9 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
+# The EDA source: the compat stage runs it on the oldest supported pair as well.
+pytestmark = pytest.mark.compat
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PLUGIN = runpy.run_path(os.path.join(ROOT, "extensions", "eda", "plugins", "event_source", "asg_lifecycle.py"))
 parse_message = PLUGIN["parse_message"]

@@ -20,6 +20,9 @@ from ansible_collections.fleetkeeper.aws.plugins.plugin_utils import fleet as lo
 from ansible_collections.fleetkeeper.aws.plugins.plugin_utils import fleet_fast as fast
 from tests.support import replay
 
+# fast_host_vars writes ansible-core's InventoryData directly: the compat stage runs it on the oldest core as well.
+pytestmark = pytest.mark.compat
+
 
 # --- fast parsers agree with botocore ----------------------------------------------------------------
 

@@ -33,7 +33,8 @@ def test_a_changed_spec_is_caught(tmp_path):
     assert generate.drifted(str(tmp_path)) == {}
     specs = tmp_path / "roles" / "instance_profile" / "meta" / "argument_specs.yml"
     specs.write_text(specs.read_text(encoding="utf-8").replace(
-        "description: Name of the IAM role.", "description: Name of the IAM role (changed)."), encoding="utf-8")
+        "description: IAM path of the role and the profile.",
+        "description: IAM path of the role and the profile (changed)."), encoding="utf-8")
     drift = generate.drifted(str(tmp_path))
     assert list(drift) == [str(tmp_path / "roles" / "instance_profile" / "README.md")]
-    assert "| Name of the IAM role (changed). |" in drift[str(tmp_path / "roles" / "instance_profile" / "README.md")]
+    assert "| IAM path of the role and the profile (changed). |" in drift[str(tmp_path / "roles" / "instance_profile" / "README.md")]
