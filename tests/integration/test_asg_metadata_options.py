@@ -49,6 +49,7 @@ def args(aws, **extra):
     return base
 
 
+@pytest.mark.compat
 def test_check_mode_then_apply_then_idempotent(aws, estate):
     ec2, autoscaling, fleet = estate["ec2"], estate["autoscaling"], estate["fleet"]
     web0 = fleet.groups["web"][0]
@@ -169,6 +170,7 @@ def test_failure_in_one_group_leaves_the_others_done(aws, estate):
     assert not again.failed and [g["name"] for g in again["groups"] if g["changed"]] == ["batch"]
 
 
+@pytest.mark.compat
 def test_bad_input_fails_before_any_change(aws, estate):
     nothing = run_module(MODULE, args(aws, metadata_options={}), env=aws.env())
     assert nothing.failed and "at least one" in nothing["msg"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.support.ansiblerun import run_module
 
 BUCKET = "fleet-keys"
@@ -27,6 +29,7 @@ def receive_all(sqs, url):
             sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
 
 
+@pytest.mark.compat
 def test_check_mode_then_create_then_nothing_to_do_and_events_arrive(aws):
     s3, sqs = aws.client("s3"), aws.client("sqs")
     s3.create_bucket(Bucket=BUCKET)
@@ -104,6 +107,7 @@ def test_other_configurations_and_statements_stay_and_a_drifted_prefix_is_put_ba
     assert not run_module("fleetkeeper.aws.s3_key_notifications", args(aws, state="absent")).changed
 
 
+@pytest.mark.compat
 def test_an_overlapping_configuration_and_bad_input_fail_clearly(aws):
     s3, sqs = aws.client("s3"), aws.client("sqs")
     s3.create_bucket(Bucket=BUCKET)

@@ -17,6 +17,9 @@ import boto3
 import pytest
 from botocore.stub import ANY, Stubber
 
+# The EDA source: the compat stage runs it on the oldest supported pair as well.
+pytestmark = pytest.mark.compat
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PLUGIN = runpy.run_path(os.path.join(ROOT, "extensions", "eda", "plugins", "event_source", "s3_key_events.py"))
 LIFECYCLE = runpy.run_path(os.path.join(ROOT, "extensions", "eda", "plugins", "event_source", "asg_lifecycle.py"))
