@@ -576,8 +576,11 @@ def username_from_key(key, prefix):
     if not key.startswith(prefix):
         return None, "outside the prefix"
     rest = key[len(prefix):]
-    if not rest or rest.endswith("/"):
-        return None, None  # folder placeholder
+    if not rest:
+        return None, None  # the prefix's own folder placeholder
+    if rest.endswith("/"):
+        # A folder below the prefix (the listing's common prefix, one entry however many objects it holds).
+        return None, "nested objects are not read (objects below %s; expected %s<username>.pub)" % (key, prefix)
     if not rest.endswith(".pub"):
         return None, "not a .pub object"
     name = rest[:-4]

@@ -91,7 +91,7 @@ class RequestCounter:
 
 def list_key_objects(s3, bucket, prefix, counter, call_kwargs=None, max_keys=100000):
     """Every key object (``PREFIX<name>.pub``) as {key: (etag, size)}, plus the other objects directly under the
-    prefix; raise ListingError on any doubt.
+    prefix and one ``PREFIX<folder>/`` entry per folder below it; raise ListingError on any doubt.
 
     The listing uses the delimiter ``/``: objects nested below the prefix come back as one common prefix per
     folder, not one entry each, so a flood of them costs pages but never counts against ``max_keys``; nor do
@@ -124,6 +124,8 @@ def list_key_objects(s3, bucket, prefix, counter, call_kwargs=None, max_keys=100
             objects[item["Key"]] = (item.get("ETag", ""), int(item.get("Size", 0)))
             if item["Key"].endswith(".pub"):
                 pub += 1
+        for folder in page.get("CommonPrefixes", []) or []:
+            objects.setdefault(folder["Prefix"], ("", 0))  # reported as nested, never downloaded
         if pub > max_keys:
             raise ListingError("s3://%s/%s holds more than max_keys %d key objects (PREFIX<name>.pub); refusing to "
                                "apply a listing that large, so no revocation or grant happens until the bucket is "

@@ -231,6 +231,7 @@ def test_usernames_are_checked_whole(name, tail):
     ("keys/alice.pub", ("alice", None)),
     ("keys/", (None, None)),
     ("keys/team/alice.pub", (None, "nested objects are not read (expected keys/<username>.pub)")),
+    ("keys/team/", (None, "nested objects are not read (objects below keys/team/; expected keys/<username>.pub)")),
     ("keys/README.md", (None, "not a .pub object")),
 ])
 def test_username_from_object_key(key, expected):

@@ -189,6 +189,7 @@ def test_objects_outside_the_layout_never_count_against_the_cap_and_too_many_key
     config = make_config(root, max_keys=2)
     result = run(config, s3)
     assert sorted(result["users_created"]) == ["alice", "bob"]
+    assert sum(1 for r in result["rejected"] if "nested" in r["reason"]) == 1  # keys/flood/: one entry, 400 objects
     # a nested flood costs one entry per folder, not per object
     assert result["requests"]["list"] == math.ceil((2 + 400 + 1) / 50)
     put(s3, {"carol": ed25519_line("c")})
