@@ -449,8 +449,8 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
     state = load_state(state_path)
     users = backend.list_users()
     managed = [u for u in users.values() if config.marker_group in u.groups and not u.locked]
-    desired, new_objects, rejected, stats, failed, listed, teams_object = collect(s3, config, state, counter,
-                                                                                 call_kwargs)
+    collected = collect(s3, config, state, counter, call_kwargs)
+    desired, new_objects, rejected, stats, failed, listed, teams_object = collected
     membership, teams_manifest = None, None
     if config.teams is not None:
         membership, teams_manifest, team_warnings = load_teams(s3, config, state, teams_object, listed, counter,
@@ -641,7 +641,7 @@ def _apply(config, plan, users, backend, store, result, log, locks_made, retired
     # Sudo rights first: the drop-in lists exactly the users the plan gives sudo (none in shared_user mode or
     # without teams, which removes a drop-in left from earlier), so a revoked user's sudo is gone before their
     # processes are ended; a drop-in that cannot be written or checked is removed (nobody keeps sudo from it).
-    ok, did = _step(result, SUDOERS_SUBJECT, "sudoers", backend.write_sudoers, list(plan.sudoers))
+    _ok, did = _step(result, SUDOERS_SUBJECT, "sudoers", backend.write_sudoers, list(plan.sudoers))
     if did:
         log("sudoers drop-in now lists: %s" % (", ".join(plan.sudoers) or "nobody (removed)"))
     changed = changed or bool(did)
@@ -701,7 +701,7 @@ def _apply(config, plan, users, backend, store, result, log, locks_made, retired
     if not_created & set(plan.sudoers):  # no sudo line for an account that does not exist
         plan.sudoers = [name for name in plan.sudoers if name not in not_created]
         result["sudoers_users"] = list(plan.sudoers)
-        ok, did = _step(result, SUDOERS_SUBJECT, "sudoers", backend.write_sudoers, list(plan.sudoers))
+        _ok, did = _step(result, SUDOERS_SUBJECT, "sudoers", backend.write_sudoers, list(plan.sudoers))
         changed = changed or bool(did)
     for name, groups in plan.add_groups:
         error = grant_failure(groups)
