@@ -17,6 +17,9 @@ description:
     O(sudo_group) when set), with a UID derived from the username within O(uid_min)-O(uid_max) so it is the same
     on every host. Users whose key file disappears are locked or removed (O(removal)); only members of
     O(marker_group) are ever locked or removed, and existing accounts are never taken over.
+  - With O(teams), a team manifest beside the keys says who is in which team and the host admits only the teams
+    it lists, with the extra groups and sudo (a managed sudoers drop-in checked with C(visudo -cf)) it gives
+    each; leaving the last admitted team revokes like a deleted object.
   - In O(mode=shared_user) the sync owns the whole authorized_keys of O(shared_user) - the O(static_keys), a marker
     line, then every valid key from the bucket. A key added to the file by hand is removed at the next run, and
     the sessions it opened are ended.
