@@ -10,7 +10,8 @@ module ``fleetkeeper.aws.s3_authorized_keys`` and the host-side entry point
 ``keysync_store`` (files, users, state) and ``keysync_s3`` (listing, downloads).
 
 The layout is ``s3://BUCKET/PREFIX/<username>.pub``, one or more OpenSSH public
-key lines per object.
+key lines per object, and with ``teams`` configured one team manifest beside them,
+``s3://BUCKET/PREFIX/_teams.json`` ({team: [user, ...]}).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import re
 import struct
 import zlib
@@ -56,6 +58,10 @@ class UserBackendError(KeySyncError):
 
 class ApplyError(KeySyncError):
     """Writing a file failed, or a path was unsafe."""
+
+
+class TeamsError(ListingError):
+    """The team manifest is missing, unreadable or invalid while ``teams`` is configured: nothing is changed."""
 
 
 class UnsafePathError(KeySyncError):
@@ -130,6 +136,10 @@ DEFAULT_DENY_USERS = frozenset([
 MARKER_LINE = "# --- fleetkeeper.aws s3_authorized_keys: lines below are managed; edit above this line ---"
 
 PER_USER = "per_user"
+TEAM_GRANT_KEYS = ("sudo", "groups")
+# The team manifest beside the key objects (never a key object: only ``.pub`` objects are keys).
+TEAMS_MANIFEST = "_teams.json"
+MAX_TEAMS_MANIFEST_BYTES = 4 * 1024 * 1024
 SHARED_USER = "shared_user"
 REMOVAL_ACTIONS = ("lock", "remove", "keep")
 STALE_ACTIONS = ("none", "lock")
@@ -188,6 +198,9 @@ class KeySyncConfig:
         # A host whose last good sync is older than this (seconds) is stale: loud, and optionally locks users.
         "max_sync_age": {"type": "int", "default": 3600},
         "stale_action": {"type": "str", "default": "none", "choices": list(STALE_ACTIONS)},
+        # Which teams of the bucket's team manifest (PREFIX_teams.json) this host admits, and what each grants:
+        # {team: {sudo: bool, groups: [group, ...]}}. None: no teams, everyone with a valid key is admitted.
+        "teams": {"type": "dict"},
         # botocore's standard-mode attempts per request (the module uses AWSRetry instead)
         "max_attempts": {"type": "int", "default": 5, "host_only": True},
     }
@@ -285,6 +298,39 @@ class KeySyncConfig:
         if self.user_backend not in ("system", "directory"):
             raise ConfigError("user_backend must be system or directory, not %r" % self.user_backend)
         self._validate_uid_overrides()
+        self._validate_teams()
+
+    def _validate_teams(self):
+        if self.teams is None:
+            return
+        if not isinstance(self.teams, dict):
+            raise ConfigError("teams must be a mapping of team name to {sudo, groups}, not %r" % (self.teams,))
+        if self.mode != PER_USER:
+            raise ConfigError("teams needs mode per_user (a shared account has one set of rights for every key)")
+        teams = {}
+        for team, grant in sorted(self.teams.items(), key=lambda item: str(item[0])):
+            if not isinstance(team, str) or not USERNAME_RE.fullmatch(team):
+                raise ConfigError("teams: team name %r is not a portable POSIX name (validated like a username)"
+                                  % (team,))
+            grant = {} if grant is None else grant
+            if not isinstance(grant, dict):
+                raise ConfigError("teams: %s must be a mapping with sudo and groups, not %r" % (team, grant))
+            unknown = sorted(set(str(k) for k in grant) - set(TEAM_GRANT_KEYS))
+            if unknown:
+                raise ConfigError("teams: %s has unknown key(s) %s (known: %s)"
+                                  % (team, ", ".join(unknown), ", ".join(TEAM_GRANT_KEYS)))
+            sudo = grant.get("sudo", False)
+            if not isinstance(sudo, bool):
+                raise ConfigError("teams: %s: sudo must be true or false, not %r" % (team, sudo))
+            groups = _as_list(grant.get("groups"))
+            for group in groups:
+                if not isinstance(group, str) or not USERNAME_RE.fullmatch(group):
+                    raise ConfigError("teams: %s: group name %r is not a portable POSIX name" % (team, group))
+                if group == self.marker_group:
+                    raise ConfigError("teams: %s: group %r is the marker group; it is granted to every synced user "
+                                      "already and must not depend on a team" % (team, group))
+            teams[team] = {"sudo": sudo, "groups": sorted(set(groups))}
+        self.teams = teams
 
     def _validate_static_keys(self, lines):
         if lines and self.mode != SHARED_USER:
@@ -319,6 +365,16 @@ class KeySyncConfig:
             owners[uid] = name
             overrides[name] = uid
         self.uid_overrides = overrides
+
+    @property
+    def granted_groups(self):
+        """Every group the sync may grant: the marker group, ``sudo_group`` and the teams' groups."""
+        groups = {self.marker_group}
+        if self.sudo_group:
+            groups.add(self.sudo_group)
+        for grant in (self.teams or {}).values():
+            groups.update(grant["groups"])
+        return groups
 
     @property
     def denied_users(self):
@@ -566,7 +622,7 @@ def validate_username(name, config):
                 "_ or -, at most 32 characters)" % name[:64])
     if name in config.denied_users:
         return "username %r is reserved (root, system, admin or denied accounts are never synced)" % name
-    if name in (config.marker_group, config.sudo_group):
+    if name in config.granted_groups:
         return "username %r is the name of a group the sync grants; it is never an account" % name
     return None
 
@@ -629,6 +685,57 @@ def uid_conflicts(names, config):
             conflicts[name] = ("UID %d derived from the name %r is also the UID of %s; the user is not created on "
                                "any host until you %s" % (uid, name, others, _pin_hint(name)))
     return conflicts
+
+
+# --------------------------------------------------------------------------
+# Teams
+
+
+def parse_teams_manifest(data, config):
+    """The team manifest's bytes -> {team: sorted members}; raise TeamsError when it is not a valid manifest.
+
+    A JSON object {team: [username, ...]}: team names and members are validated like usernames; a team or a
+    member that is not is an invalid manifest (nothing is guessed). Whether members have a key object, and
+    whether the host admits the team, is decided by the plan.
+    """
+    where = "s3://%s/%s%s" % (config.bucket, config.prefix, TEAMS_MANIFEST)
+    if len(data) > MAX_TEAMS_MANIFEST_BYTES:
+        raise TeamsError("%s is %d bytes, more than %d" % (where, len(data), MAX_TEAMS_MANIFEST_BYTES))
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise TeamsError("%s is not UTF-8 JSON: %s" % (where, exc)) from None
+    if not isinstance(manifest, dict):
+        raise TeamsError("%s must hold a JSON object {team: [user, ...]}" % where)
+    teams = {}
+    for team, members in manifest.items():
+        if not USERNAME_RE.fullmatch(team):
+            raise TeamsError("%s: team name %r is not a portable POSIX name (validated like a username)"
+                             % (where, team[:64]))
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise TeamsError("%s: team %s must be a list of usernames" % (where, team))
+        for member in members:
+            if not USERNAME_RE.fullmatch(member):
+                raise TeamsError("%s: team %s: member %r is not a portable POSIX username" % (where, team, member[:64]))
+        teams[team] = sorted(set(members))
+    return teams
+
+
+def team_grants(name, membership, config):
+    """(admitted teams, extra groups, sudo) for ``name`` on this host; (None, [], False) without ``teams``.
+
+    Only teams the host's configuration lists count, and only the host's configuration says what a team gets:
+    a team that exists only in the bucket grants nothing.
+    """
+    if config.teams is None:
+        return None, [], False
+    admitted = sorted(team for team in config.teams if name in membership.get(team, ()))
+    groups = set()
+    sudo = False
+    for team in admitted:
+        groups.update(config.teams[team]["groups"])
+        sudo = sudo or config.teams[team]["sudo"]
+    return admitted, sorted(groups), sudo
 
 
 # --------------------------------------------------------------------------
@@ -699,6 +806,8 @@ class Plan:
         self.withheld = []        # existing users whose object could not be downloaded: no keys this run
         self.granted = {}         # name -> groups the sync granted (state)
         self.accepted = 0         # names the plan accepts (min_listing_ratio counts these)
+        self.not_admitted = []    # listed names in no team this host admits (``teams`` set): no keys here
+        self.sudoers = []         # users the managed sudoers drop-in lists (their admitted teams grant sudo)
 
     @property
     def user_changes(self):
@@ -730,14 +839,16 @@ def _new_user_reason(name, uid, users_by_uid, retired, conflicts):
     return None
 
 
-def plan_per_user(desired, users, config, history=None, rejected=None, withheld=(), listed=()):
+def plan_per_user(desired, users, config, history=None, rejected=None, withheld=(), listed=(), membership=None):
     """Plan users for ``per_user`` mode.
 
     ``desired``: {name: [PublicKey]} from objects with at least one valid key. ``users``: {name: UserInfo} for
     every account on the host. ``history``: the previous state (``missing``, ``locks_made``, ``granted``,
     ``retired_uids``). ``withheld``: names whose object could not be downloaded (an existing user gets no keys
     this run, a new one is not created). ``listed``: every accepted name in the listing, for UID collisions.
-    Users that cannot be managed are moved to ``plan.rejected``.
+    ``membership``: the team manifest {team: [user]}; with ``config.teams`` set only members of a team the host
+    lists are admitted (a host that lists no team admits nobody), everyone else gets no keys and, when the sync
+    manages them, is revoked like a deleted object. Users that cannot be managed are moved to ``plan.rejected``.
     """
     plan = Plan()
     plan.rejected.extend(rejected or [])
@@ -748,8 +859,15 @@ def plan_per_user(desired, users, config, history=None, rejected=None, withheld=
     withheld = set(withheld)
     users_by_uid = dict((u.uid, u.name) for u in users.values())
     wanted_groups = [config.marker_group] + ([config.sudo_group] if config.sudo_group else [])
+    base_groups = wanted_groups
+    membership = membership or {}
     conflicts = uid_conflicts(sorted(set(desired) | withheld | set(listed)), config)
     for name in sorted(set(desired) | withheld):
+        admitted, team_groups, sudo = team_grants(name, membership, config)
+        if admitted is not None and not admitted:
+            plan.not_admitted.append(name)  # no team this host lists: no keys (and revoked below when managed)
+            continue
+        wanted_groups = base_groups + [g for g in team_groups if g not in base_groups]
         reason = validate_username(name, config)
         info = users.get(name)
         uid = None
@@ -793,6 +911,9 @@ def plan_per_user(desired, users, config, history=None, rejected=None, withheld=
                 plan.remove_groups.append((name, drop))
             plan.granted[name] = sorted((granted - set(drop)) | set(add))
         plan.keys[name] = [k.line(config.prepend_options) for k in desired[name]]
+        if sudo and name not in plan.admin_locked:
+            plan.sudoers.append(name)
+    wanted_groups = base_groups
     never_touched = set(DEFAULT_DENY_USERS) | set(config.admin_users)
     for name in sorted(users):
         info = users[name]
@@ -859,6 +980,19 @@ def fingerprints(lines):
         except KeyLineError:
             continue
     return out
+
+
+SUDOERS_DROPIN = "/etc/sudoers.d/fleetkeeper-keysync"
+
+
+def render_sudoers(users):
+    """The managed sudoers drop-in: one NOPASSWD line per user (synced accounts have no password); "" for none."""
+    if not users:
+        return ""
+    lines = ["# Managed by fleetkeeper.aws keysync: rewritten at each sync from the teams that grant sudo "
+             "(bastion_keys_teams); edits are lost."]
+    lines.extend("%s ALL=(ALL:ALL) NOPASSWD: ALL" % name for name in sorted(set(users)))
+    return "\n".join(lines) + "\n"
 
 
 def render_user(managed_lines):

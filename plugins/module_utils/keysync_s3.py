@@ -22,17 +22,21 @@ without amazon.aws installed.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import time
 
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import (
+    MAX_TEAMS_MANIFEST_BYTES,
     PER_USER,
     DEFAULT_DENY_USERS,
+    TEAMS_MANIFEST,
     DownloadError,
     KeyLineError,
     KeySyncError,
     ListingError,
     LockError,
+    TeamsError,
     UnsafePathError,
     UserBackendError,
     check_listing_size,
@@ -42,9 +46,11 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import (
     key_summary,
     parse_key_file,
     parse_key_line,
+    parse_teams_manifest,
     plan_per_user,
     plan_shared_user,
     render_shared,
+    render_sudoers,
     render_user,
     username_from_key,
     validate_username,
@@ -56,12 +62,15 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_store impo
     SyncLock,
     load_state,
     load_status,
+    read_sudoers,
     rooted,
     save_state,
     save_status,
 )
 
 PAGE_SIZE = 1000
+# The ``user`` of a failure that concerns no one user (the managed sudoers drop-in).
+SUDOERS_SUBJECT = "(sudoers)"
 
 
 def _error_text(exc):
@@ -189,7 +198,8 @@ def _reject(rejected, obj, user, line, reason):
 def collect(s3, config, state, counter, call_kwargs=None):
     """List, download what changed, parse.
 
-    Returns (desired {user: [PublicKey]}, new object state, rejected, stats, failed {user: reason}, listed names).
+    Returns (desired {user: [PublicKey]}, new object state, rejected, stats, failed {user: reason}, listed names,
+    the team manifest's (etag, size) from the listing or None).
     ``desired`` holds only users whose current object has at least one valid key: an object without one counts
     as gone. ``failed`` holds users whose changed object could not be downloaded: they keep nothing newer than
     what was verified (their old entry stays in the state, so the next run tries again).
@@ -199,8 +209,12 @@ def collect(s3, config, state, counter, call_kwargs=None):
     old_objects = state.get("objects", {}) if same_source else {}
     rejected = []
     candidates = {}
+    teams_key = config.prefix + TEAMS_MANIFEST
+    teams_object = listing.get(teams_key)
     for key in sorted(listing):
         etag, size = listing[key]
+        if key == teams_key:
+            continue  # the team manifest: read by load_teams when the host's configuration lists teams
         name, reason = username_from_key(key, config.prefix)
         if name is None:
             if reason:
@@ -263,7 +277,46 @@ def collect(s3, config, state, counter, call_kwargs=None):
     stats = {"listed": len(listing), "candidates": len(candidates), "downloaded": len(bodies),
              "reused": len(candidates) - len(bodies) - len(errors), "failed": len(errors)}
     listed = sorted(set(name for name, _etag, _size in candidates.values()))
-    return desired, new_objects, rejected, stats, failed, listed
+    return desired, new_objects, rejected, stats, failed, listed, teams_object
+
+
+def load_teams(s3, config, state, teams_object, listed, counter, call_kwargs=None):
+    """The team manifest as (membership {team: [user]}, state entry, warnings); raise TeamsError on any doubt.
+
+    Downloaded only when its ETag or Size differs from the state's (an unchanged bucket costs no GET), with
+    ``If-Match`` and the listed Size like a key object. Missing, too large, unreadable or invalid while
+    ``teams`` is configured fails the whole run closed, like a failed listing: nothing changes (no grant and
+    no revocation) until it is fixed, and the host turns stale. Members without a key object are warnings.
+    """
+    where = "s3://%s/%s%s" % (config.bucket, config.prefix, TEAMS_MANIFEST)
+    if teams_object is None:
+        raise TeamsError("teams is configured but %s does not exist; upload the team manifest ({team: [user]}); "
+                         "nothing was changed" % where)
+    etag, size = teams_object
+    if size > MAX_TEAMS_MANIFEST_BYTES:
+        raise TeamsError("%s is %d bytes, more than %d; nothing was changed" % (where, size, MAX_TEAMS_MANIFEST_BYTES))
+    same_source = state.get("bucket") == config.bucket and state.get("prefix") == config.prefix
+    old = state.get("teams_manifest") if same_source else None
+    if isinstance(old, dict) and etag and old.get("etag") == etag and old.get("size") == size:
+        data = json.dumps(old.get("teams")).encode("utf-8")
+    else:
+        bodies, errors = download_objects(s3, config.bucket, {config.prefix + TEAMS_MANIFEST: (etag, size)}, counter,
+                                          1, call_kwargs)
+        if errors:
+            raise TeamsError("%s; nothing was changed" % "; ".join(errors.values()))
+        data = bodies[config.prefix + TEAMS_MANIFEST]
+    try:
+        membership = parse_teams_manifest(data, config)
+    except TeamsError as exc:
+        raise TeamsError("%s; nothing was changed" % exc) from None
+    known = set(listed)
+    warnings = []
+    for team in sorted(membership):
+        for member in membership[team]:
+            if member not in known:
+                warnings.append({"object": config.prefix + TEAMS_MANIFEST, "user": member, "line": None,
+                                 "reason": "team %s lists %s, who has no accepted key object; ignored" % (team, member)})
+    return membership, {"etag": etag, "size": size, "teams": membership}, warnings
 
 
 def _current_lines(text, shared, static_lines):
@@ -355,7 +408,7 @@ def sync(config, s3, backend, check_mode=False, call_kwargs=None, log=None, now=
 
 # Steps whose failure means a revocation was not applied: such a run is not a good sync.
 REVOKE_ACTIONS = frozenset(["revoke keys", "lock", "end sessions", "userdel", "end key sessions", "clear keys",
-                            "retire", "withhold keys"])
+                            "retire", "withhold keys", "sudoers"])
 
 
 def _lock_everyone(config, backend, state_path, log):
@@ -398,7 +451,13 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
     state = load_state(state_path)
     users = backend.list_users()
     managed = [u for u in users.values() if config.marker_group in u.groups and not u.locked]
-    desired, new_objects, rejected, stats, failed, listed = collect(s3, config, state, counter, call_kwargs)
+    collected = collect(s3, config, state, counter, call_kwargs)
+    desired, new_objects, rejected, stats, failed, listed, teams_object = collected
+    membership, teams_manifest = None, None
+    if config.teams is not None:
+        membership, teams_manifest, team_warnings = load_teams(s3, config, state, teams_object, listed, counter,
+                                                               call_kwargs)
+        rejected.extend(team_warnings)
     same_source = state.get("bucket") == config.bucket and state.get("prefix") == config.prefix
     history = state if same_source else dict((k, v) for k, v in state.items() if k != "missing")
     previous = state.get("valid_count", 0) if same_source else 0
@@ -410,7 +469,8 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
                                    % config.shared_user)
         plan = plan_shared_user(desired, config, rejected, withheld=failed)
     else:
-        plan = plan_per_user(desired, users, config, history, rejected, withheld=failed, listed=listed)
+        plan = plan_per_user(desired, users, config, history, rejected, withheld=failed, listed=listed,
+                             membership=membership)
         previous = max(previous, len(managed))
     check_listing_size(plan.accepted, previous, config)
 
@@ -433,6 +493,8 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
         "sessions_ended": [],
         "users_pending_removal": dict(plan.pending_removal),
         "users_locked_by_admin": list(plan.admin_locked),
+        "users_not_admitted": list(plan.not_admitted),
+        "sudoers_users": list(plan.sudoers),
         "keys_added": [],
         "keys_removed": [],
         "files_written": [],
@@ -471,6 +533,7 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
     result["timings"] = counter.timings()
     if check_mode:
         result["changed"] = bool(plan.user_changes or result["keys_added"] or result["keys_removed"]
+                                 or (read_sudoers(config.root) or "") != render_sudoers(plan.sudoers)
                                  or any(_needs_write(store, users.get(n), plan.keys[n], shared, config)
                                         for n in plan.keys if users.get(n) is not None))
         return result
@@ -498,6 +561,8 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
         "granted": dict((n, g) for n, g in plan.granted.items() if n in present and n not in failed_creates),
         "retired_uids": retired,
     }
+    if teams_manifest is not None:
+        new_state["teams_manifest"] = teams_manifest
     if new_state != state:
         save_state(state_path, new_state)
     result["changed"] = changed
@@ -575,6 +640,13 @@ def _apply(config, plan, users, backend, store, result, log, locks_made, retired
     removed_keys = removed_keys or {}
     shared = config.mode != PER_USER
     revoked = set(entry["user"] for entry in plan.revoke)
+    # Sudo rights first: the drop-in lists exactly the users the plan gives sudo (none in shared_user mode or
+    # without teams, which removes a drop-in left from earlier), so a revoked user's sudo is gone before their
+    # processes are ended; a drop-in that cannot be written or checked is removed (nobody keeps sudo from it).
+    _ok, did = _step(result, SUDOERS_SUBJECT, "sudoers", backend.write_sudoers, list(plan.sudoers))
+    if did:
+        log("sudoers drop-in now lists: %s" % (", ".join(plan.sudoers) or "nobody (removed)"))
+    changed = changed or bool(did)
     for entry in plan.revoke:
         if _revoke(config, entry, users[entry["user"]], backend, store, result, log, locks_made, retired):
             changed = True
@@ -583,7 +655,6 @@ def _apply(config, plan, users, backend, store, result, log, locks_made, retired
         if not ok:
             _clear_or_lock(config, result, name, users[name], backend, store, log, locks_made)
         changed = _end_user(result, name, users[name], backend, log) or changed or bool(did)
-    wanted_groups = [config.marker_group] + ([config.sudo_group] if config.sudo_group else [])
     for name, groups in plan.remove_groups:
         ok, _none = _step(result, name, "remove groups", backend.remove_groups, name, groups)
         changed = changed or ok
@@ -597,20 +668,47 @@ def _apply(config, plan, users, backend, store, result, log, locks_made, retired
                                        % config.sudo_group)
         except (KeySyncError, OSError) as exc:
             grant_error = str(exc)
+    # Groups the teams grant are created when missing (the host's configuration names them); one that cannot
+    # be made fails only the users who would get it.
+    group_errors = {}
+    team_groups = set()
+    for name, _uid in plan.create:
+        team_groups.update(plan.granted.get(name, ()))
+    for name, groups in plan.add_groups:
+        team_groups.update(groups)
+    for group in sorted(team_groups - {config.marker_group, config.sudo_group}):
+        try:
+            if backend.ensure_group(group):
+                changed = True
+        except (KeySyncError, OSError) as exc:
+            group_errors[group] = "group %s: %s" % (group, exc)
+
+    def grant_failure(groups):
+        return grant_error or "; ".join(group_errors[g] for g in groups if g in group_errors) or None
+
     created = []
     for name, uid in plan.create:
-        if grant_error:
-            result["failures"].append({"user": name, "action": "create", "message": grant_error})
+        groups = plan.granted.get(name) or [config.marker_group]
+        error = grant_failure(groups)
+        if error:
+            result["failures"].append({"user": name, "action": "create", "message": error})
             continue
         log("creating user %s (uid %d)" % (name, uid))
-        ok, _none = _step(result, name, "create", backend.create_user, name, uid, wanted_groups, config.shell,
+        ok, _none = _step(result, name, "create", backend.create_user, name, uid, groups, config.shell,
                           "%s/%s" % (config.home_base.rstrip("/"), name))
         if ok:
             created.append(name)
             changed = True
+    not_created = set(name for name, _uid in plan.create) - set(created)
+    if not_created & set(plan.sudoers):  # no sudo line for an account that does not exist
+        plan.sudoers = [name for name in plan.sudoers if name not in not_created]
+        result["sudoers_users"] = list(plan.sudoers)
+        _ok, did = _step(result, SUDOERS_SUBJECT, "sudoers", backend.write_sudoers, list(plan.sudoers))
+        changed = changed or bool(did)
     for name, groups in plan.add_groups:
-        if grant_error:
-            result["failures"].append({"user": name, "action": "add groups", "message": grant_error})
+        error = grant_failure(groups)
+        if error:
+            result["failures"].append({"user": name, "action": "add groups", "message": error})
             continue
         ok, _none = _step(result, name, "add groups", backend.add_groups, name, groups)
         changed = changed or ok

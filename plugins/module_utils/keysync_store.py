@@ -38,8 +38,10 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import (
     ConfigError,
     LockError,
     UnsafePathError,
+    SUDOERS_DROPIN,
     UserBackendError,
     UserInfo,
+    render_sudoers,
 )
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_procs import Reaper
 
@@ -50,6 +52,9 @@ LINGER_DIR = "/var/lib/systemd/linger"
 QUARANTINE_DIR = "/var/lib/fleetkeeper-keysync/jobs"
 CRON_SPOOLS = ("/var/spool/cron/crontabs", "/var/spool/cron")   # Debian, RHEL
 AT_SPOOLS = ("/var/spool/cron/atjobs", "/var/spool/at")          # Debian, RHEL
+VISUDO_CANDIDATES = ("/usr/sbin/visudo", "/sbin/visudo", "/usr/bin/visudo")
+SUDOERS_MODE = 0o440
+MAX_SUDOERS_BYTES = 16 * 1024 * 1024
 
 
 def expiry_date(days):
@@ -133,10 +138,13 @@ class SystemUserBackend:
 
     root = "/"
 
-    def __init__(self, runner=None, system_uid_max=999):
+    def __init__(self, runner=None, system_uid_max=999, shell=None):
         self.operations = []
         self._runner = runner or self._run
         self.system_uid_max = system_uid_max
+        # A no-login shell reads as locked, unless it is the shell synced users are given (a forwarding-only
+        # bastion): then only the expiry the lock sets (or a locked password) counts.
+        self.login_shell = os.path.basename(shell or "")
         self._reaper = None
 
     @staticmethod
@@ -188,7 +196,8 @@ class SystemUserBackend:
             groups = set(members.get(entry.pw_name, ()))
             if entry.pw_gid in primary:
                 groups.add(primary[entry.pw_gid])
-            no_login = os.path.basename(entry.pw_shell or "") in ("nologin", "false")
+            shell = os.path.basename(entry.pw_shell or "")
+            no_login = shell in ("nologin", "false") and shell != self.login_shell
             users[entry.pw_name] = UserInfo(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir,
                                             entry.pw_shell, groups, entry.pw_name in locked or no_login)
         return users
@@ -291,6 +300,17 @@ class SystemUserBackend:
             if moved:
                 done.append("jobs moved to %s: %s" % (QUARANTINE_DIR, ", ".join(moved)))
         return done
+
+    def write_sudoers(self, users):
+        """The managed sudoers drop-in lists exactly ``users`` (checked with visudo, which must be installed)."""
+        visudo = find_visudo()
+        if users and visudo is None:
+            _remove_sudoers(os.path.dirname(SUDOERS_DROPIN), os.path.basename(SUDOERS_DROPIN), self._note)
+            raise ApplyError("visudo is not installed (is sudo?): %s get no sudo right" % ", ".join(sorted(users)))
+        return install_sudoers("/", users, visudo, self._note)
+
+    def _note(self, *operation):
+        self.operations.append(list(operation))
 
     def flush(self):
         """Every change is already applied by the command that made it."""
@@ -404,6 +424,10 @@ class DirectoryUserBackend:
         self._record("retire", name, bool(keep))
         return []
 
+    def write_sudoers(self, users):
+        """The drop-in below the root; checked with visudo when it is installed (else the skip is recorded)."""
+        return install_sudoers(self.root, users, find_visudo(), self._record, create_dir=True)
+
     def unlock_user(self, name, saved):
         entry = self._load()["users"][name]
         entry["locked"] = False
@@ -419,12 +443,103 @@ class DirectoryUserBackend:
             shutil.rmtree(home)
 
 
+def find_visudo():
+    for candidate in VISUDO_CANDIDATES:
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def read_sudoers(root):
+    """The managed drop-in's text, or None when there is none (anything but a plain root file reads as "")."""
+    path = rooted(root, SUDOERS_DROPIN)
+    try:
+        fd = open_dir(os.path.dirname(path))
+    except ApplyError:
+        return None
+    try:
+        found = read_in_dir(fd, os.path.basename(path), {0, os.geteuid()}, MAX_SUDOERS_BYTES, path)
+    except ApplyError:
+        return ""  # there, but not a file the sync wrote: rewritten
+    finally:
+        os.close(fd)
+    return None if found is None else found[0]
+
+
+def install_sudoers(root, users, visudo, record, create_dir=False):
+    """Make the managed drop-in list exactly ``users``; True when it changed.
+
+    No user: the file is removed. Else it is written beside itself (a temp name with a dot, which sudo's
+    ``@includedir`` never reads), checked with ``visudo -cf`` and renamed over the old one, root 0440. When the
+    check fails the old file is removed too, so nobody keeps a sudo right the sync no longer grants, and
+    ApplyError says why. ``visudo`` None skips the check (the directory backend where sudo is not installed;
+    ``record`` notes it).
+    """
+    path = rooted(root, SUDOERS_DROPIN)
+    directory, name = os.path.split(path)
+    text = render_sudoers(users)
+    current = read_sudoers(root)
+    if text == "":
+        if current is None:
+            return False
+        return _remove_sudoers(directory, name, record)
+    if not os.path.isdir(directory):
+        if not create_dir:
+            raise ApplyError("%s does not exist: is sudo installed? %s get no sudo right"
+                             % (directory, ", ".join(sorted(users))))
+        os.makedirs(directory, 0o750)
+    fd = open_dir(directory)
+    try:
+        st = None
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        if current == text and st is not None and stat.S_IMODE(st.st_mode) == SUDOERS_MODE:
+            return False
+
+        def check(tmp):
+            if visudo is None:
+                record("visudo-skipped", path)
+                return
+            proc = subprocess.run([visudo, "-cf", os.path.join(directory, tmp)],  # pylint: disable=ansible-bad-function
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
+            if proc.returncode != 0:
+                raise ApplyError("visudo -cf refused the new %s (exit %d): %s" % (
+                    path, proc.returncode, (proc.stderr or proc.stdout).decode("utf-8", "replace").strip()))
+
+        try:
+            atomic_write_in_dir(fd, name, text, (0, 0), SUDOERS_MODE, validate=check)
+        except ApplyError:
+            _remove_sudoers(directory, name, record)
+            raise
+        except OSError as exc:
+            _remove_sudoers(directory, name, record)
+            raise ApplyError("cannot write %s: %s; it was removed" % (path, exc.strerror)) from None
+    finally:
+        os.close(fd)
+    record("sudoers", path, sorted(users))
+    return True
+
+
+def _remove_sudoers(directory, name, record):
+    path = os.path.join(directory, name)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise ApplyError("cannot remove %s: %s" % (path, exc.strerror)) from None
+    record("sudoers-removed", path)
+    return True
+
+
 def make_backend(config, runner=None):
     if config.user_backend == "directory":
         return DirectoryUserBackend(config.root)
     if config.root != "/":
         raise ConfigError("root %r needs user_backend directory; the system backend manages / only" % config.root)
-    return SystemUserBackend(runner, config.system_uid_max)
+    return SystemUserBackend(runner, config.system_uid_max, config.shell)
 
 
 # --------------------------------------------------------------------------
@@ -537,12 +652,13 @@ def read_in_dir(dir_fd, name, owners=None, limit=None, path=None):
 TEMP_ATTEMPTS = 5
 
 
-def atomic_write_in_dir(dir_fd, name, text, owner, mode, sync_dir=True):
+def atomic_write_in_dir(dir_fd, name, text, owner, mode, sync_dir=True, validate=None):
     """Write ``name`` in the directory ``dir_fd`` via a temp file beside it, fsync and rename.
 
     With ``sync_dir=False`` the caller fsyncs the directory later (once for many files). The temp file's name
     is random and it is created with O_EXCL: nothing a user plants in a directory they can write (their
-    ``~/.ssh``) can be written through or can block the write.
+    ``~/.ssh``) can be written through or can block the write. ``validate(temp name)`` runs on the written
+    temp file before the rename; when it raises, the temp file is removed and the target is left as it was.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     for attempt in range(TEMP_ATTEMPTS):
@@ -563,6 +679,8 @@ def atomic_write_in_dir(dir_fd, name, text, owner, mode, sync_dir=True):
             written = os.write(fd, view)
             view = view[written:]
         os.fsync(fd)
+        if validate is not None:
+            validate(tmp)
     except BaseException:
         os.close(fd)
         os.unlink(tmp, dir_fd=dir_fd)

@@ -17,6 +17,9 @@ description:
     O(sudo_group) when set), with a UID derived from the username within O(uid_min)-O(uid_max) so it is the same
     on every host. Users whose key file disappears are locked or removed (O(removal)); only members of
     O(marker_group) are ever locked or removed, and existing accounts are never taken over.
+  - With O(teams), a team manifest beside the keys says who is in which team and the host admits only the teams
+    it lists, with the extra groups and sudo (a managed sudoers drop-in checked with C(visudo -cf)) it gives
+    each; leaving the last admitted team revokes like a deleted object.
   - In O(mode=shared_user) the sync owns the whole authorized_keys of O(shared_user) - the O(static_keys), a marker
     line, then every valid key from the bucket. A key added to the file by hand is removed at the next run, and
     the sessions it opened are ended.
@@ -70,6 +73,23 @@ options:
   sudo_group:
     description: Extra group for synced users (for example V(sudo)); it must exist.
     type: str
+  teams:
+    description:
+      - "Which teams of the team manifest C(s3://BUCKET/PREFIX/_teams.json) (a JSON object C({team: [user, ...]}))
+        this host admits, and what each grants, as C({team: {sudo: bool, groups: [group, ...]}})."
+      - Unset (the default), the manifest is not read and every user with a valid key is admitted.
+      - Set (even to V({})), a user is admitted only when a member of at least one team listed here; a host that
+        lists no team admits nobody (with O(allow_empty) to accept that). A user who leaves the last admitted team,
+        or whose team is dropped from this list, is revoked like a deleted object.
+      - Each team's value takes two keys, C(sudo) (bool, default false) and C(groups) (list of group names, never
+        O(marker_group)); any other key fails. A user gets the union of their admitted teams' C(groups) (created
+        when missing, taken away when no longer granted) and, when one of them has C(sudo=true), a line in the
+        managed sudoers drop-in C(/etc/sudoers.d/fleetkeeper-keysync) (root 0440, checked with C(visudo -cf)
+        before it is installed; when the check fails the drop-in is removed). Only this option grants anything;
+        a team in the manifest that is not listed here grants nothing.
+      - A missing, unreadable or invalid manifest while this is set changes nothing and fails the run.
+      - Needs O(mode=per_user).
+    type: dict
   admin_users:
     description: The host's own admin accounts; never synced, locked or removed (the break-glass accounts).
     type: list
@@ -281,6 +301,17 @@ users_groups_added:
   returned: always
   type: list
   elements: dict
+users_not_admitted:
+  description: Listed users in no team this host admits (O(teams) set); they get no keys here.
+  returned: always
+  type: list
+  elements: str
+sudoers_users:
+  description: Users the managed sudoers drop-in lists after this run (their admitted teams grant sudo).
+  returned: always
+  type: list
+  elements: str
+  sample: [alice]
 users_locked:
   description: Users locked because their key file is gone.
   returned: always
