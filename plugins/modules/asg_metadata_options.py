@@ -9,7 +9,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 ---
 module: asg_metadata_options
-version_added: 0.2.0
+version_added: 0.1.0
 short_description: Roll instance metadata options (IMDSv2) onto Auto Scaling groups and their running instances
 description:
   - For every Auto Scaling group named in O(names) or matching O(tag_filters), makes sure the launch template

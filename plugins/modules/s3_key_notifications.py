@@ -10,7 +10,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 ---
 module: s3_key_notifications
-version_added: 0.2.0
+version_added: 0.1.0
 short_description: Send S3 events on the SSH key prefix to an SQS queue, for revocation in seconds
 description:
   - Puts in place what the rulebook C(fleetkeeper.aws.keysync) (C(extensions/eda/rulebooks/keysync.yml)) reads,
