@@ -154,9 +154,9 @@ def overhead_per_host(summary):
     points = [(s["instances"], s["fast_hosts_median_s"]) for s in summary if s.get("fast_hosts_median_s") is not None]
     if len(points) < 2:
         return None
-    mean_x = statistics.mean(x for x, _ in points)
-    mean_y = statistics.mean(y for _, y in points)
-    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    mean_x = statistics.mean(x for x, _y in points)
+    mean_y = statistics.mean(y for _x, y in points)
+    spread = sum((x - mean_x) ** 2 for x, _y in points)
     return round(sum((x - mean_x) * (y - mean_y) for x, y in points) / spread, 2) if spread else None
 
 

@@ -215,16 +215,16 @@ def test_each_host_completes_as_soon_as_it_is_done_and_its_heartbeat_ends_with_i
     time.sleep(6)
     assert not heartbeat_jobs(marker, watchdogs=True), "nor does ansible-core's async_wrapper watchdog"
 
-    fast_done = next(t for t, states, _ in timeline if states.get(fast) == "InService")
-    at_fast = next(states for t, states, _ in timeline if t == fast_done)
+    fast_done = next(t for t, states, _jobs in timeline if states.get(fast) == "InService")
+    at_fast = next(states for t, states, _jobs in timeline if t == fast_done)
     assert at_fast[slow] == "Pending:Wait" and at_fast[ghost] == "Pending:Wait", \
         "the fast host went InService while the slow one converged and the silent one was waited for"
-    assert max(len(jobs) for _, _, jobs in timeline) == 3, "one heartbeat job per host"
+    assert max(len(jobs) for _t, _states, jobs in timeline) == 3, "one heartbeat job per host"
     # Within seconds of the fast host's completion its heartbeat job is gone; the other two still beat.
     settled = [jobs for t, states, jobs in timeline if fast_done <= t <= fast_done + 6
                and states.get(slow) == states.get(ghost) == "Pending:Wait"]
     assert settled and len(settled[-1]) == 2, timeline
-    slow_done = next(t for t, states, _ in timeline if states.get(slow) == "InService")
+    slow_done = next(t for t, states, _jobs in timeline if states.get(slow) == "InService")
     assert slow_done > fast_done
     results = {h["EC2InstanceId"]: (h["Result"], h["How"]) for h in aws.proxy.lifecycle.history}
     assert results == {fast: ("CONTINUE", "CompleteLifecycleAction"), slow: ("CONTINUE", "CompleteLifecycleAction"),
