@@ -171,6 +171,22 @@ class GroupRoller:
             raise GroupError(f"launch template {label} not found. Point the group at an existing launch template")
         return TemplateState.from_versions(records)
 
+    @staticmethod
+    def _settle_instances(results, work):
+        """After the instances' changes: each group whose instance changed is changed, and a group with failed
+        instances fails with their count and the first error (its other instances were changed)."""
+        for result, plan in work:
+            if not plan.get("error"):
+                result["changed"] = True
+        for result in results.values():
+            errors = [i["error"] for i in result["instances"] if i.get("error")]
+            if errors:
+                result["status"] = "failed"
+                result["error"] = (
+                    f"Auto Scaling group {result['name']!r}: {len(errors)} instance(s) could not be changed "
+                    f"(the others were), first error: {errors[0]}"
+                )
+
     def _map(self, func, items):
         items = list(items)
         if len(items) <= 1 or self.options.max_concurrency == 1:
@@ -428,17 +444,7 @@ class Roller(GroupRoller):
                     work.append((result, plan))
         if not self.options.check_mode and work:
             self._map(lambda item: self._apply_instance(item[1], desired), work)
-        for result, plan in work:
-            if not plan.get("error"):
-                result["changed"] = True
-        for result in results.values():
-            errors = [i["error"] for i in result["instances"] if i.get("error")]
-            if errors:
-                result["status"] = "failed"
-                result["error"] = (
-                    f"Auto Scaling group {result['name']!r}: {len(errors)} instance(s) could not be changed "
-                    f"(the others were), first error: {errors[0]}"
-                )
+        self._settle_instances(results, work)
 
     def _report(self, results, desired):
         """The module's result: per-group status, summary, mismatches, diff."""

@@ -204,17 +204,7 @@ class MetadataRoller(GroupRoller):
                     work.append((result, plan))
         if not self.options.check_mode and work:
             self._map(lambda item: self._apply_instance(item[1]), work)
-        for result, plan in work:
-            if not plan.get("error"):
-                result["changed"] = True
-        for result in results.values():
-            errors = [i["error"] for i in result["instances"] if i.get("error")]
-            if errors:
-                result["status"] = "failed"
-                result["error"] = (
-                    f"Auto Scaling group {result['name']!r}: {len(errors)} instance(s) could not be changed "
-                    f"(the others were), first error: {errors[0]}"
-                )
+        self._settle_instances(results, work)
 
     def _apply_instance(self, plan):
         try:
