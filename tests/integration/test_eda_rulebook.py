@@ -40,6 +40,7 @@ def rulebook_installed():
     assert shutil.which("java") or os.environ.get("JAVA_HOME"), \
         "ansible-rulebook needs a Java 17 runtime (openjdk-17-jre-headless, in scripts/lib.sh's FK_DEBS)"
 
+
 RECORDER = """\
 - name: Record the event (stands for fleetkeeper.aws.provision)
   hosts: localhost

@@ -133,8 +133,8 @@ def test_a_token_that_is_not_the_open_actions_is_reported_as_a_mismatch_not_as_d
     requests = lc.normalise_actions([{"instance_id": "i-1", "token": token}, {"instance_id": "i-2", "token": token}],
                                     asg_name="web", hook_name="fk", result="CONTINUE")
     results = lc.ActionRunner(client, max_concurrency=1).run("complete", requests)
-    assert [(r["instance_id"], r["status"]) for r in results] == [("i-1", "token_mismatch"),
-                                                                   ("i-2", "already_completed")]
+    assert [(r["instance_id"], r["status"]) for r in results] == [
+        ("i-1", "token_mismatch"), ("i-2", "already_completed")]
     assert f"the token {token} does not match the lifecycle action" in results[0]["error"]
     assert "nothing was completed" in results[0]["error"] and results[1]["error"] is None
 
