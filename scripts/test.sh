@@ -56,7 +56,7 @@ stage_changelog() { antsibull-changelog lint; }
 stage_release() { pytest -q -p no:cacheprovider tests/release; }
 
 stage_molecule() {
-  local scenario found=0
+  local scenario found=0 broken=()
   # Remove what a killed run left behind, and build the test-host image once
   # up front rather than inside the first scenario's create step.
   python -m tests.hosts cleanup
@@ -66,9 +66,10 @@ stage_molecule() {
     found=1
     scenario=$(basename "$(dirname "$scenario")")
     fk_log "molecule scenario $scenario"
-    (cd extensions && molecule test -s "$scenario")
+    (cd extensions && molecule test -s "$scenario") || broken+=("$scenario")
   done
-  [ $found -eq 1 ] || echo "no molecule scenarios yet"
+  [ $found -eq 1 ] || fk_die "no molecule scenarios found under extensions/molecule"
+  [ ${#broken[@]} -eq 0 ] || fk_die "molecule scenarios failed: ${broken[*]}"
 }
 
 # The oldest release line meta/runtime.yml declares (ansible-core 2.18, amazon.aws 9) runs what
@@ -83,13 +84,77 @@ stage_compat() {
   PATH="$venv/bin:$PATH" "$venv/bin/pytest" -q -p no:cacheprovider -n 2 -m compat tests/unit tests/integration
 }
 
-declare -a passed=() failed=()
+# Without arguments the stages run in two lanes side by side, each stage's output printed whole
+# when it ends: integration and compat mostly wait (on moto, ansible-rulebook, test hosts booting),
+# while sanity, lint and release mostly compute, so together they take about the longer lane.
+LANES=("unit integration compat" "sanity lint changelog release molecule")
+
 for stage in "${STAGES[@]}"; do
   declare -F "stage_$stage" >/dev/null || fk_die "unknown stage $stage (stages: ${ALL_STAGES[*]})"
-  fk_log "stage: $stage"
-  start=$SECONDS
-  if "stage_$stage"; then passed+=("$stage"); else failed+=("$stage"); fi
-  echo "stage $stage took $((SECONDS - start))s"
+  [[ " ${LANES[*]} " == *" $stage "* ]] || fk_die "stage $stage is in no lane (LANES in scripts/test.sh)"
+done
+
+RESULTS=$FK_BUILD/test-results
+mkdir -p "$RESULTS"
+rm -f "$RESULTS"/*
+
+# run_stage STAGE [LOG]: run one stage, to LOG if given, and record whether it passed.
+run_stage() {
+  local stage=$1 log=${2:-} start=$SECONDS status=passed
+  # A stage runs as a job of its own, so `set -e` holds inside it (bash ignores it in a
+  # function called as the condition of `||` or `if`): any failed command fails the stage.
+  if [ -n "$log" ]; then
+    ( "stage_$stage" ) >"$log" 2>&1 &
+    wait $! || status=failed
+    # One lane prints at a time, so a stage's output is never mixed with the other lane's.
+    {
+      flock 9
+      fk_log "stage: $stage"
+      cat "$log"
+      echo "stage $stage took $((SECONDS - start))s"
+    } 9>"$RESULTS/.print.lock"
+  else
+    fk_log "stage: $stage"
+    ( "stage_$stage" ) &
+    wait $! || status=failed
+    echo "stage $stage took $((SECONDS - start))s"
+  fi
+  echo "$stage" >"$RESULTS/$status.$stage"
+}
+
+run_lane() {
+  local stage
+  for stage in "$@"; do
+    echo "stage $stage started (lane: $*)" >&2
+    run_stage "$stage" "$RESULTS/$stage.log"
+  done
+}
+
+# kill_tree PID: end PID and everything it started (a lane's stages, their pytest workers, molecule).
+kill_tree() {
+  local child
+  for child in $(ps -o pid= --ppid "$1" 2>/dev/null); do kill_tree "$child"; done
+  kill -TERM "$1" 2>/dev/null || true
+}
+
+if [ $# -eq 0 ]; then
+  lanes=()
+  # A lane that outlives this script would run on unobserved: end both when it is interrupted.
+  trap 'for pid in "${lanes[@]}"; do kill_tree "$pid"; done; wait; exit 130' INT TERM
+  for lane in "${LANES[@]}"; do
+    # shellcheck disable=SC2086 # a lane is a list of stage names
+    run_lane $lane &
+    lanes+=($!)
+  done
+  wait "${lanes[@]}" || true
+  trap - INT TERM
+else
+  for stage in "${STAGES[@]}"; do run_stage "$stage"; done
+fi
+
+passed=() failed=()
+for stage in "${STAGES[@]}"; do
+  if [ -e "$RESULTS/passed.$stage" ]; then passed+=("$stage"); else failed+=("$stage"); fi
 done
 
 fk_log "summary"

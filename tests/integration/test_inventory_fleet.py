@@ -249,9 +249,11 @@ def test_duplicate_tag_hostnames_fall_through(aws, tmp_path):
 # --- failures --------------------------------------------------------------------------------
 
 def failed(proc, *fragments):
+    """The run failed and its error holds each fragment (ansible-core 2.18 wraps warnings at the terminal width)."""
     assert proc.returncode != 0, proc.stdout + proc.stderr
+    flat = " ".join(proc.stderr.split())
     for fragment in fragments:
-        assert fragment in proc.stderr, proc.stderr
+        assert fragment in flat, proc.stderr
     return proc.stderr
 
 
