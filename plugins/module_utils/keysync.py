@@ -11,7 +11,7 @@ module ``fleetkeeper.aws.s3_authorized_keys`` and the host-side entry point
 
 The layout is ``s3://BUCKET/PREFIX/<username>.pub``, one or more OpenSSH public
 key lines per object, and with ``teams`` configured one team manifest beside them,
-``s3://BUCKET/PREFIX/_teams.json`` ({team: [user, ...]}).
+``s3://BUCKET/PREFIX_teams.json`` ({team: [user, ...]}).
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ options:
     type: str
   teams:
     description:
-      - "Which teams of the team manifest C(s3://BUCKET/PREFIX/_teams.json) (a JSON object C({team: [user, ...]}))
+      - "Which teams of the team manifest C(s3://BUCKET/PREFIX_teams.json) (a JSON object C({team: [user, ...]}))
         this host admits, and what each grants, as C({team: {sudo: bool, groups: [group, ...]}})."
       - Unset (the default), the manifest is not read and every user with a valid key is admitted.
       - Set (even to V({})), a user is admitted only when a member of at least one team listed here; a host that

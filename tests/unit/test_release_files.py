@@ -132,3 +132,13 @@ def test_no_fix_sections_before_the_first_release():
     summaries = [path for path in glob.glob(os.path.join(REPO_ROOT, "changelogs", "fragments", "*.y*ml"))
                  if "release_summary" in (yaml.safe_load(open(path, encoding="utf-8")) or {})]
     assert len(summaries) == 1, summaries
+
+
+def test_test_files_have_unique_basenames():
+    """The compat stage collects tests/unit and tests/integration in one pytest run (rootdir-relative
+    imports without __init__.py): two test files with one basename stop it with 'import file mismatch'."""
+    seen = {}
+    for path in sorted(glob.glob(os.path.join(REPO_ROOT, "tests", "*", "test_*.py"))):
+        seen.setdefault(os.path.basename(path), []).append(os.path.relpath(path, REPO_ROOT))
+    twins = {name: paths for name, paths in seen.items() if len(paths) > 1}
+    assert not twins, f"rename one of each: {twins}"
