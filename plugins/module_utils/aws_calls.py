@@ -36,6 +36,16 @@ def items(call, request, key, token="NextToken", **kwargs):
         yield from page.get(key) or []
 
 
+def module_warn(module):
+    """The ``warn`` to use in a module built on amazon.aws's ``AnsibleAWSModule``.
+
+    amazon.aws 11 copies every warning into the result on ansible-core 2.19 and later, where core
+    already reports them and prints a deprecation for ``warnings`` passed to ``exit_json``: a module
+    that warned once showed two messages, one of them a deprecation. Warning through the wrapped
+    ``AnsibleModule`` reports each warning once, on every supported core."""
+    return getattr(module, "_module", module).warn  # pylint: disable=protected-access
+
+
 def chunks(items_, size):
     """``items_`` in slices of at most ``size`` (API batch limits)."""
     for start in range(0, len(items_), size):

@@ -266,6 +266,7 @@ summary:
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import module_warn
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import VERSION_CHOICES
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import AwsCallError
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import InstanceProfileError
@@ -307,7 +308,7 @@ def main():
     autoscaling = module.client("autoscaling", retry_decorator=retry, config=pool)
     iam = module.client("iam", retry_decorator=retry)
 
-    roller = Roller(ec2, autoscaling, iam, options, warn=module.warn)
+    roller = Roller(ec2, autoscaling, iam, options, warn=module_warn(module))
     try:
         result = roller.run(params["instance_profile"], names=params["names"], tag_filters=params["tag_filters"])
     except PlanningError as exc:

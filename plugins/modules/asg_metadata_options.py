@@ -250,6 +250,7 @@ summary:
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import module_warn
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import VERSION_CHOICES
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import AwsCallError
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import PlanningError
@@ -301,7 +302,7 @@ def main():
     def cloudwatch():  # made only when an instance's IMDSv1 use must be read
         return module.client("cloudwatch", retry_decorator=retry, config=pool)
 
-    roller = MetadataRoller(ec2, autoscaling, cloudwatch, options, warn=module.warn)
+    roller = MetadataRoller(ec2, autoscaling, cloudwatch, options, warn=module_warn(module))
     try:
         result = roller.run(names=params["names"], tag_filters=params["tag_filters"])
     except PlanningError as exc:

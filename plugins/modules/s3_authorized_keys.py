@@ -418,6 +418,7 @@ timings:
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import module_warn
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import KeySyncConfig
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import KeySyncError
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_host import failure_lines
@@ -453,11 +454,12 @@ def main():
     except OSError as exc:
         module.fail_json(msg="key sync failed: %s" % exc, error_type=type(exc).__name__)
     diff = result.pop("diff")
+    warn = module_warn(module)
     for item in result["rejected"]:
         where = item["object"] + (":%s" % item["line"] if item["line"] else "")
-        module.warn("%s: %s" % (where, item["reason"]))
+        warn("%s: %s" % (where, item["reason"]))
     if result.get("stale"):
-        module.warn(stale_message(result))
+        warn(stale_message(result))
     if module._diff:  # pylint: disable=protected-access
         result["diff"] = diff
     if result["failures"]:
