@@ -53,6 +53,11 @@ for unit in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_re
             fstrim.timer systemd-timesyncd.service; do
   ln -sf /dev/null "/etc/systemd/system/$unit"
 done
+# No console to ask passwords on; each .path unit holds an inotify instance of root's shared 128
+# (launcher.INOTIFY_PER_HOST).
+for unit in systemd-ask-password-wall.path systemd-ask-password-console.path; do
+  ln -sf /dev/null "/etc/systemd/system/$unit"
+done
 cat > /etc/apt/sources.list <<'EOF'
 deb http://deb.debian.org/debian bookworm main
 deb http://deb.debian.org/debian bookworm-updates main

@@ -75,6 +75,44 @@ def _new_run_id(cache: str | None) -> str:
         return run_id
 
 
+# inotify instances one booted test host holds (measured: systemd 3, dbus-daemon 1, systemd-logind 1; the
+# image masks the two ask-password .path units, 2 more each). Every host's root is the machine's root, so
+# all hosts share root's fs.inotify.max_user_instances (128 by default): a host that finds none left fails
+# its boot with "Result: resources" (20 hosts and a bastion did, at 7 each).
+INOTIFY_PER_HOST = 5
+
+
+def inotify_in_use(proc: str = "/proc") -> int:
+    """inotify instances held by root's processes (the machine's and every running test host's)."""
+    used = 0
+    for pid in os.listdir(proc):
+        if not pid.isdigit():
+            continue
+        try:
+            if os.stat(os.path.join(proc, pid)).st_uid != 0:
+                continue
+            fds = os.path.join(proc, pid, "fd")
+            used += sum(1 for fd in os.listdir(fds) if os.readlink(os.path.join(fds, fd)) == "anon_inode:inotify")
+        except OSError:  # the process ended while being read
+            continue
+    return used
+
+
+def check_inotify_room(hosts: int, used: int | None = None, limit: int | None = None) -> None:
+    """Refuse, before anything is made, a run whose hosts could not all get the inotify instances they boot with."""
+    if limit is None:
+        with open("/proc/sys/fs/inotify/max_user_instances", encoding="ascii") as handle:
+            limit = int(handle.read())
+    used = inotify_in_use() if used is None else used
+    needed = hosts * INOTIFY_PER_HOST
+    if used + needed > limit:
+        fit = max(0, (limit - used) // INOTIFY_PER_HOST)
+        raise LaunchError(
+            f"{hosts} test hosts need about {needed} inotify instances and {used} of root's "
+            f"fs.inotify.max_user_instances={limit} are in use: {fit} more host(s) fit. Boot fewer hosts at once, "
+            f"or raise the limit on a machine you may change (sysctl fs.inotify.max_user_instances=512)")
+
+
 def _allocate(platforms, scenario: str, ephemeral_dir: str, cache: str | None, log, owner=None) -> tuple:
     topo.build_topology(platforms, "000000", "10.213.0.0/%d" % topo.platforms_public_prefix(platforms))
     with runs_lock(cache):
@@ -332,6 +370,7 @@ def create(platforms, ephemeral_dir: str, instance_config_path: str | None = Non
     runs under, if any."""
     started = time.monotonic()
     ephemeral_dir = os.path.abspath(ephemeral_dir)
+    check_inotify_room(len(platforms))
     run, topology = _allocate(platforms, scenario, ephemeral_dir, cache, log, owner)
     log(f"run {run.run_id}: {len(topology.hosts)} hosts on {', '.join(topology.networks)} "
         f"(public {run.state['public_subnet']})")
