@@ -49,6 +49,7 @@ class FakeS3:
         self.cut_listing = False
         self.repeat_token = False
         self.get_delay = 0.0
+        self.get_barrier = None  # a threading.Barrier every download waits on
         self.in_flight = 0
         self.max_in_flight = 0
         self._guard = threading.Lock()
@@ -87,6 +88,8 @@ class FakeS3:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
+            if self.get_barrier is not None:
+                self.get_barrier.wait()
             if self.get_delay:
                 time.sleep(self.get_delay)
             if self.fail_get:
@@ -238,13 +241,14 @@ def test_a_failed_download_affects_only_its_user(root, tmp_path, fault):
 
 
 def test_downloads_run_concurrently_within_the_bound(root):
+    """8 workers download 8 objects at once, never more: each download waits until 8 are in flight (a
+    barrier, no clock), so fewer workers would break the barrier and fail their users."""
     s3 = FakeS3()
-    s3.get_delay = 0.05
+    s3.get_barrier = threading.Barrier(8, timeout=30)
     put(s3, dict(("user%d" % i, ed25519_line()) for i in range(40)))
-    started = time.monotonic()
-    run(make_config(root, download_workers=8), s3)
-    assert s3.max_in_flight == 8
-    assert time.monotonic() - started < 40 * 0.05 / 2
+    result = run(make_config(root, download_workers=8), s3)
+    assert not result["failures"] and len(result["users_created"]) == 40, result["failures"]
+    assert s3.max_in_flight == 8 and s3.calls["get"] == 40
 
 
 def test_far_smaller_listing_is_refused_until_the_ratio_allows_it(root):
