@@ -48,14 +48,12 @@ rm -f /etc/ssh/ssh_host_*
 # A machine id per boot (nspawn makes a transient one when the file is empty).
 : > /etc/machine-id
 rm -f /var/lib/dbus/machine-id
-# Timers that would take apt's lock or touch disks in the middle of a test.
+# Timers that would take apt's lock or touch disks in the middle of a test, and the ask-password
+# .path units (no console to ask on; each holds one of root's shared inotify instances,
+# launcher.INOTIFY_PER_HOST).
 for unit in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service \
-            fstrim.timer systemd-timesyncd.service; do
-  ln -sf /dev/null "/etc/systemd/system/$unit"
-done
-# No console to ask passwords on; each .path unit holds an inotify instance of root's shared 128
-# (launcher.INOTIFY_PER_HOST).
-for unit in systemd-ask-password-wall.path systemd-ask-password-console.path; do
+            fstrim.timer systemd-timesyncd.service \
+            systemd-ask-password-wall.path systemd-ask-password-console.path; do
   ln -sf /dev/null "/etc/systemd/system/$unit"
 done
 cat > /etc/apt/sources.list <<'EOF'
