@@ -106,12 +106,14 @@ run_stage() {
   if [ -n "$log" ]; then
     ( "stage_$stage" ) >"$log" 2>&1 &
     wait $! || status=failed
-    # One lane prints at a time, so a stage's output is never mixed with the other lane's.
+    local took=$((SECONDS - start))
+    # One lane prints at a time, so a stage's output is never mixed with the other lane's
+    # (the stage's time is taken before waiting for the other lane to finish printing).
     {
       flock 9
       fk_log "stage: $stage"
       cat "$log"
-      echo "stage $stage took $((SECONDS - start))s"
+      echo "stage $stage took ${took}s"
     } 9>"$RESULTS/.print.lock"
   else
     fk_log "stage: $stage"
