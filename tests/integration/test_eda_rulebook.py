@@ -122,6 +122,12 @@ class Rulebook:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        # ansible-rulebook may exit before what it started (a playbook run, the source's poller): end the
+        # rest of its process group too, so no call of theirs reaches the endpoint during the next test.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def wait_for(predicate, rulebook, timeout=150.0):

@@ -281,7 +281,7 @@ def test_missing_autoscaling_permission_falls_back_to_the_asg_tag(aws, tmp_path)
 def test_bad_region_is_a_clear_error(aws, tmp_path):
     proc = inventory(write_config(tmp_path, aws, regions=["us-east-1", "us-eest-1"]), aws=aws)
     failed(proc, "unknown AWS region name(s) 'us-eest-1'")
-    assert aws.proxy.count() == 0
+    assert aws.proxy.count() == 0, aws.proxy.summary()
 
 
 def test_unreachable_endpoint_is_a_clear_error(aws, tmp_path):
@@ -315,7 +315,7 @@ def test_throttling_is_retried(aws, tmp_path):
 ])
 def test_malformed_config_is_a_clear_error(aws, tmp_path, options, message):
     failed(inventory(write_config(tmp_path, aws, **options), aws=aws), message)
-    assert aws.proxy.count() == 0
+    assert aws.proxy.count() == 0, aws.proxy.summary()
 
 
 @pytest.mark.compat
