@@ -82,6 +82,21 @@ def test_latency_is_added_per_call(aws):
     assert time.monotonic() - start >= 0.2
 
 
+def test_a_call_that_began_before_a_reset_is_not_counted_after_it(aws):
+    """A long poll still in flight when the next test starts (its process was stopped) belongs to no test."""
+    import threading  # pylint: disable=import-outside-toplevel
+
+    sqs = aws.client("sqs")
+    url = sqs.create_queue(QueueName="harness-long-poll")["QueueUrl"]
+    poll = threading.Thread(target=sqs.receive_message, kwargs={"QueueUrl": url, "WaitTimeSeconds": 3})
+    poll.start()
+    time.sleep(1)
+    aws.proxy.reset()
+    aws.client("ec2").describe_vpcs()
+    poll.join()
+    assert aws.proxy.summary() == {"ec2:DescribeVpcs": 1}
+
+
 def test_a_stopped_upstream_and_a_client_that_hangs_up_print_no_traceback(capfd):
     """Tests stop moto or kill their client on purpose: the endpoint answers or ends quietly."""
     import socket  # pylint: disable=import-outside-toplevel

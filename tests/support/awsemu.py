@@ -184,6 +184,14 @@ class ProxyState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     lifecycle: LifecycleEmulation | None = None
     launch_templates: SourceVersionEmulation | None = None
+    # Bumped by every reset: a call is counted only if it arrived after the last reset, so a request that
+    # began before it (a 20 s SQS long poll of a process a test has stopped) is never counted in the next test.
+    epoch: int = 0
+
+    def record(self, epoch: int, call: Call) -> None:
+        with self.lock:
+            if epoch == self.epoch:
+                self.calls.append(call)
 
 
 def scope_of(headers) -> list:
@@ -329,6 +337,7 @@ def _make_handler(upstream: str, state: ProxyState):
                     self.close_connection = True
 
         def _handle(self):
+            epoch = state.epoch
             body = self._read_body()
             service = service_of(self.headers)
             operation = operation_of(self.command, self.path, self.headers, body)
@@ -346,7 +355,7 @@ def _make_handler(upstream: str, state: ProxyState):
                         break
             kind = fault.kind if fault else None
             if kind == "drop":
-                state.calls.append(Call(service, operation, 0, kind))
+                state.record(epoch, Call(service, operation, 0, kind))
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
@@ -364,7 +373,7 @@ def _make_handler(upstream: str, state: ProxyState):
                     if service == "s3" and status == 503:
                         code = "ServiceUnavailable"
                 payload, content_type = error_body(service, code, message)
-                state.calls.append(Call(service, operation, status, kind))
+                state.record(epoch, Call(service, operation, status, kind))
                 self._send(status, [("Content-Type", content_type)], payload)
                 return
             lifecycle = state.lifecycle if service == "autoscaling" else None
@@ -375,7 +384,7 @@ def _make_handler(upstream: str, state: ProxyState):
                 made_up = lifecycle.before(region, operation, params)
                 if made_up is not None:
                     status, payload = made_up
-                    state.calls.append(Call(service, operation, status, "emulated"))
+                    state.record(epoch, Call(service, operation, status, "emulated"))
                     self._send(status, [("Content-Type", "text/xml")], payload)
                     return
             if service == "ec2" and operation == "CreateLaunchTemplateVersion" and state.launch_templates:
@@ -391,12 +400,12 @@ def _make_handler(upstream: str, state: ProxyState):
                 # front end whose back end is down (a retryable 502), never a traceback on the test's output.
                 payload, content_type = error_body(service, "ServiceUnavailable",
                                                    f"the endpoint's upstream {upstream} did not answer: {exc}")
-                state.calls.append(Call(service, operation, 502, "upstream-down"))
+                state.record(epoch, Call(service, operation, 502, "upstream-down"))
                 self._send(502, [("Content-Type", content_type)], payload)
                 return
             if lifecycle is not None:
                 payload = lifecycle.after(region, operation, params, status, payload)
-            state.calls.append(Call(service, operation, status, kind))
+            state.record(epoch, Call(service, operation, status, kind))
             self._send(status, headers, payload, truncate=(kind == "truncate"))
 
         do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = _handle  # noqa: N815
@@ -479,6 +488,7 @@ class FaultProxy:
         with self.state.lock:
             self.state.faults.clear()
             self.state.calls.clear()
+            self.state.epoch += 1
         self.state.latency = 0.0
         self.lifecycle.reset()
 
