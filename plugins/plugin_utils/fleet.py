@@ -577,6 +577,66 @@ def host_vars(record, bastion_args=None):
     return variables
 
 
+# --- variables shared by an ASG group ----------------------------------------------------
+
+# Variables that say which host this is or how to reach it: always the host's own.
+HOST_OWN_VARS = frozenset(("ansible_host", "instance_id", "private_ip_address", "public_ip_address",
+                           "private_dns_name", "public_dns_name", "launch_time"))
+
+
+def _same(one, other):
+    """Equal and of the same type all the way down (1, 1.0 and True are three different values)."""
+    if type(one) is not type(other):  # pylint: disable=unidiomatic-typecheck
+        return False
+    if isinstance(one, dict):
+        return one.keys() == other.keys() and all(_same(v, other[k]) for k, v in one.items())
+    if isinstance(one, list):
+        return len(one) == len(other) and all(_same(a, b) for a, b in zip(one, other))
+    return one == other
+
+
+def hoist_group_vars(entries, asg_prefix="asg_", skip_groups=()):
+    """Move the variables every host of an ASG group has with the same value onto that group, once.
+
+    ``entries`` are the shaped hosts ([name, groups, variables] each); their variables dicts lose
+    the moved keys. Returns {group name: variables}. Only groups of two or more hosts, only ASG
+    groups (a host is in at most one, so no two of these groups compete for a host's variable),
+    never the variables in HOST_OWN_VARS, and never a group in ``skip_groups`` (one the inventory
+    held before this source: its other hosts must not inherit these variables). Playbooks see the
+    same values: a host's variables include its groups' ones."""
+    members, names = {}, {}
+    for _name, _groups, variables in entries:
+        asg = variables.get("asg_name")
+        if not asg:
+            continue
+        group = names.get(asg)
+        if group is None:
+            group = names[asg] = safe_group_name(asg_prefix + asg)
+        if group not in skip_groups:
+            members.setdefault(group, []).append(variables)
+    shared = {}
+    for group, hosts in members.items():
+        if len(hosts) < 2:
+            continue
+        first = hosts[0]
+        common = {k: v for k, v in first.items() if k not in HOST_OWN_VARS}
+        for variables in hosts[1:]:
+            for key in [k for k, v in common.items() if key_differs(variables, k, v)]:
+                del common[key]
+            if not common:
+                break
+        if common:
+            shared[group] = common
+            for variables in hosts:
+                for key in common:
+                    del variables[key]
+    return shared
+
+
+def key_differs(variables, key, value):
+    return key not in variables or not _same(variables[key], value)
+
+
 # --- cache key ------------------------------------------------------------------------
 
 def cache_key(plugin_name, path, options, identity):

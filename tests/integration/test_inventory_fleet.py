@@ -127,6 +127,36 @@ def test_fast_host_vars_builds_the_same_inventory_as_the_plain_api(aws, tmp_path
     assert f"{tmp_path / 'fast.fleet.yml'}|{tmp_path}" in proc.stdout
 
 
+@pytest.mark.compat
+def test_shared_values_are_set_once_per_asg_group_and_hosts_see_the_same_variables(aws, tmp_path, two_regions):
+    """asg_group_vars: --export holds an ASG's shared values once, on its group; every other view is unchanged."""
+    options = {"regions": ["us-east-1", EU], "bastion": {"tag": "fleetkeeper:role=bastion", "user": "admin"},
+               "keyed_groups": [{"key": "instance_type", "prefix": "type"}],
+               "groups": {"web_or_api": "asg_name in ['web', 'api']"}, "compose": {"fleet": "asg_name"}}
+    grouped = write_config(tmp_path, aws, name="grouped.fleet.yml", **options)
+    per_host = write_config(tmp_path, aws, name="per_host.fleet.yml", asg_group_vars=False, **options)
+    assert listed(grouped, aws)[0] == listed(per_host, aws)[0]
+    some_host = sorted(hostvars(listed(grouped, aws)[0]))[0]
+    assert plain(json.loads(inventory(grouped, "--host", some_host, aws=aws).stdout)) == \
+        plain(json.loads(inventory(per_host, "--host", some_host, aws=aws).stdout))
+
+    exported = inventory(grouped, "--list", "--export", aws=aws)
+    assert exported.returncode == 0, exported.stderr
+    data = plain(json.loads(exported.stdout))
+    web = data["asg_web"]
+    assert web["vars"]["asg_name"] == "web" and web["vars"]["instance_type"] and "ec2_tags" in web["vars"]
+    for name in web["hosts"]:
+        own = hostvars(data)[name]
+        assert "asg_name" not in own and "instance_type" not in own
+        assert {"ansible_host", "instance_id", "private_ip_address", "launch_time"} <= set(own)
+        assert own["fleet"] == "web", "compose saw the group's shared values"
+    assert sorted(data["web_or_api"]["hosts"]) == sorted(web["hosts"] + data["asg_api"]["hosts"])
+    # The bastion reaches no one through itself: the ssh arguments stay on the hosts that need them.
+    assert "ansible_ssh_common_args" not in hostvars(data)[sorted(data["bastion"]["hosts"])[0]]
+    flat = plain(json.loads(inventory(per_host, "--list", "--export", aws=aws).stdout))
+    assert "vars" not in flat["asg_web"] and "asg_name" in hostvars(flat)[web["hosts"][0]]
+
+
 def test_api_calls_stay_within_the_budget(aws, tmp_path, two_regions):
     path = write_config(tmp_path, aws, regions=["us-east-1", EU])
     listed(path, aws)

@@ -273,3 +273,43 @@ def test_cache_key_changes_with_path_options_and_identity():
     assert base != logic.cache_key("fleetkeeper.aws.fleet", "/b.fleet.yml", {"regions": ["us-east-1"]}, {"access_key": "A"})
     assert base != logic.cache_key("fleetkeeper.aws.fleet", "/a.fleet.yml", {"regions": ["eu-west-1"]}, {"access_key": "A"})
     assert base != logic.cache_key("fleetkeeper.aws.fleet", "/a.fleet.yml", {"regions": ["us-east-1"]}, {"access_key": "B"})
+
+
+# --- variables shared by an ASG group ------------------------------------------------------------
+
+def entry(name, asg, **extra):
+    variables = {"ansible_host": name, "instance_id": "i-" + name, "asg_name": asg, "instance_type": "t3.micro",
+                 "ec2_tags": {"team": "web"}, "launch_template_version": 2}
+    variables.update(extra)
+    return [name, ["asg_" + asg if asg else "standalone"], variables]
+
+
+def test_values_every_host_of_an_asg_shares_move_to_its_group():
+    entries = [entry("a", "web"), entry("b", "web", instance_type="t3.small"), entry("c", "db"), entry("d", "db")]
+    shared = logic.hoist_group_vars(entries)
+    assert shared == {
+        "asg_web": {"asg_name": "web", "ec2_tags": {"team": "web"}, "launch_template_version": 2},
+        "asg_db": {"asg_name": "db", "instance_type": "t3.micro", "ec2_tags": {"team": "web"},
+                   "launch_template_version": 2}}
+    assert entries[0][2] == {"ansible_host": "a", "instance_id": "i-a", "instance_type": "t3.micro"}
+    assert entries[2][2] == {"ansible_host": "c", "instance_id": "i-c"}
+
+
+def test_only_equal_values_of_equal_type_in_groups_of_two_or_more_this_source_made_are_moved():
+    entries = [entry("a", "web", launch_template_version=1, ec2_tags={"n": 1}),
+               entry("b", "web", launch_template_version=True, ec2_tags={"n": True}),
+               entry("c", "lonely"), entry("d", None), entry("e", None),
+               entry("f", "theirs"), entry("g", "theirs"),
+               entry("h", "my-app", ansible_host="same", instance_id="same"), entry("i", "my-app", ansible_host="same",
+                                                                                   instance_id="same")]
+    shared = logic.hoist_group_vars(entries, skip_groups={"asg_theirs"})
+    assert shared == {"asg_web": {"asg_name": "web", "instance_type": "t3.micro"},
+                      "asg_my_app": {"asg_name": "my-app", "instance_type": "t3.micro", "ec2_tags": {"team": "web"},
+                                     "launch_template_version": 2}}
+    assert entries[0][2]["launch_template_version"] == 1 and entries[1][2]["launch_template_version"] is True
+    for lone in entries[2:7]:
+        assert "asg_name" in lone[2] or lone[2]["asg_name"] is None
+    assert entries[7][2]["ansible_host"] == "same" and entries[7][2]["instance_id"] == "same"
+    assert logic.hoist_group_vars([entry("x", "web"), entry("y", "web")], asg_prefix="g_") == {
+        "g_web": {"asg_name": "web", "instance_type": "t3.micro", "ec2_tags": {"team": "web"},
+                  "launch_template_version": 2}}
