@@ -284,6 +284,7 @@ from ansible.plugins.inventory import BaseInventoryPlugin
 from ansible_collections.amazon.aws.plugins.plugin_utils.botocore import get_aws_connection_info
 from ansible_collections.amazon.aws.plugins.plugin_utils.inventory import AWSInventoryBase
 
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import chunks
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import error_code
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import error_message
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import http_status
@@ -509,7 +510,7 @@ class InventoryModule(AWSInventoryBase):
     def _describe_templates(self, ec2, ids, size=logic.TEMPLATE_BATCH_SIZE):
         entries = []
         try:
-            for batch in logic.batches(ids, size):
+            for batch in chunks(list(ids), size):
                 for page in pages(ec2.describe_launch_templates, {"LaunchTemplateIds": batch}):
                     entries.extend(page.get("LaunchTemplates", ()))
         except botocore.exceptions.ClientError as exc:
@@ -592,7 +593,7 @@ class InventoryModule(AWSInventoryBase):
                 hooks = hooks_future.result() if hooks_future else {}
                 action = "ec2:DescribeInstances"
                 batches = [pool.submit(self._records_by_ids, ec2, batch, region, members, versions, hooks)
-                           for batch in logic.batches(sorted(members), logic.INSTANCE_BATCH_SIZE)]
+                           for batch in chunks(sorted(members), logic.INSTANCE_BATCH_SIZE)]
                 while batches:
                     result.records.extend(batches.pop(0).result())
             seen = {r["instance_id"] for r in result.records}

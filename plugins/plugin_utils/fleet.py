@@ -19,7 +19,6 @@ import datetime
 import functools
 import hashlib
 import json
-import math
 import re
 
 from ansible_collections.fleetkeeper.aws.plugins.plugin_utils.fleet_fast import CACHE_FORMAT
@@ -259,23 +258,6 @@ def fallback_instance_filters(names, tags):
 
 
 # --- API call planning -----------------------------------------------------------
-
-def batches(items, size):
-    """Consecutive slices of at most ``size`` items."""
-    items = list(items)
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def call_budget(instances, groups, templates=0, standalone_filters=0, bastion_lookup=False):
-    """Most API calls one region may take: the figure the benchmark holds the plugin to."""
-    return (
-        max(1, math.ceil(groups / ASG_PAGE_SIZE))
-        + math.ceil(instances / INSTANCE_BATCH_SIZE)
-        + math.ceil(templates / TEMPLATE_BATCH_SIZE)
-        + standalone_filters
-        + (1 if bastion_lookup else 0)
-    )
-
 
 def smaller_template_batch(size, code):
     """The batch size to retry a refused DescribeLaunchTemplates batch with, or None to give up.

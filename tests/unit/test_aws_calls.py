@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import botocore.exceptions
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ansible_collections.fleetkeeper.aws.plugins.module_utils import aws_calls
 
@@ -35,3 +37,11 @@ def test_error_readers():
         ("AccessDenied", "no", 403)
     other = botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
     assert (aws_calls.error_code(other), aws_calls.error_message(other), aws_calls.http_status(other)) == ("", "", None)
+
+
+@given(st.integers(min_value=0, max_value=5000), st.integers(min_value=1, max_value=1000))
+def test_chunks_cover_everything_once_within_the_size(count, size):
+    items = list(range(count))
+    parts = list(aws_calls.chunks(items, size))
+    assert [i for part in parts for i in part] == items
+    assert all(0 < len(part) <= size for part in parts)

@@ -98,21 +98,6 @@ def test_the_filters_the_plugin_builds_are_valid_botocore_requests():
 
 # --- planning and errors ---------------------------------------------------------------------------
 
-@given(st.integers(min_value=0, max_value=5000), st.integers(min_value=1, max_value=1000))
-def test_batches_cover_everything_once(count, size):
-    items = list(range(count))
-    parts = logic.batches(items, size)
-    assert [i for part in parts for i in part] == items
-    assert all(0 < len(part) <= size for part in parts)
-
-
-def test_call_budget():
-    assert logic.call_budget(10000, 200) == 2 + 10
-    assert logic.call_budget(0, 0) == 1
-    assert logic.call_budget(50000, 1000, templates=1000) == 10 + 50 + 1
-    assert logic.call_budget(50000, 1000, templates=1001) == 10 + 50 + 2
-
-
 def test_a_refused_template_batch_falls_back_to_the_documented_page_size_once():
     assert logic.smaller_template_batch(1000, "InvalidParameterValue") == 200
     assert logic.smaller_template_batch(300, "InvalidRequest") == 200
