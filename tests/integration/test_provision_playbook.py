@@ -269,6 +269,32 @@ def test_a_host_that_never_answers_ssh_is_abandoned_even_when_it_is_the_only_one
     assert ghost_id not in lifecycle_states(autoscaling)
 
 
+@pytest.mark.parametrize("settings,message", [
+    ({"provision_heartbeat_interval": "often"}, "argument 'provision_heartbeat_interval' is of type str"),
+    ({"provision_roles": [{"nme": "fleetkeeper.aws.dns_cache"}]}, "missing required arguments: name found in provision_roles"),
+    ({"provision_vars": ["provision_ssh_timeout=5"]}, "argument 'provision_vars' is of type list"),
+    ({"provision_vars": {"provision_ssh_timeout": "soon"}}, "argument 'provision_ssh_timeout' is of type str"),
+])
+def test_wrong_settings_fail_before_anything_is_read_or_completed(aws, tmp_path, settings, message):
+    """provision_* variables are checked like a role's: the run fails naming the variable, makes no AWS call and
+    leaves the instance in Pending:Wait for a corrected run."""
+    ec2, autoscaling = aws.client("ec2"), aws.client("autoscaling")
+    fleet_support.create_group(ec2, autoscaling, fleet_support.create_network(ec2, "us-east-1"), "web", 0)
+    autoscaling.put_lifecycle_hook(AutoScalingGroupName="web", LifecycleHookName="fleetkeeper-provision",
+                                   LifecycleTransition=LAUNCHING, HeartbeatTimeout=300, DefaultResult="ABANDON")
+    autoscaling.set_desired_capacity(AutoScalingGroupName="web", DesiredCapacity=1)
+    [waiting_id] = lifecycle_states(autoscaling)
+    inventory = tmp_path / "waiting.yml"
+    inventory.write_text(yaml.safe_dump({"all": {"children": {"lifecycle_pending_wait": {"hosts": {"waiting": {
+        "ansible_host": "127.0.0.1", "ansible_port": free_port(), "instance_id": waiting_id, "asg_name": "web",
+        "region": "us-east-1"}}}}}}))
+    before = aws.proxy.summary()
+    proc = run_provision(str(inventory), aws.endpoint_url, settings)
+    assert proc.returncode != 0 and message in proc.stdout, proc.stdout[-4000:]
+    assert aws.proxy.summary() == before, "the run made AWS calls"
+    assert lifecycle_states(autoscaling) == {waiting_id: "Pending:Wait"}
+
+
 def test_a_killed_run_leaves_no_heartbeat_job_behind(aws, tmp_path):
     """The heartbeat job watches the ansible-playbook process: SIGKILL the run while a host waits for SSH, and
     the job ends within seconds (ps), long before its lifetime."""
