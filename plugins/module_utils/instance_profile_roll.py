@@ -19,6 +19,7 @@ import dataclasses
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import ClassVar
 
 try:
     import botocore.exceptions
@@ -53,8 +54,20 @@ MAX_CONCURRENCY = 100
 class RollOptions:
     """What every roll-out over Auto Scaling groups takes (launch templates, instances, concurrency).
 
-    The modules' argument_specs check types and choices (VERSION_CHOICES); the ranges are checked here,
-    once, for the modules and for any other caller."""
+    One source for each setting: ``PARAMS`` names the module parameter and type of each field, the field
+    gives its default, and :meth:`argument_spec` builds the modules' argument_spec from both. The
+    argument_specs check types and choices; the ranges are checked here, once, for the modules and for
+    any other caller."""
+
+    # field -> (module parameter, its argument_spec entry without the default)
+    PARAMS: ClassVar[dict] = {
+        "version_mode": ("launch_template_version", {"type": "str", "choices": list(VERSION_CHOICES)}),
+        "manage_launch_template": ("manage_launch_template", {"type": "bool"}),
+        "manage_instances": ("manage_instances", {"type": "bool"}),
+        "instance_refresh": ("instance_refresh", {"type": "bool"}),
+        "instance_refresh_preferences": ("instance_refresh_preferences", {"type": "dict"}),
+        "max_concurrency": ("max_concurrency", {"type": "int"}),
+    }
 
     version_mode: str = VERSION_KEEP
     manage_launch_template: bool = True
@@ -70,22 +83,33 @@ class RollOptions:
         if not 1 <= self.max_concurrency <= MAX_CONCURRENCY:
             raise InputError(f"max_concurrency must be between 1 and {MAX_CONCURRENCY}")
 
-    @staticmethod
-    def roll_params(params):
-        """The shared settings from a module's parameters (``module.params``)."""
-        return dict(
-            version_mode=params["launch_template_version"],
-            manage_launch_template=params["manage_launch_template"],
-            manage_instances=params["manage_instances"],
-            instance_refresh=params["instance_refresh"],
-            instance_refresh_preferences=params["instance_refresh_preferences"],
-            max_concurrency=params["max_concurrency"],
-        )
+    @classmethod
+    def argument_spec(cls):
+        """The module parameters of ``PARAMS``, each with its field's default (none where that is None)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        spec = {}
+        for name, (param, entry) in cls.PARAMS.items():
+            entry = dict(entry)
+            if defaults[name] not in (None, dataclasses.MISSING):
+                entry["default"] = defaults[name]
+            spec[param] = entry
+        return spec
+
+    @classmethod
+    def from_params(cls, params, check_mode=False, **derived):
+        """Options from the module's parameters (``module.params``); ``derived`` are fields a subclass builds."""
+        return cls(check_mode=check_mode, **derived, **{name: params[param] for name, (param, _e) in cls.PARAMS.items()})
 
 
 @dataclasses.dataclass(frozen=True)
 class Options(RollOptions):
     """What the instance profile task asks for."""
+
+    PARAMS: ClassVar[dict] = dict(RollOptions.PARAMS, **{
+        "state": ("state", {"type": "str", "choices": ["present", "absent"]}),
+        "replace": ("replace", {"type": "bool"}),
+        "wait_timeout": ("wait_timeout", {"type": "int"}),
+    })
 
     state: str = "present"
     replace: bool = False
@@ -95,17 +119,6 @@ class Options(RollOptions):
         super().__post_init__()
         if self.wait_timeout < 0:
             raise InputError("wait_timeout must not be negative")
-
-    @classmethod
-    def from_params(cls, params, check_mode=False):
-        """Options from the module's parameters (``module.params``)."""
-        return cls(
-            state=params["state"],
-            replace=params["replace"],
-            wait_timeout=params["wait_timeout"],
-            check_mode=check_mode,
-            **cls.roll_params(params),
-        )
 
 
 class GroupRoller:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+from typing import ClassVar
 
 try:
     import botocore.exceptions
@@ -45,6 +46,11 @@ INSTANCE_PAGE_SIZE = 1000  # DescribeInstances MaxResults maximum
 class MetadataRollOptions(RollOptions):
     """What the metadata options task asks for (``desired``: API fields, see ``desired_options``)."""
 
+    PARAMS: ClassVar[dict] = dict(RollOptions.PARAMS, **{
+        "window_days": ("imdsv1_window_days", {"type": "int"}),
+        "force": ("force", {"type": "bool"}),
+    })
+
     desired: dict = dataclasses.field(default_factory=dict)
     window_days: int = 14
     force: bool = False
@@ -58,14 +64,8 @@ class MetadataRollOptions(RollOptions):
             raise InputError(f"imdsv1_window_days must be between {low} and {high}")
 
     @classmethod
-    def from_params(cls, params, check_mode=False):
-        return cls(
-            desired=desired_options(params["metadata_options"]),
-            window_days=params["imdsv1_window_days"],
-            force=params["force"],
-            check_mode=check_mode,
-            **cls.roll_params(params),
-        )
+    def from_params(cls, params, check_mode=False, **derived):
+        return super().from_params(params, check_mode, desired=desired_options(params["metadata_options"]), **derived)
 
 
 class MetadataRoller(GroupRoller):

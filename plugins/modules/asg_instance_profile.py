@@ -267,7 +267,6 @@ from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleA
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import module_warn
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import VERSION_CHOICES
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import AwsCallError
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import InstanceProfileError
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import PlanningError
@@ -280,15 +279,7 @@ def main():
         instance_profile=dict(type="str", required=True),
         names=dict(type="list", elements="str", aliases=["asg_names"]),
         tag_filters=dict(type="dict"),
-        state=dict(type="str", choices=["present", "absent"], default="present"),
-        replace=dict(type="bool", default=False),
-        launch_template_version=dict(type="str", choices=list(VERSION_CHOICES), default="keep"),
-        manage_launch_template=dict(type="bool", default=True),
-        manage_instances=dict(type="bool", default=True),
-        instance_refresh=dict(type="bool", default=False),
-        instance_refresh_preferences=dict(type="dict"),
-        max_concurrency=dict(type="int", default=10),
-        wait_timeout=dict(type="int", default=120),
+        **Options.argument_spec(),  # state, replace, wait_timeout and the roll-out settings, with their defaults
     )
     module = AnsibleAWSModule(
         argument_spec=argument_spec,

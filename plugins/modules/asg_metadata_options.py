@@ -251,7 +251,6 @@ from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleA
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import module_warn
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import VERSION_CHOICES
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import AwsCallError
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import PlanningError
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import RollError
@@ -274,14 +273,7 @@ def main():
                 instance_metadata_tags=dict(type="str", choices=list(SWITCH_CHOICES)),
             ),
         ),
-        imdsv1_window_days=dict(type="int", default=14),
-        force=dict(type="bool", default=False),
-        launch_template_version=dict(type="str", choices=list(VERSION_CHOICES), default="keep"),
-        manage_launch_template=dict(type="bool", default=True),
-        manage_instances=dict(type="bool", default=True),
-        instance_refresh=dict(type="bool", default=False),
-        instance_refresh_preferences=dict(type="dict"),
-        max_concurrency=dict(type="int", default=10),
+        **MetadataRollOptions.argument_spec(),  # imdsv1_window_days, force and the roll-out settings, with defaults
     )
     module = AnsibleAWSModule(
         argument_spec=argument_spec,

@@ -288,3 +288,24 @@ def test_summary_counts():
     assert summary["associated"] == 1 and summary["unchanged"] == 1 and summary["failed"] == 1
     assert summary["skipped"] == 1 and summary["launch_template_versions_created"] == 1
     assert summary["groups_changed"] == 1
+
+
+def test_the_module_parameters_and_their_defaults_come_from_the_options_themselves():
+    from ansible.module_utils.common.arg_spec import ArgumentSpecValidator  # pylint: disable=import-outside-toplevel
+
+    from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_roll import Options  # pylint: disable=import-outside-toplevel
+    from ansible_collections.fleetkeeper.aws.plugins.module_utils.metadata_options_roll import (  # pylint: disable=import-outside-toplevel
+        MetadataRollOptions)
+
+    spec = Options.argument_spec()
+    params = ArgumentSpecValidator(spec).validate({}).validated_parameters
+    assert Options.from_params(params) == Options()
+    assert "default" not in spec["instance_refresh_preferences"]
+    changed = ArgumentSpecValidator(spec).validate({"launch_template_version": "latest", "wait_timeout": 5})
+    assert Options.from_params(changed.validated_parameters, check_mode=True) == Options(
+        version_mode="latest", wait_timeout=5, check_mode=True)
+    metadata = ArgumentSpecValidator(MetadataRollOptions.argument_spec()).validate({}).validated_parameters
+    metadata["metadata_options"] = {"http_tokens": "required"}
+    options = MetadataRollOptions.from_params(metadata)
+    assert (options.window_days, options.force, options.max_concurrency) == (14, False, 10)
+    assert options.desired
