@@ -289,6 +289,7 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import e
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import error_message
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import http_status
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import pages
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle import launch_hook_names
 from ansible_collections.fleetkeeper.aws.plugins.plugin_utils import core_compat
 from ansible_collections.fleetkeeper.aws.plugins.plugin_utils import fleet as logic
 from ansible_collections.fleetkeeper.aws.plugins.plugin_utils import fleet_fast as fast
@@ -527,16 +528,14 @@ class InventoryModule(AWSInventoryBase):
         hooks = {}
         for name in group_names:
             try:
-                response = autoscaling.describe_lifecycle_hooks(AutoScalingGroupName=name)
+                hooks[name] = launch_hook_names(autoscaling, name)
             except botocore.exceptions.ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code", "")
-                if logic.classify_error(code, exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")) != "denied":
+                code = error_code(exc)
+                if logic.classify_error(code, http_status(exc)) != "denied":
                     raise
                 result.warnings.append(f"{self.NAME}: autoscaling:DescribeLifecycleHooks is denied ({code}): "
                                        "Pending:Wait hosts get no lifecycle_hook_name")
                 return hooks
-            hooks[name] = sorted(h["LifecycleHookName"] for h in response.get("LifecycleHooks", ())
-                                 if h.get("LifecycleTransition") == "autoscaling:EC2_INSTANCE_LAUNCHING")
         return hooks
 
     def _fetch_region(self, region, clients, settings, pool):

@@ -4,27 +4,35 @@
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
 
-"""The one paginator and error reader of the modules and the inventory plugin.
+"""The one paginator, batcher and error reader of the modules, the inventory plugin and the key sync.
 
 Everything else comes from amazon.aws (``AWSRetry`` on the clients, ``is_boto3_error_code``
 in ``except`` clauses, ``fail_json_aws`` in modules). Not amazon.aws's instance-profile
 association and launch-template helpers (module_utils/ec2.py): they retry ``IncorrectState``
 with a jittered backoff of up to minutes, where the roll must fall back from a refused replace
 to disassociate + associate at once, and they wrap every error in ``AnsibleEC2Error``, so the
-per-code handling below would need the wrapped exception. The key sync keeps a copy of its own
-(keysync_s3.py) only because it runs on hosts without amazon.aws.
+per-code handling below would need the wrapped exception.
+
+This file imports nothing (not even botocore): the bastion_keys role copies it onto hosts next to
+the key sync (keysync*.py, see the role's ``__bastion_keys_utils``), which has boto3 there but not
+ansible-core or amazon.aws. Keep it that way.
 """
 
 from __future__ import annotations
 
 
-def pages(call, request, token="NextToken", **kwargs):
-    """Every page of a paginated call: ``call(**request, **kwargs)``, then again with the page's ``token``."""
+def pages(call, request, token="NextToken", *, reply_token=None, **kwargs):
+    """Every page of a paginated call: ``call(**request, **kwargs)``, then again with the page's ``token``.
+
+    ``reply_token`` names the token in the answer when it differs from the request's (S3 ListObjectsV2:
+    ``ContinuationToken`` in, ``NextContinuationToken`` out). A caller that stops early (``break``,
+    an exception) makes no further call."""
     request = dict(request)
+    reply_token = reply_token or token
     while True:
         page = call(**request, **kwargs)
         yield page
-        next_token = page.get(token)
+        next_token = page.get(reply_token)
         if not next_token:
             return
         request[token] = next_token

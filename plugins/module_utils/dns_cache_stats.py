@@ -226,7 +226,11 @@ def fetch(url, timeout, getter=None):
         return getter(url, timeout)
     except DnsCacheStatsError:
         raise
-    except Exception as exc:  # urllib/http/socket errors differ across Python versions
+    # Deliberately broad: open_url's errors come from urllib, http.client, socket, ssl and
+    # ansible.module_utils.urls, with no common base (URLError and socket errors are OSError,
+    # http.client.HTTPException is not, urls.ConnectionError/SSLValidationError derive from Exception, a bad
+    # URL is a ValueError) and they differ across Python versions; every one must become StatsEndpointError.
+    except Exception as exc:  # pylint: disable=broad-exception-caught
         code = getattr(exc, "code", None)
         if code == 404:
             raise StatsEndpointError("%s answered 404: this BIND does not serve that format "

@@ -14,9 +14,12 @@ the run goes on.
 
 The S3 client is any boto3-compatible client; ``call_kwargs`` is added to every
 call (the module passes ``aws_retry=True`` for amazon.aws's retry wrapper; the
-host tool relies on botocore's standard retry mode). The paginator and error
-reading below are our own, not amazon.aws's, because the host tool runs on hosts
-without amazon.aws installed.
+host tool relies on botocore's standard retry mode). Pages and error codes are
+read with aws_calls.py, like everywhere in the collection: it imports nothing,
+and the bastion_keys role copies it onto the hosts with the keysync files (the
+host tool runs there without ansible-core or amazon.aws). Every S3 request goes
+through :func:`_s3_request`, the one place that turns whatever a request raised
+into an error of the sync.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ import json
 import os
 import time
 
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import error_code
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import error_message
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import http_status
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import pages
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import (
     MAX_TEAMS_MANIFEST_BYTES,
     PER_USER,
@@ -74,12 +81,31 @@ SUDOERS_SUBJECT = "(sudoers)"
 
 
 def _error_text(exc):
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        error = response.get("Error", {})
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return "%s (HTTP %s): %s" % (error.get("Code", type(exc).__name__), status, error.get("Message", exc))
+    code = error_code(exc)
+    if code:
+        return "%s (HTTP %s): %s" % (code, http_status(exc), error_message(exc) or exc)
     return "%s: %s" % (type(exc).__name__, exc)
+
+
+class S3RequestError(Exception):
+    """One S3 request failed; the message is the AWS error code, HTTP status and message (or the exception's
+    type and text). Never escapes this file: the listing turns it into ListingError, a download into that
+    object's (and so that user's) failure."""
+
+
+def _s3_request(request):
+    """``request()`` (an S3 call, and for a GET the body read), with any error it raises as S3RequestError."""
+    try:
+        return request()
+    # Deliberately broad, the one such clause of the key sync. The host runs whatever boto3 its distribution
+    # ships, and a body is read from urllib3's stream: botocore releases before boto/botocore#2573 (late 2021)
+    # let urllib3's ProtocolError out of Body.read() unwrapped, and a botocore bug surfaces as whatever it is
+    # (neither is BotoCoreError, ClientError or OSError). Whatever it is, a failed listing must become
+    # ListingError (the run records "failed" and the max_sync_age staleness check, with stale_action lock,
+    # sees it; an error escaping as itself would skip both, so a host failing that way would never turn
+    # stale) and a failed GET must stay with its own user.
+    except Exception as exc:  # pylint: disable=broad-exception-caught
+        raise S3RequestError(_error_text(exc)) from exc
 
 
 class RequestCounter:
@@ -108,27 +134,30 @@ def list_key_objects(s3, bucket, prefix, counter, call_kwargs=None, max_keys=100
     """
     call_kwargs = call_kwargs or {}
     objects = {}
-    token = None
     seen_tokens = set()
-    pages = 0
+    calls = 0
     pub = 0
-    while True:
-        params = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": PAGE_SIZE, "Delimiter": "/"}
-        if token:
-            params["ContinuationToken"] = token
-        pages += 1
+
+    def list_page(**params):
+        nonlocal calls
+        calls += 1
         counter.list += 1
         started = time.monotonic()
         try:
-            page = s3.list_objects_v2(**dict(params, **call_kwargs))
-        except Exception as exc:  # pylint: disable=broad-exception-caught
+            page = _s3_request(lambda: s3.list_objects_v2(**params))
+        except S3RequestError as exc:
             raise ListingError("listing s3://%s/%s failed on page %d: %s; nothing was changed"
-                               % (bucket, prefix, pages, _error_text(exc))) from exc
+                               % (bucket, prefix, calls, exc)) from exc
         counter.list_seconds += time.monotonic() - started
+        return page
+
+    request = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": PAGE_SIZE, "Delimiter": "/"}
+    listing = pages(list_page, request, "ContinuationToken", reply_token="NextContinuationToken", **call_kwargs)
+    for number, page in enumerate(listing, 1):
         contents = page.get("Contents", []) or []
         if "KeyCount" in page and page["KeyCount"] != len(contents) + len(page.get("CommonPrefixes", []) or []):
             raise ListingError("listing s3://%s/%s page %d says %s keys but carries %d; nothing was changed"
-                               % (bucket, prefix, pages, page["KeyCount"], len(contents)))
+                               % (bucket, prefix, number, page["KeyCount"], len(contents)))
         for item in contents:
             objects[item["Key"]] = (item.get("ETag", ""), int(item.get("Size", 0)))
             if item["Key"].endswith(".pub"):
@@ -139,17 +168,17 @@ def list_key_objects(s3, bucket, prefix, counter, call_kwargs=None, max_keys=100
             raise ListingError("s3://%s/%s holds more than max_keys %d key objects (PREFIX<name>.pub); refusing to "
                                "apply a listing that large, so no revocation or grant happens until the bucket is "
                                "cleaned up or max_keys raised; nothing was changed" % (bucket, prefix, max_keys))
-        if page.get("IsTruncated"):
-            token = page.get("NextContinuationToken")
-            if not token:
-                raise ListingError("listing s3://%s/%s was cut short (truncated without a continuation token); "
-                                   "nothing was changed" % (bucket, prefix))
-            if token in seen_tokens:
-                raise ListingError("listing s3://%s/%s repeated a continuation token on page %d (the listing loops); "
-                                   "nothing was changed" % (bucket, prefix, pages))
-            seen_tokens.add(token)
-            continue
-        return objects
+        if not page.get("IsTruncated"):
+            break
+        token = page.get("NextContinuationToken")
+        if not token:
+            raise ListingError("listing s3://%s/%s was cut short (truncated without a continuation token); "
+                               "nothing was changed" % (bucket, prefix))
+        if token in seen_tokens:
+            raise ListingError("listing s3://%s/%s repeated a continuation token on page %d (the listing loops); "
+                               "nothing was changed" % (bucket, prefix, number))
+        seen_tokens.add(token)
+    return objects
 
 
 def download_objects(s3, bucket, wanted, counter, workers, call_kwargs=None):
@@ -165,8 +194,7 @@ def download_objects(s3, bucket, wanted, counter, workers, call_kwargs=None):
         params = {"Bucket": bucket, "Key": key}
         if etag:
             params["IfMatch"] = etag
-        response = s3.get_object(**dict(params, **call_kwargs))
-        body = response["Body"].read(size + 1)
+        body = _s3_request(lambda: s3.get_object(**dict(params, **call_kwargs))["Body"].read(size + 1))
         if len(body) != size:
             raise DownloadError("got %d bytes, the listing said %d" % (len(body), size))
         return body
@@ -183,10 +211,8 @@ def download_objects(s3, bucket, wanted, counter, workers, call_kwargs=None):
             key = futures[future]
             try:
                 results[key] = future.result()
-            except DownloadError as exc:
+            except (DownloadError, S3RequestError) as exc:
                 errors[key] = "downloading s3://%s/%s failed: %s" % (bucket, key, exc)
-            except Exception as exc:  # pylint: disable=broad-exception-caught
-                errors[key] = "downloading s3://%s/%s failed: %s" % (bucket, key, _error_text(exc))
     counter.download_seconds += time.monotonic() - started
     return results, errors
 

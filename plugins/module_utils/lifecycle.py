@@ -27,7 +27,16 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+try:
+    import botocore.exceptions
+
+    AWS_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+except ImportError:  # AnsibleAWSModule reports the missing SDK; the inventory plugin fails on its own import
+    AWS_ERRORS = ()
+
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import chunks
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import error_code
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import error_message
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import items
 
 LAUNCHING = "autoscaling:EC2_INSTANCE_LAUNCHING"
@@ -55,14 +64,6 @@ class LifecycleError(Exception):
     """Bad input: the message says what to fix."""
 
 
-def error_code(exc):
-    return ((getattr(exc, "response", None) or {}).get("Error") or {}).get("Code") or ""
-
-
-def error_message(exc):
-    return ((getattr(exc, "response", None) or {}).get("Error") or {}).get("Message") or ""
-
-
 def is_no_active_action(exc):
     """AWS's answer for an action that was completed already or timed out: final, never retried."""
     return error_code(exc) == "ValidationError" and NO_ACTIVE_ACTION in error_message(exc)
@@ -77,6 +78,15 @@ def describe_error(exc):
 # --------------------------------------------------------------------------
 # Hooks
 # --------------------------------------------------------------------------
+
+
+def launch_hook_names(autoscaling, group_name, **call_kwargs):
+    """Sorted names of the group's launch (``EC2_INSTANCE_LAUNCHING``) hooks: those a Pending:Wait instance of
+    the group can be held by. ``call_kwargs`` goes to the call (``aws_retry=True`` on amazon.aws's retrying
+    clients); errors are the caller's to handle. DescribeLifecycleHooks is not paginated."""
+    answer = autoscaling.describe_lifecycle_hooks(AutoScalingGroupName=group_name, **call_kwargs)
+    return sorted(h["LifecycleHookName"] for h in answer.get("LifecycleHooks") or ()
+                  if h.get("LifecycleTransition") == LAUNCHING)
 
 
 def validate_hook_options(heartbeat_timeout, default_result, target_arn, role_arn):
@@ -192,7 +202,7 @@ class HookManager:
                 self.autoscaling.put_lifecycle_hook(aws_retry=True, **desired)
         except LifecycleError as exc:
             result.update(status="failed", error=str(exc))
-        except Exception as exc:  # pylint: disable=broad-except  # botocore errors; confined to this group
+        except AWS_ERRORS as exc:  # confined to this group
             result.update(status="failed", error=f"{group_name}: {describe_error(exc)}")
         return result
 
@@ -255,9 +265,7 @@ class ActionRunner:
         return found
 
     def launch_hooks(self, group_name):
-        hooks = self.autoscaling.describe_lifecycle_hooks(aws_retry=True, AutoScalingGroupName=group_name)
-        return sorted(h["LifecycleHookName"] for h in hooks["LifecycleHooks"]
-                      if h.get("LifecycleTransition") == LAUNCHING)
+        return launch_hook_names(self.autoscaling, group_name, aws_retry=True)
 
     def plan(self, requests):
         """Fill in groups and hooks from Auto Scaling; instances not in Pending:Wait are settled without a call."""
@@ -299,14 +307,14 @@ class ActionRunner:
             try:
                 self.autoscaling.complete_lifecycle_action(
                     aws_retry=True, LifecycleActionResult=request["result"], **params)
-            except Exception as exc:  # pylint: disable=broad-except
+            except AWS_ERRORS as exc:
                 return self._failure(request, exc)
             return dict(request, status=COMPLETED, error=None)
         if self.check_mode:
             return dict(request, status=WOULD_HEARTBEAT, error=None)
         try:
             self.autoscaling.record_lifecycle_action_heartbeat(aws_retry=True, **params)
-        except Exception as exc:  # pylint: disable=broad-except
+        except AWS_ERRORS as exc:
             return self._failure(request, exc)
         return dict(request, status=HEARTBEAT, error=None)
 

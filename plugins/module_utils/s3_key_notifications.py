@@ -27,6 +27,14 @@ import copy
 import json
 import time
 
+try:
+    import botocore.exceptions
+
+    # An AWS answer with an error code; anything else (BotoCoreError: no answer) goes to the caller as it is.
+    AWS_ANSWER_ERRORS = (botocore.exceptions.ClientError,)
+except ImportError:  # AnsibleAWSModule reports the missing SDK
+    AWS_ANSWER_ERRORS = ()
+
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import error_code
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import error_message
 
@@ -166,19 +174,15 @@ class NotificationSetup:  # pylint: disable=too-many-instance-attributes
     def _call(self, action: str, function, **kwargs):
         try:
             return function(aws_retry=True, **kwargs)
-        except Exception as exc:  # pylint: disable=broad-except  # botocore errors, wrapped with their action
-            if not hasattr(exc, "response"):
-                raise
+        except AWS_ANSWER_ERRORS as exc:  # wrapped with their action
             raise NotificationError(f"{action} failed: {error_code(exc)}: {error_message(exc)}", exc) from None
 
     def queue(self, name: str, attributes: dict, create: bool = True) -> dict:
         """The queue's URL and ARN; created (``create``) or updated unless in check mode."""
         try:
             url = self.sqs.get_queue_url(aws_retry=True, QueueName=name)["QueueUrl"]
-        except Exception as exc:  # pylint: disable=broad-except
+        except AWS_ANSWER_ERRORS as exc:
             if error_code(exc) not in NO_QUEUE:
-                if not hasattr(exc, "response"):
-                    raise
                 raise NotificationError(f"GetQueueUrl for {name} failed: {error_code(exc)}: {error_message(exc)}",
                                         exc) from None
             url = None
@@ -227,9 +231,7 @@ class NotificationSetup:  # pylint: disable=too-many-instance-attributes
                 self.s3.put_bucket_notification_configuration(aws_retry=True, Bucket=bucket,
                                                               NotificationConfiguration=configuration)
                 return
-            except Exception as exc:  # pylint: disable=broad-except
-                if not hasattr(exc, "response"):
-                    raise
+            except AWS_ANSWER_ERRORS as exc:
                 retry = error_code(exc) == "InvalidArgument" and "validate" in error_message(exc)
                 if not retry or waited + delay > VALIDATION_WAIT:
                     raise NotificationError(f"PutBucketNotificationConfiguration on {bucket} failed: "

@@ -185,6 +185,11 @@ summary:
 import collections
 import os
 
+try:
+    import botocore.exceptions
+except ImportError:
+    pass  # Handled by AnsibleAWSModule
+
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 
@@ -255,7 +260,7 @@ def main():
                                                   stop=stop_condition(params["stop_file"], params["watch_pid"]))
         else:
             results = runner.run(params["action"], requests)
-    except Exception as exc:  # pylint: disable=broad-except  # reading states or hooks failed: nothing was done
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:  # reading states or hooks
         module.fail_json_aws(exc, msg="Could not read the instances' lifecycle states or hooks")
 
     output = {

@@ -147,6 +147,11 @@ failed_groups:
   elements: str
 """
 
+try:
+    import botocore.exceptions
+except ImportError:
+    pass  # Handled by AnsibleAWSModule
+
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 
@@ -190,7 +195,7 @@ def main():
         groups = find_groups(autoscaling, params["names"], params["tag_filters"])
     except GroupSelectionError as exc:
         module.fail_json(msg=str(exc), groups=[], failed_groups=[])
-    except Exception as exc:  # pylint: disable=broad-except  # botocore errors
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
         module.fail_json_aws(exc, msg="Could not read the Auto Scaling groups")
 
     manager = HookManager(autoscaling, check_mode=module.check_mode)

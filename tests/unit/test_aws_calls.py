@@ -30,6 +30,21 @@ def test_an_empty_token_ends_the_pages():
     assert len(list(aws_calls.pages(lambda **_: {"NextToken": ""}, {}))) == 1
 
 
+def test_pages_read_the_next_token_under_its_own_name_and_stop_when_the_caller_does():
+    calls = []
+    answers = {None: {"Keys": [1], "NextContinuationToken": "a"}, "a": {"Keys": [2], "NextContinuationToken": "b"}}
+
+    def call(**kwargs):
+        calls.append(kwargs)
+        return answers[kwargs.get("ContinuationToken")]
+
+    listing = aws_calls.pages(call, {"Bucket": "b"}, "ContinuationToken", reply_token="NextContinuationToken")
+    for page in listing:
+        if page["Keys"] == [2]:
+            break
+    assert calls == [{"Bucket": "b"}, {"Bucket": "b", "ContinuationToken": "a"}]  # no call for the page after "b"
+
+
 def test_error_readers():
     exc = botocore.exceptions.ClientError(
         {"Error": {"Code": "AccessDenied", "Message": "no"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "Op")

@@ -42,6 +42,17 @@ def test_hook_changes_notice_fields_that_must_go():
     assert lc.hook_changes(hook(), lc.desired_hook("web", "fk", 600, "CONTINUE")) == ["DefaultResult", "HeartbeatTimeout"]
 
 
+def test_launch_hook_names_are_the_groups_launch_hooks_sorted(stubbed):
+    client, stub = stubbed
+    terminating = dict(hook(), LifecycleHookName="drain", LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING")
+    stub.add_response("describe_lifecycle_hooks",
+                      {"LifecycleHooks": [dict(hook(), LifecycleHookName="zz"), terminating, hook()]},
+                      {"AutoScalingGroupName": "web"})
+    stub.add_response("describe_lifecycle_hooks", {"LifecycleHooks": []}, {"AutoScalingGroupName": "db"})
+    assert lc.launch_hook_names(client, "web", aws_retry=True) == ["fk", "zz"]
+    assert lc.launch_hook_names(client.client, "db") == []  # a plain client: no aws_retry
+
+
 @pytest.mark.parametrize("args, message", [
     ((10, "ABANDON", None, None), "between 30 and 7200"),
     ((300, "ABANDON", "arn:aws:sqs:us-east-1:1:q.fifo", "arn:aws:iam::1:role/r"), "FIFO"),
