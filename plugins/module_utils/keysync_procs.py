@@ -278,6 +278,7 @@ class Reaper:
         found = bool(self.processes_of(ids)) or found  # for the report only: the kill does not start from it
         quiet = 0
         rounds = 0
+        strays = []
         while rounds < self.MAX_ROUNDS and time.monotonic() + self.HELPER_TIMEOUT + 1.0 < deadline:
             rounds += 1
             hit = self.kill_as(uid, gid)
@@ -289,7 +290,7 @@ class Reaper:
             if quiet >= self.QUIET_ROUNDS:
                 return found
             time.sleep(self.ROUND_PAUSE)
-        left = self.processes_of(ids)
+        left = strays  # the last round's survivors: one more pass over /proc would run past TIME_BOUND
         raise UserBackendError("processes of UID %d survived %d rounds of SIGKILL%s" % (
             uid, rounds, (": " + " ".join(str(p) for p in left[:10])) if left else
             " (the kill helper did not complete a round)"))
