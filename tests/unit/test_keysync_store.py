@@ -34,10 +34,14 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_store impo
     make_backend,
 )
 from tests.support.keysync import authorized_keys, directory_users, ed25519_line, seed_directory_user
+from tests.unit.fakes_aws import client_error, endpoint_unreachable
 
 
 class FakeS3:
-    """Just enough of an S3 client: objects in a dict, optional failures, call counts."""
+    """Just enough of an S3 client: objects in a dict, optional failures, call counts.
+
+    Failures are the exceptions a boto3 client raises (tests.unit.fakes_aws): ``ClientError`` for an AWS error
+    response, ``EndpointConnectionError`` when nothing answers."""
 
     def __init__(self, objects=None, page_size=1000):
         self.objects = dict(objects or {})
@@ -159,7 +163,7 @@ def test_check_mode_reports_and_writes_nothing(root):
     assert tree(root) == {}
 
 
-@pytest.mark.parametrize("fault", ["list", "cut", "loop"])
+@pytest.mark.parametrize("fault", ["denied", "unreachable", "cut", "loop"])
 def test_listing_trouble_changes_nothing(root, fault):
     s3 = FakeS3(page_size=1)
     put(s3, {"alice": ed25519_line("a"), "bob": ed25519_line("b")})
@@ -169,16 +173,18 @@ def test_listing_trouble_changes_nothing(root, fault):
     put(s3, {"alice": ed25519_line("new")})
     del s3.objects["keys/bob.pub"]
     put(s3, {"carol": ed25519_line("c")})
-    if fault == "list":
-        s3.fail_list = RuntimeError("endpoint down")
-        expected = ListingError
+    says = {"denied": r"failed on page 1: AccessDenied \(HTTP 403\): Access Denied",
+            "unreachable": "failed on page 1: EndpointConnectionError: Could not connect to the endpoint URL",
+            "cut": "cut short", "loop": "repeated a continuation token"}[fault]
+    if fault == "denied":
+        s3.fail_list = client_error("AccessDenied", 403)
+    elif fault == "unreachable":
+        s3.fail_list = endpoint_unreachable()
     elif fault == "cut":
         s3.cut_listing = True
-        expected = ListingError
     else:
         s3.repeat_token = True
-        expected = ListingError
-    with pytest.raises(expected, match="nothing was changed"):
+    with pytest.raises(ListingError, match=says + ".*nothing was changed"):
         run(config, s3)
     assert tree(root) == before
 
@@ -204,16 +210,13 @@ def test_objects_outside_the_layout_never_count_against_the_cap_and_too_many_key
     assert status["last_outcome"] == "failed" and "max_keys" in status["last_error"]
 
 
-class Error(Exception):
-    def __init__(self, code, status):
-        super().__init__(code)
-        self.response = {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
-
-
-@pytest.mark.parametrize("fault", [Error("AccessDenied", 403), Error("InvalidObjectState", 403),
-                                   Error("InternalError", 500), "truncate"],
-                         ids=["kms-access-denied", "archived", "5xx", "truncated"])
-def test_a_failed_download_affects_only_its_user(root, tmp_path, fault):
+@pytest.mark.parametrize("fault, says", [
+    (("AccessDenied", 403), "AccessDenied (HTTP 403): Access Denied"),
+    (("InvalidObjectState", 403), "InvalidObjectState (HTTP 403): The operation is not valid"),
+    (("InternalError", 500), "InternalError (HTTP 500): We encountered an internal error"),
+    ("truncate", "got %d bytes, the listing said %d"),
+], ids=["kms-access-denied", "archived", "5xx", "truncated"])
+def test_a_failed_download_affects_only_its_user(root, tmp_path, fault, says):
     s3 = FakeS3()
     alice_old = ed25519_line("a")
     put(s3, {"alice": alice_old, "bob": ed25519_line("b"), "dave": ed25519_line("d")})
@@ -221,10 +224,19 @@ def test_a_failed_download_affects_only_its_user(root, tmp_path, fault):
     run(config, s3)
     put(s3, {"alice": ed25519_line("a2"), "carol": ed25519_line("c"), "erin": ed25519_line("e")})
     del s3.objects["keys/dave.pub"]
-    s3.fail_keys = {"keys/alice.pub": fault, "keys/carol.pub": fault}
+    if fault == "truncate":
+        s3.fail_keys = {"keys/alice.pub": fault, "keys/carol.pub": fault}
+        says = {"alice": says % (len(s3.objects["keys/alice.pub"]) - 3, len(s3.objects["keys/alice.pub"])),
+                "carol": says % (len(s3.objects["keys/carol.pub"]) - 3, len(s3.objects["keys/carol.pub"]))}
+    else:
+        s3.fail_keys = {"keys/alice.pub": client_error(*fault, operation="GetObject"),
+                        "keys/carol.pub": client_error(*fault, operation="GetObject")}
+        says = {"alice": says, "carol": says}
     result = run(config, s3)
     failed = dict((f["user"], f["message"]) for f in result["failures"])
-    assert set(failed) == {"alice", "carol"} and "keys/alice.pub" in failed["alice"]
+    assert set(failed) == {"alice", "carol"}
+    for user in ("alice", "carol"):  # the object, and what S3 said about it
+        assert "downloading s3://keys-bucket/keys/%s.pub failed: %s" % (user, says[user]) in failed[user], failed[user]
     assert "not created" in failed["carol"] and "carol" not in directory_users(root)["users"]
     assert authorized_keys(root, "alice") == ""  # nothing newer than verified, and not the old keys either
     assert result["users_created"] == ["erin"] and result["users_locked"] == ["dave"]
@@ -234,6 +246,7 @@ def test_a_failed_download_affects_only_its_user(root, tmp_path, fault):
     path = write_config(tmp_path, root)
     assert keysync_host.main(["--config", path], s3_factory=lambda c: s3, stdout=out, stderr=err) == 1
     assert "error: user alice: download:" in err.getvalue() and "error: user carol: download:" in err.getvalue()
+    assert says["alice"] in err.getvalue()
     s3.fail_keys = {}
     result = run(config, s3)
     assert result["failures"] == [] and result["users_created"] == ["carol"]
@@ -483,10 +496,11 @@ def test_host_entry_point_exit_codes(tmp_path, root):
     config_path = write_config(tmp_path, root)
     assert keysync_host.main(["--config", config_path], s3_factory=lambda c: s3, stdout=out, stderr=err) == 0
     assert "created: alice" in out.getvalue() and "keys/root.pub" in err.getvalue()
-    s3.fail_list = RuntimeError("AccessDenied")
+    s3.fail_list = client_error("AccessDenied", 403)
     err = io.StringIO()
     assert keysync_host.main(["--config", config_path], s3_factory=lambda c: s3, stdout=out, stderr=err) == 1
-    assert "AccessDenied" in err.getvalue() and "nothing was changed" in err.getvalue()
+    assert "AccessDenied (HTTP 403): Access Denied" in err.getvalue() and "nothing was changed" in err.getvalue()
+    assert "Traceback" not in err.getvalue()
     bad = write_config(tmp_path, root, mode="shared_user")
     assert keysync_host.main(["--config", bad], s3_factory=lambda c: s3, stdout=out, stderr=io.StringIO()) == 2
     s3.fail_list = None
@@ -636,8 +650,46 @@ def _keys_path(root, name="alice"):
     return os.path.join(root, "home", name, ".ssh", "authorized_keys")
 
 
+class PlantedNodeWatch:
+    """Every ``os.open`` and ``os.read`` made while it is installed, held against one planted node (its device and
+    inode): the bytes read from it, and each open of it that would block (a FIFO opened without O_NONBLOCK, and
+    not as a directory, which fails with ENOTDIR at once, raises here instead of hanging the run). No clock:
+    "replaced unread" is counted, not timed."""
+
+    def __init__(self, monkeypatch, path):
+        st = os.lstat(path)
+        self.node, self.fifo = (st.st_dev, st.st_ino), stat.S_ISFIFO(st.st_mode)
+        self.bytes_read = 0
+        self.blocking_opens = 0
+        real_open, real_read = os.open, os.read
+
+        def watched_open(name, flags, mode=0o777, *, dir_fd=None):
+            try:
+                target = os.stat(name, dir_fd=dir_fd, follow_symlinks=not flags & getattr(os, "O_NOFOLLOW", 0))
+            except OSError:
+                target = None
+            if target is not None and (target.st_dev, target.st_ino) == self.node and self.fifo \
+                    and not flags & (os.O_NONBLOCK | getattr(os, "O_PATH", 0) | getattr(os, "O_DIRECTORY", 0)):
+                self.blocking_opens += 1
+                raise AssertionError("a blocking open of the planted FIFO %s: the run would hang" % path)
+            return real_open(name, flags, mode, dir_fd=dir_fd)
+
+        def watched_read(fd, length):
+            data = real_read(fd, length)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == self.node:
+                self.bytes_read += len(data) or 1  # an empty read (EOF, an empty FIFO) still read the node
+            return data
+
+        monkeypatch.setattr(os, "open", watched_open)
+        monkeypatch.setattr(os, "read", watched_read)
+
+    def assert_unread(self):
+        assert (self.bytes_read, self.blocking_opens) == (0, 0), "the planted node was read or opened blocking"
+
+
 @pytest.mark.parametrize("kind", ["fifo", "hardlink", "huge", "socket", "foreign-owner", "ssh-dir-fifo"])
-def test_unsafe_local_files_are_replaced_unread_in_per_user_mode(root, tmp_path, kind):
+def test_unsafe_local_files_are_replaced_unread_in_per_user_mode(root, tmp_path, monkeypatch, kind):
     s3 = FakeS3()
     put(s3, {"alice": ed25519_line("a")})
     config = make_config(root)
@@ -673,9 +725,9 @@ def test_unsafe_local_files_are_replaced_unread_in_per_user_mode(root, tmp_path,
         os.rmdir(os.path.dirname(path))
         os.mkfifo(os.path.dirname(path))
     put(s3, {"alice": ed25519_line("changed")})
-    started = time.monotonic()
+    watch = PlantedNodeWatch(monkeypatch, os.path.dirname(path) if kind == "ssh-dir-fifo" else path)
     result = run(config, s3)
-    assert time.monotonic() - started < 10
+    watch.assert_unread()
     st = os.lstat(path)
     assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size < 1000
     assert authorized_keys(root, "alice").endswith(" changed\n")
@@ -685,7 +737,7 @@ def test_unsafe_local_files_are_replaced_unread_in_per_user_mode(root, tmp_path,
 
 
 @pytest.mark.parametrize("kind", ["fifo", "hardlink", "huge"])
-def test_unsafe_local_files_are_replaced_unread_in_shared_user_mode_never_copied(root, tmp_path, kind):
+def test_unsafe_local_files_are_replaced_unread_in_shared_user_mode_never_copied(root, tmp_path, monkeypatch, kind):
     seed_directory_user(root, "ec2-user", 1000)
     ssh_dir = os.path.join(root, "home", "ec2-user", ".ssh")
     os.makedirs(ssh_dir)
@@ -701,7 +753,9 @@ def test_unsafe_local_files_are_replaced_unread_in_shared_user_mode_never_copied
             handle.truncate(1 << 30)
     s3 = FakeS3()
     put(s3, {"alice": ed25519_line("a")})
+    watch = PlantedNodeWatch(monkeypatch, path)
     result = run(make_config(root, mode="shared_user", shared_user="ec2-user"), s3)
+    watch.assert_unread()
     assert result["failures"] == []
     assert any(r["user"] == "ec2-user" and "replaced" in r["reason"] for r in result["rejected"])
     text = authorized_keys(root, "ec2-user")
@@ -881,8 +935,8 @@ def test_each_run_records_its_outcome_and_a_stale_host_is_loud_and_can_lock(root
     start = 1_800_000_000
     result = sync(config, s3, make_backend(config), now=start)
     assert result["stale"] is False and result["age"] == 0 and result["last_success"] == "2027-01-15T08:00:00Z"
-    s3.fail_list = Error("AccessDenied", 403)
-    with pytest.raises(ListingError) as caught:
+    s3.fail_list = client_error("AccessDenied", 403)
+    with pytest.raises(ListingError, match=r"AccessDenied \(HTTP 403\)") as caught:
         sync(config, s3, make_backend(config), now=start + 600)
     assert not getattr(caught.value, "stale", None)  # 10 minutes: not stale yet, nobody locked
     assert directory_users(root)["users"]["alice"]["locked"] is False
@@ -906,10 +960,10 @@ def test_the_host_tool_says_stale_at_error_priority_and_fails(tmp_path, root, mo
                                        "max_sync_age": 1}))
     s3 = FakeS3()
     put(s3, {"alice": ed25519_line("a")})
-    assert keysync_host.main(["--config", str(config_path)], s3_factory=lambda c: s3,
-                             stdout=io.StringIO(), stderr=io.StringIO()) == 0
-    time.sleep(2.2)
-    s3.fail_list = Error("AccessDenied", 403)
+    # The last good sync, an hour ago by an injected clock (max_sync_age is 1 s): no sleeping, no race.
+    config = keysync_host.load_config(str(config_path))
+    assert sync(config, s3, make_backend(config), now=time.time() - 3600)["stale"] is False
+    s3.fail_list = client_error("AccessDenied", 403)
     monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
     err = io.StringIO()
     assert keysync_host.main(["--config", str(config_path)], s3_factory=lambda c: s3, stdout=io.StringIO(),

@@ -36,6 +36,7 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_store impo
     read_sudoers,
 )
 from tests.support.keysync import directory_users, ed25519_line
+from tests.unit.fakes_aws import client_error
 
 KEY = parse_key_line(ed25519_line("k"))
 MARKER = "fleetkeeper-keys"
@@ -247,12 +248,14 @@ def test_a_drop_in_visudo_refuses_leaves_no_sudo_for_anyone(tmp_path):
 # --- one run through sync() ---------------------------------------------------------
 
 class TinyS3:
-    """ListObjectsV2 (one page, delimiter ignored: no nested objects here) and GetObject with If-Match."""
+    """ListObjectsV2 (one page, delimiter ignored: no nested objects here) and GetObject with If-Match; ``fail_get``
+    maps a key to the botocore exception its GetObject raises."""
 
     def __init__(self):
         self.objects = {}
         self.calls = {"list": 0, "get": 0}
         self.gets = []
+        self.fail_get = {}
 
     def etag(self, key):
         return '"%s"' % hashlib.md5(self.objects[key]).hexdigest()
@@ -267,6 +270,8 @@ class TinyS3:
         self.calls["get"] += 1
         self.gets.append(Key)
         assert IfMatch == self.etag(Key)
+        if Key in self.fail_get:
+            raise self.fail_get[Key]
         return {"Body": io.BytesIO(self.objects[Key])}
 
 
@@ -325,6 +330,7 @@ def test_sync_sudo_lost_rewrites_the_drop_in_in_the_same_run_and_the_manifest_is
     (None, "does not exist"),
     ("not json", "not UTF-8 JSON"),
     ({"ops": ["alice\n"]}, "member"),
+    ("denied", r"downloading s3://keys-bucket/keys/_teams.json failed: AccessDenied \(HTTP 403\): Access Denied"),
 ])
 def test_sync_a_missing_or_invalid_manifest_changes_nothing(tmp_path, members, message):
     cfg = host(tmp_path)
@@ -334,6 +340,9 @@ def test_sync_a_missing_or_invalid_manifest_changes_nothing(tmp_path, members, m
     sudoers = read_sudoers(cfg.root)
     if members is None:
         del s3.objects["keys/_teams.json"]
+    elif members == "denied":  # a changed manifest (so it is downloaded again) that the host may not read
+        s3.objects["keys/_teams.json"] = json.dumps(dict(MEMBERS, ops=["bob"])).encode()
+        s3.fail_get["keys/_teams.json"] = client_error("AccessDenied", 403, operation="GetObject")
     else:
         s3.objects["keys/_teams.json"] = (members if isinstance(members, str) else json.dumps(members)).encode()
     del s3.objects["keys/bob.pub"]  # even the revocation a deleted object asks for waits: fail closed
