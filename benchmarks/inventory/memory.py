@@ -166,8 +166,9 @@ def main(argv=None):
                 "command": "ansible-inventory --list --export -i SOURCE --output FILE --playbook-dir DIR -vvv",
                 "latency_ms_per_call": args.latency_ms, "instances": args.instances, "asgs": groups,
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "child_cpu": child_cpu,
-                            "note": "2-core machine shared with other helpers' test runs (see load_average per "
-                                    "result): wall times are upper bounds, CPU and memory hold"},
+                            "note": "2-core machine; load_average per result says how idle it was (above about "
+                                    "1.5, wall times are upper bounds; CPU and memory hold either way)"},
+                "variants": {name: variants[name] for name in names},
                 "duration_s": round(time.time() - started, 1),
                 "results": results,
                 "summary": {name: summarise([r for r in results if r["variant"] == name]) for name in names},
