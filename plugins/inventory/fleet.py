@@ -4,6 +4,12 @@
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
 
+"""The ``fleetkeeper.aws.fleet`` inventory plugin: options, settings, cache, the fetch's plan, shaping and populating.
+
+AWS is reached only through the gateway (plugin_utils/fleet_aws.py); the pure logic is plugin_utils/fleet.py,
+what only makes it fast plugin_utils/fleet_fast.py.
+"""
+
 from __future__ import annotations
 
 DOCUMENTATION = r"""
@@ -266,32 +272,18 @@ instance_filters:
 """
 
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-try:
-    import boto3
-    import botocore.config
-    import botocore.exceptions
-except ImportError:
-    pass  # reported by AWSInventoryBase.require_aws_sdk
-
 from ansible.errors import AnsibleParserError
-from ansible.module_utils.common.text.converters import to_native
 from ansible.plugins.inventory import BaseInventoryPlugin
 
 from ansible_collections.amazon.aws.plugins.plugin_utils.botocore import get_aws_connection_info
 from ansible_collections.amazon.aws.plugins.plugin_utils.inventory import AWSInventoryBase
 
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import chunks
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import error_code
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import error_message
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import http_status
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import pages
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle import launch_hook_names
 from ansible_collections.fleetkeeper.aws.plugins.plugin_utils import core_compat
 from ansible_collections.fleetkeeper.aws.plugins.plugin_utils import fleet as logic
+from ansible_collections.fleetkeeper.aws.plugins.plugin_utils import fleet_aws
 from ansible_collections.fleetkeeper.aws.plugins.plugin_utils import fleet_fast as fast
 
 # Options that shape the query or the result: all of them are part of the cache key.
@@ -300,6 +292,10 @@ KEYED_OPTIONS = (
     "asg_group_prefix", "bastion", "asg_tag_fallback", "resolve_launch_template_versions", "fast_parser", "compose",
     "groups", "keyed_groups", "strict", "leading_separator", "use_extra_vars", "endpoint_url",
 )
+# Options the fetch (_FleetReader) plans its calls with.
+READER_OPTIONS = ("max_concurrency", "asg_tag_fallback", "resolve_launch_template_versions", "skip_failed_regions")
+# Options of the AWS clients (fleet_aws.AwsSession.gateway).
+CLIENT_OPTIONS = ("retry_max_attempts", "retry_mode", "connect_timeout", "read_timeout", "max_concurrency", "fast_parser")
 
 
 class _RegionResult:
@@ -313,6 +309,160 @@ class _RegionResult:
         self.fallback = False
 
 
+class _FleetReader:
+    """The fetch: which AWS reads to make, concurrently, through the gateway (fleet_aws.py), and their records.
+
+    Regions are read side by side (``fleet-region`` threads); within a region, the stand-alone filters,
+    the launch template and hook lookups and the DescribeInstances batches run on the ``fleet-call``
+    threads. Each batch becomes records in the worker that read it: botocore's parsed instances (about
+    15 KB each in Python) then live one batch per worker at a time, not the whole region's at once
+    (1.5 GB at 100,000 instances)."""
+
+    def __init__(self, gateway, options, name, warn):
+        self.aws = gateway
+        self.options = options  # READER_OPTIONS
+        self.name = name
+        self.warn = warn
+
+    def read(self, settings, bastion_region):
+        """{"regions": {region: records}, "warnings": [...], "bastion": records or None, "complete": bool}.
+
+        A failed region fails the inventory (AnsibleParserError) or, with skip_failed_regions, is left out
+        with a warning and ``complete`` false."""
+        data, failures = self._read(settings, bastion_region)
+        if failures and not self.options["skip_failed_regions"]:
+            raise AnsibleParserError(f"{self.name}: " + "; ".join(str(f) for f in failures))
+        for failure in failures:
+            data["complete"] = False
+            self.warn(f"{self.name}: skipping region {failure.region}: {failure}")
+        bastion = settings["bastion"]
+        if bastion and not bastion["address"] and not data["bastion"] and not any(f.region == bastion_region for f in failures):
+            raise AnsibleParserError(f"{self.name}: {logic.bastion_missing(bastion, bastion_region)}")
+        return data
+
+    def _read(self, settings, bastion_region):
+        regions = settings["regions"]
+        bastion = settings["bastion"]
+        workers = int(self.options["max_concurrency"])
+        data = {"regions": {}, "warnings": [], "bastion": None, "complete": True}
+        failures = []
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleet-call") as calls, \
+                ThreadPoolExecutor(max_workers=min(workers, len(regions) + 1), thread_name_prefix="fleet-region") as pool:
+            bastion_future = None
+            if bastion and not bastion["address"]:
+                bastion_future = pool.submit(self._fetch_bastion, bastion_region, bastion)
+            futures = [pool.submit(self._fetch_region, region, settings, calls) for region in regions]
+            for future in futures:
+                result = future.result()
+                if result.error is not None:
+                    failures.append(result.error)
+                    continue
+                data["regions"][result.region] = result.records
+                data["warnings"].extend(result.warnings)
+            if bastion_future is not None:
+                try:
+                    data["bastion"] = bastion_future.result()
+                except logic.FleetRegionError as exc:
+                    failures.append(exc)
+        return data, failures
+
+    def _fetch_region(self, region, settings, calls):
+        """One region's records: its ASGs' instances (or, when DescribeAutoScalingGroups is denied, those with the
+        ASG tag), then the stand-alone instances of ``instance_filters`` not already among them."""
+        result = _RegionResult(region)
+        try:
+            standalone = [calls.submit(self.aws.instances_by_filters, region, f) for f in settings["instance_filters"]]
+            groups = self._groups(region, settings["asg_request"], result)
+            if groups is None:
+                for instance in self.aws.instances_by_filters(region, self._fallback_filters(settings["asg_request"])):
+                    result.records.append(logic.instance_record(instance, region))
+            else:
+                self._member_records(region, groups, settings["lifecycle_states"], calls, result)
+            seen = {r["instance_id"] for r in result.records}
+            for future in standalone:
+                for instance in future.result():
+                    if instance["InstanceId"] not in seen:
+                        seen.add(instance["InstanceId"])
+                        result.records.append(logic.instance_record(instance, region))
+        except logic.FleetRegionError as exc:
+            result.error = exc
+        return result
+
+    def _groups(self, region, request, result):
+        """The region's ASG summaries, or None when DescribeAutoScalingGroups is denied and asg_tag_fallback is on."""
+        try:
+            return [logic.asg_summary(group) for group in self.aws.auto_scaling_groups(region, request)]
+        except logic.FleetRegionError as exc:
+            if exc.kind != "denied" or not self.options["asg_tag_fallback"]:
+                raise
+            result.fallback = True
+            result.warnings.append(
+                f"{self.name}: region {region}: autoscaling:DescribeAutoScalingGroups is denied ({exc.code}); "
+                f"selecting instances by their {logic.ASG_TAG} tag instead, so lifecycle state, health and "
+                "launch template drift are unknown. Grant the permission (docs/iam/inventory.json) to get them."
+            )
+            return None
+
+    @staticmethod
+    def _fallback_filters(request):
+        return logic.fallback_instance_filters(
+            request.get("AutoScalingGroupNames"),
+            {f["Name"][4:]: f["Values"] for f in request.get("Filters", ())},
+        )
+
+    def _member_records(self, region, groups, states, calls, result):
+        """The records of the ASGs' instances, one DescribeInstances batch per ``fleet-call`` worker."""
+        members = {}
+        for group in groups:
+            for instance_id, member in group["instances"].items():
+                members[instance_id] = (group, member)
+        # Launch template versions and hooks first (two calls at most, side by side), so that each
+        # DescribeInstances batch becomes records in the worker that fetched it (see the class).
+        template_ids = logic.templates_to_resolve(groups)
+        versions_future = hooks_future = None
+        if template_ids and self.options["resolve_launch_template_versions"]:
+            versions_future = calls.submit(self._template_versions, region, template_ids)
+        if states is None or "Pending:Wait" in states:
+            waiting = sorted({g["name"] for g in groups
+                              if any(m.get("lifecycle_state") == "Pending:Wait" for m in g["instances"].values())})
+            if waiting:
+                hooks_future = calls.submit(self.aws.launch_hooks, region, waiting)
+        versions = versions_future.result() if versions_future else {}
+        hooks = self._hooks(hooks_future.result(), result) if hooks_future else {}
+        batches = [calls.submit(self._records_by_ids, region, batch, members, versions, hooks)
+                   for batch in self.aws.instance_id_batches(members)]
+        while batches:
+            result.records.extend(batches.pop(0).result())
+
+    def _template_versions(self, region, template_ids):
+        return logic.template_versions(self.aws.launch_templates(region, template_ids))
+
+    def _hooks(self, answer, result):
+        hooks, denied_code = answer
+        if denied_code is not None:
+            result.warnings.append(f"{self.name}: autoscaling:DescribeLifecycleHooks is denied ({denied_code}): "
+                                   "Pending:Wait hosts get no lifecycle_hook_name")
+        return hooks
+
+    def _records_by_ids(self, region, ids, members, versions, hooks):
+        """The records of one DescribeInstances batch of ASG members (the parsed answer is dropped here)."""
+        records = []
+        for instance in self.aws.instances_by_ids(region, ids):
+            group, member = members[instance["InstanceId"]]
+            record = logic.instance_record(instance, region, group, member, versions)
+            if record["lifecycle_state"] == "Pending:Wait" and hooks.get(group["name"]):
+                # The action's token is in the hook's notification only: no API returns it.
+                record["lifecycle_hook_names"] = hooks[group["name"]]
+                if len(hooks[group["name"]]) == 1:
+                    record["lifecycle_hook_name"] = hooks[group["name"]][0]
+            records.append(record)
+        return records
+
+    def _fetch_bastion(self, region, bastion):
+        instances = self.aws.bastion_instances(region, bastion)
+        return sorted((logic.instance_record(i, region) for i in instances), key=lambda r: r["instance_id"])
+
+
 class InventoryModule(AWSInventoryBase):
     NAME = "fleetkeeper.aws.fleet"
     INVENTORY_FILE_SUFFIXES = (".fleet.yml", ".fleet.yaml")
@@ -320,7 +470,6 @@ class InventoryModule(AWSInventoryBase):
     def __init__(self):
         super().__init__()
         self._session = None
-        self._session_lock = threading.Lock()
         self._credentials_frozen = False
 
     # --- configuration --------------------------------------------------------------------
@@ -347,13 +496,6 @@ class InventoryModule(AWSInventoryBase):
         # Deferred: AssumeRole is called only when AWS is actually queried, never on a cache hit.
         return None
 
-    def _freeze_credentials_once(self):
-        if not self._credentials_frozen:
-            self._credentials_frozen = True
-            role = self.get_option("assume_role_arn")
-            if role:
-                self._freeze_iam_role(role)
-
     def _settings(self):
         try:
             regions = self.get_option("regions") or ([self.region] if self.region else [])
@@ -375,284 +517,44 @@ class InventoryModule(AWSInventoryBase):
                 raise AnsibleParserError(f"{self.NAME}: '{name}' must be at least 1")
         return settings
 
-    def _boto_session(self):
-        """One boto3 session for the whole run: its loader reads each service model once.
-
-        Not the base class's client()/all_clients(): client() makes a new boto3 session per client,
-        whose loader reads the service models again (six clients, three regions: 1.1 s of CPU against
-        0.2 s from one session), and all_clients() asks DescribeRegions for every region when
-        O(regions) is empty, where this plugin reads the one configured region."""
-        if self._session is None:
-            try:
-                self._session = boto3.session.Session(profile_name=self.get_option("profile"))
-            except botocore.exceptions.BotoCoreError as exc:
-                raise AnsibleParserError(f"{self.NAME}: cannot use AWS profile {self.get_option('profile')!r}: {exc}") from None
-        return self._session
-
-    def _known_regions(self):
-        try:
-            session = self._boto_session()
-            known = set()
-            for partition in session.get_available_partitions():
-                known.update(session.get_available_regions("ec2", partition_name=partition))
-            return known
-        except (AnsibleParserError, botocore.exceptions.BotoCoreError):
-            return set()
-
-    def _identity(self):
-        """Who is asking, without an API call or a boto3 session: role to assume, access key id, profile."""
-        return {
+    def _cache_key(self, path):
+        options = {name: self.get_option(name) for name in KEYED_OPTIONS}
+        # Who is asking, without an API call or a boto3 session: role to assume, access key id, profile.
+        identity = {
             "role": self.get_option("assume_role_arn"),
             "access_key": self.get_option("access_key") or os.environ.get("AWS_ACCESS_KEY_ID"),
             "profile": self.get_option("profile") or os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE"),
         }
+        return logic.cache_key(self.NAME, os.path.realpath(path), options, identity)
 
-    def _cache_key(self, path):
-        options = {name: self.get_option(name) for name in KEYED_OPTIONS}
-        return logic.cache_key(self.NAME, os.path.realpath(path), options, self._identity())
+    # --- AWS (the gateway, plugin_utils/fleet_aws.py) ---------------------------------------
+    def _aws(self):
+        """One boto3 session for the whole run (fleet_aws.AwsSession)."""
+        if self._session is None:
+            self._session = fleet_aws.AwsSession(self.get_option("profile"))
+        return self._session
 
-    # --- AWS clients ------------------------------------------------------------------------
-    def _clients(self, services, regions):
-        """Clients for every (service, region), built from one boto3 session (models load once)."""
-        self._freeze_credentials_once()
-        _region, endpoint_url, params = get_aws_connection_info(self)
-        params = dict(params)
-        params.update(self._frozen_credentials)
-        params.pop("profile_name", None)  # the session below already uses it
-        config = botocore.config.Config(
-            retries={"total_max_attempts": int(self.get_option("retry_max_attempts")), "mode": self.get_option("retry_mode")},
-            connect_timeout=float(self.get_option("connect_timeout")),
-            read_timeout=float(self.get_option("read_timeout")),
-            max_pool_connections=max(10, int(self.get_option("max_concurrency")) * 2),
-            user_agent_extra="fleetkeeper.aws.fleet",
-        )
-        for name in ("aws_config", "config"):
-            extra = params.pop(name, None)
-            if extra is not None:
-                config = config.merge(extra)
+    def _gateway(self, regions):
+        """The gateway for ``regions`` (checked against botocore's list first), clients from one boto3 session."""
         try:
-            session = self._boto_session()
-            clients = {
-                (service, region): session.client(service, region_name=region, endpoint_url=endpoint_url,
-                                                  config=config, **params)
-                for service in services for region in regions
-            }
-        except (botocore.exceptions.BotoCoreError, ValueError) as exc:
-            raise AnsibleParserError(f"{self.NAME}: cannot set up AWS clients: {to_native(exc)}") from None
-        if self.get_option("fast_parser"):
-            for client in clients.values():
-                fast.install_xml_reader(client)
-        return clients
-
-    # --- fetching ---------------------------------------------------------------------------
-    @staticmethod
-    def _failure(region, action, exc):
-        if isinstance(exc, botocore.exceptions.ClientError):
-            code = error_code(exc) or "Unknown"
-            kind = logic.classify_error(code, http_status(exc))
-            return logic.FleetRegionError(region, logic.error_message(kind, region, action, code, error_message(exc)), kind)
-        if isinstance(exc, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionError,
-                            botocore.exceptions.ConnectionClosedError)):
-            return logic.FleetRegionError(region, logic.error_message("unreachable", region, action, "", to_native(exc)), "unreachable")
-        if isinstance(exc, botocore.exceptions.NoCredentialsError):
-            return logic.FleetRegionError(
-                region, f"no AWS credentials found: set 'profile', 'access_key'/'secret_key' or the AWS_* environment ({exc})",
-                "credentials")
-        return logic.FleetRegionError(region, logic.error_message("error", region, action, type(exc).__name__, to_native(exc)))
-
-    @staticmethod
-    def _reservations_to_instances(page, into):
-        for reservation in page.get("Reservations", ()):
-            into.extend(reservation.get("Instances", ()))
-
-    def _describe_instances(self, ec2, request):
-        """Every instance of a DescribeInstances request, all pages."""
-        instances = []
-        for page in pages(ec2.describe_instances, request):
-            self._reservations_to_instances(page, instances)
-        return instances
-
-    def _describe_by_filters(self, ec2, filters):
-        return self._describe_instances(ec2, {"Filters": filters, "MaxResults": logic.INSTANCE_PAGE_SIZE})
-
-    def _describe_by_ids(self, ec2, ids):
-        remaining = list(ids)
-        while remaining:
-            try:
-                return self._describe_instances(ec2, {"InstanceIds": remaining})
-            except botocore.exceptions.ClientError as exc:
-                # An ASG may list an instance EC2 has already forgotten: drop those ids and ask again.
-                if error_code(exc) != "InvalidInstanceID.NotFound":
-                    raise
-                missing = logic.missing_instance_ids(error_message(exc))
-                if not missing & set(remaining):
-                    raise
-                remaining = [i for i in remaining if i not in missing]
-        return []
-
-    def _records_by_ids(self, ec2, ids, region, members, versions, hooks):
-        """The records of one DescribeInstances batch of ASG members (the parsed answer is dropped here)."""
-        records = []
-        for instance in self._describe_by_ids(ec2, ids):
-            group, member = members[instance["InstanceId"]]
-            record = logic.instance_record(instance, region, group, member, versions)
-            if record["lifecycle_state"] == "Pending:Wait" and hooks.get(group["name"]):
-                # The action's token is in the hook's notification only: no API returns it.
-                record["lifecycle_hook_names"] = hooks[group["name"]]
-                if len(hooks[group["name"]]) == 1:
-                    record["lifecycle_hook_name"] = hooks[group["name"]][0]
-            records.append(record)
-        return records
-
-    def _describe_groups(self, autoscaling, request):
-        return [logic.asg_summary(group) for page in pages(autoscaling.describe_auto_scaling_groups, request)
-                for group in page.get("AutoScalingGroups", ())]
-
-    def _describe_templates(self, ec2, ids, size=logic.TEMPLATE_BATCH_SIZE):
-        entries = []
-        try:
-            for batch in chunks(list(ids), size):
-                for page in pages(ec2.describe_launch_templates, {"LaunchTemplateIds": batch}):
-                    entries.extend(page.get("LaunchTemplates", ()))
-        except botocore.exceptions.ClientError as exc:
-            smaller = logic.smaller_template_batch(min(len(ids), size), error_code(exc))
-            if smaller is None:
-                raise
-            self.display.vvv(f"{self.NAME}: DescribeLaunchTemplates refused {size} ids per call ({to_native(exc)}); "
-                             f"retrying with {smaller}")
-            return self._describe_templates(ec2, ids, smaller)
-        return logic.template_versions(entries)
-
-    def _launch_hooks(self, autoscaling, group_names, result):
-        """{group: sorted launch hook names} for the groups holding instances in Pending:Wait."""
-        hooks = {}
-        for name in group_names:
-            try:
-                hooks[name] = launch_hook_names(autoscaling, name)
-            except botocore.exceptions.ClientError as exc:
-                code = error_code(exc)
-                if logic.classify_error(code, http_status(exc)) != "denied":
-                    raise
-                result.warnings.append(f"{self.NAME}: autoscaling:DescribeLifecycleHooks is denied ({code}): "
-                                       "Pending:Wait hosts get no lifecycle_hook_name")
-                return hooks
-        return hooks
-
-    def _fetch_region(self, region, clients, settings, pool):
-        result = _RegionResult(region)
-        ec2 = clients[("ec2", region)]
-        action = "ec2:DescribeInstances"
-        try:
-            standalone = [pool.submit(self._describe_by_filters, ec2, f) for f in settings["instance_filters"]]
-            try:
-                action = "autoscaling:DescribeAutoScalingGroups"
-                groups = self._describe_groups(clients[("autoscaling", region)], settings["asg_request"])
-            except botocore.exceptions.ClientError as exc:
-                code = error_code(exc)
-                if logic.classify_error(code, http_status(exc)) != "denied" or not self.get_option("asg_tag_fallback"):
-                    raise
-                groups = None
-                result.fallback = True
-                result.warnings.append(
-                    f"{self.NAME}: region {region}: autoscaling:DescribeAutoScalingGroups is denied ({code}); "
-                    f"selecting instances by their {logic.ASG_TAG} tag instead, so lifecycle state, health and "
-                    "launch template drift are unknown. Grant the permission (docs/iam/inventory.json) to get them."
-                )
-            action = "ec2:DescribeInstances"
-            if groups is None:
-                request = settings["asg_request"]
-                fallback_filters = logic.fallback_instance_filters(
-                    request.get("AutoScalingGroupNames"),
-                    {f["Name"][4:]: f["Values"] for f in request.get("Filters", ())},
-                )
-                for instance in self._describe_by_filters(ec2, fallback_filters):
-                    result.records.append(logic.instance_record(instance, region))
-            else:
-                members = {}
-                for group in groups:
-                    for instance_id, member in group["instances"].items():
-                        members[instance_id] = (group, member)
-                # Launch template versions and hooks first (two calls at most, side by side), so that each
-                # DescribeInstances batch becomes records in the worker that fetched it: botocore's parsed
-                # instances (about 15 KB each in Python) then live one batch per worker at a time, not the
-                # whole region's at once (1.5 GB at 100,000 instances).
-                template_ids = logic.templates_to_resolve(groups)
-                versions_future = hooks_future = None
-                if template_ids and self.get_option("resolve_launch_template_versions"):
-                    versions_future = pool.submit(self._describe_templates, ec2, template_ids)
-                states = settings["lifecycle_states"]
-                if states is None or "Pending:Wait" in states:
-                    waiting = sorted({g["name"] for g in groups
-                                      if any(m.get("lifecycle_state") == "Pending:Wait" for m in g["instances"].values())})
-                    if waiting:
-                        hooks_future = pool.submit(self._launch_hooks, clients[("autoscaling", region)], waiting, result)
-                action = "ec2:DescribeLaunchTemplates"
-                versions = versions_future.result() if versions_future else {}
-                action = "autoscaling:DescribeLifecycleHooks"
-                hooks = hooks_future.result() if hooks_future else {}
-                action = "ec2:DescribeInstances"
-                batches = [pool.submit(self._records_by_ids, ec2, batch, region, members, versions, hooks)
-                           for batch in chunks(sorted(members), logic.INSTANCE_BATCH_SIZE)]
-                while batches:
-                    result.records.extend(batches.pop(0).result())
-            seen = {r["instance_id"] for r in result.records}
-            for future in standalone:
-                for instance in future.result():
-                    if instance["InstanceId"] not in seen:
-                        seen.add(instance["InstanceId"])
-                        result.records.append(logic.instance_record(instance, region))
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-            result.error = self._failure(region, action, exc)
-        return result
-
-    def _fetch_bastion(self, ec2, region, bastion):
-        try:
-            instances = self._describe_by_filters(ec2, logic.bastion_filters(bastion))
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-            raise self._failure(region, "ec2:DescribeInstances (bastion)", exc) from None
-        return sorted((logic.instance_record(i, region) for i in instances), key=lambda r: r["instance_id"])
-
-    def _fetch(self, settings):
-        regions = settings["regions"]
-        bastion = settings["bastion"]
-        bastion_region = (bastion or {}).get("region") or regions[0]
-        client_regions = list(regions) + ([bastion_region] if bastion_region not in regions else [])
-        try:
-            logic.validate_regions(client_regions, self._known_regions())
+            logic.validate_regions(regions, self._aws().known_regions())
+            if not self._credentials_frozen:  # AssumeRole here, when AWS is queried: never on a cache hit
+                self._credentials_frozen = True
+                if self.get_option("assume_role_arn"):
+                    self._freeze_iam_role(self.get_option("assume_role_arn"))
+            _region, endpoint_url, params = get_aws_connection_info(self)
+            options = {name: self.get_option(name) for name in CLIENT_OPTIONS}
+            return self._aws().gateway(regions, endpoint_url, {**params, **self._frozen_credentials}, options,
+                                       log=lambda message: self.display.vvv(f"{self.NAME}: {message}"))
         except logic.FleetConfigError as exc:
             raise AnsibleParserError(f"{self.NAME}: {exc}") from None
-        clients = self._clients(("autoscaling", "ec2"), client_regions)
-        workers = int(self.get_option("max_concurrency"))
-        data = {"regions": {}, "warnings": [], "bastion": None, "complete": True}
-        failures = []
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleet-call") as calls, \
-                ThreadPoolExecutor(max_workers=min(workers, len(regions) + 1), thread_name_prefix="fleet-region") as pool:
-            bastion_future = None
-            if bastion and not bastion["address"]:
-                bastion_future = pool.submit(self._fetch_bastion, clients[("ec2", bastion_region)], bastion_region, bastion)
-            futures = [pool.submit(self._fetch_region, region, clients, settings, calls) for region in regions]
-            for future in futures:
-                result = future.result()
-                if result.error is not None:
-                    failures.append(result.error)
-                    continue
-                data["regions"][result.region] = result.records
-                data["warnings"].extend(result.warnings)
-            if bastion_future is not None:
-                try:
-                    data["bastion"] = bastion_future.result()
-                except logic.FleetRegionError as exc:
-                    failures.append(exc)
-        if failures and not self.get_option("skip_failed_regions"):
-            raise AnsibleParserError(f"{self.NAME}: " + "; ".join(str(f) for f in failures))
-        for failure in failures:
-            data["complete"] = False
-            self.warn(f"{self.NAME}: skipping region {failure.region}: {failure}")
-        if bastion and not bastion["address"] and not data["bastion"] and not any(f.region == bastion_region for f in failures):
-            what = f"instance {bastion['instance_id']}" if bastion["instance_id"] else "tag " + "=".join(
-                v for v in bastion["tag"] if v is not None)
-            raise AnsibleParserError(f"{self.NAME}: bastion {what} matches no running instance in {bastion_region}")
-        return data
+
+    def _fetch(self, settings):
+        """The records of every region and of the bastion, read through the gateway (_FleetReader)."""
+        bastion_region, client_regions = logic.bastion_region(settings["regions"], settings["bastion"])
+        gateway = self._gateway(client_regions)
+        options = {name: self.get_option(name) for name in READER_OPTIONS}
+        return _FleetReader(gateway, options, self.NAME, self.warn).read(settings, bastion_region)
 
     # --- inventory --------------------------------------------------------------------------
     def _shape(self, data, settings):
@@ -664,16 +566,8 @@ class InventoryModule(AWSInventoryBase):
         states = settings["lifecycle_states"]
         prefix = self.get_option("asg_group_prefix")
         bastion = settings["bastion"]
-        bastion_args = None
-        bastion_records = []
-        if bastion:
-            if bastion["address"]:
-                address = bastion["address"]
-            else:
-                bastion_records = data.get("bastion") or []
-                address = logic.bastion_address(bastion_records[0]) if bastion_records else None
-            if address:
-                bastion_args = logic.proxy_jump_args(address, bastion["user"], bastion["port"], bastion["ssh_args"])
+        bastion_records = (data.get("bastion") or []) if bastion and not bastion["address"] else []
+        bastion_args = logic.bastion_connection(bastion, bastion_records)
         bastion_ids = {r["instance_id"] for r in bastion_records}
         region_groups = len(data["regions"]) > 1
         taken = set()

@@ -8,9 +8,10 @@
 
 Nothing here talks to AWS or to Ansible: functions take the plain dictionaries
 botocore returns and the plugin's options, and return plain, JSON-serialisable
-values. The plugin (plugins/inventory/fleet.py) makes the API calls, caches the
-records built here and hands them to Ansible's inventory. What only makes it fast
-(XML reader, packed cache, bulk insertion, GC pause) is in fleet_fast.py.
+values. The AWS calls are fleet_aws.py's (the gateway); the plugin
+(plugins/inventory/fleet.py) plans them, caches the records built here and hands
+them to Ansible's inventory. What only makes it fast (XML reader, packed cache,
+bulk insertion, GC pause) is in fleet_fast.py.
 """
 
 from __future__ import annotations
@@ -87,10 +88,11 @@ class FleetConfigError(FleetError):
 class FleetRegionError(FleetError):
     """A region could not be read completely; ``region`` names it."""
 
-    def __init__(self, region, message, kind="error"):
+    def __init__(self, region, message, kind="error", code=""):
         super().__init__(message)
         self.region = region
         self.kind = kind
+        self.code = code  # the AWS error code, when AWS answered with one
 
 
 # --- configuration -------------------------------------------------------------
@@ -531,6 +533,27 @@ def choose_hostname(record, preferences, taken=()):
         if value and value not in taken:
             return str(value)
     return record["instance_id"]
+
+
+def bastion_region(regions, bastion):
+    """The bastion's region (its own, or the first of ``regions``) and every region the plugin needs clients for."""
+    region = (bastion or {}).get("region") or regions[0]
+    return region, list(regions) + ([region] if region not in regions else [])
+
+
+def bastion_connection(bastion, records):
+    """``ansible_ssh_common_args`` through the ``bastion`` (parse_bastion's) found as ``records``, or None."""
+    if not bastion:
+        return None
+    address = bastion["address"] or (bastion_address(records[0]) if records else None)
+    return proxy_jump_args(address, bastion["user"], bastion["port"], bastion["ssh_args"]) if address else None
+
+
+def bastion_missing(bastion, region):
+    """The error when the bastion's instance id or tag matches no running instance in ``region``."""
+    what = f"instance {bastion['instance_id']}" if bastion["instance_id"] else "tag " + "=".join(
+        v for v in bastion["tag"] if v is not None)
+    return f"bastion {what} matches no running instance in {region}"
 
 
 def bastion_address(record):

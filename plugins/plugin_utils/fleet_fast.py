@@ -252,8 +252,7 @@ def parse_describe_instances(body, element_tree):
         body = body.encode("utf-8")
     root = element_tree.fromstring(_UNUSED_SUBTREES.sub(b"", body))
     ns = _namespace(root)
-    cut = len(ns)
-    if _local(root.tag, cut) != "DescribeInstancesResponse":
+    if _local(root.tag, len(ns)) != "DescribeInstancesResponse":
         return None
     reservations = []
     result = {"Reservations": reservations}
@@ -263,45 +262,58 @@ def parse_describe_instances(body, element_tree):
     reservation_set = root.find(ns + "reservationSet")
     if reservation_set is None:
         return result
-    text_fields = {ns + name: field for name, field in _INSTANCE_TEXT_FIELDS.items()}
-    instances_set_tag = ns + "instancesSet"
-    state_tag, placement_tag = ns + "instanceState", ns + "placement"
-    profile_tag, tags_tag = ns + "iamInstanceProfile", ns + "tagSet"
-    name_tag, az_tag, arn_tag = ns + "name", ns + "availabilityZone", ns + "arn"
-    key_tag, value_tag = ns + "key", ns + "value"
-    metadata_tag = ns + "metadataOptions"
-    metadata_fields = [(ns + name, field) for name, field in _METADATA_FIELDS.items()]
+    tags = _InstanceTags(ns)
     for reservation in reservation_set:
         instances = []
         reservations.append({"Instances": instances})
-        instances_set = reservation.find(instances_set_tag)
-        if instances_set is None:
-            continue
-        for item in instances_set:
-            instance = {}
-            for child in item:
-                tag = child.tag
-                field = text_fields.get(tag)
-                if field is not None:
-                    if child.text:
-                        instance[field] = child.text
-                elif tag == state_tag:
-                    instance["State"] = {"Name": child.findtext(name_tag)}
-                elif tag == placement_tag:
-                    instance["Placement"] = {"AvailabilityZone": child.findtext(az_tag)}
-                elif tag == profile_tag:
-                    instance["IamInstanceProfile"] = {"Arn": child.findtext(arn_tag)}
-                elif tag == tags_tag:
-                    instance["Tags"] = [{"Key": t.findtext(key_tag), "Value": t.findtext(value_tag) or ""} for t in child]
-                elif tag == metadata_tag:
-                    options = {field: child.findtext(name) for name, field in metadata_fields}
-                    hops = options["HttpPutResponseHopLimit"]
-                    options["HttpPutResponseHopLimit"] = int(hops) if hops and hops.isdigit() else None
-                    instance["MetadataOptions"] = options
+        instances_set = reservation.find(tags.instances_set)
+        for item in instances_set if instances_set is not None else ():
+            instance = _read_instance(item, tags)
             if "InstanceId" not in instance:
                 return None
             instances.append(instance)
     return result
+
+
+class _InstanceTags:
+    """The namespaced tags :func:`_read_instance` looks for, made once per answer."""
+
+    def __init__(self, ns):
+        self.text_fields = {ns + name: field for name, field in _INSTANCE_TEXT_FIELDS.items()}
+        self.instances_set = ns + "instancesSet"
+        self.state, self.placement = ns + "instanceState", ns + "placement"
+        self.profile, self.tags = ns + "iamInstanceProfile", ns + "tagSet"
+        self.name, self.az, self.arn = ns + "name", ns + "availabilityZone", ns + "arn"
+        self.key, self.value = ns + "key", ns + "value"
+        self.metadata = ns + "metadataOptions"
+        self.metadata_fields = [(ns + name, field) for name, field in _METADATA_FIELDS.items()]
+        self.children = (self.text_fields, self.state, self.placement, self.profile, self.tags, self.metadata)
+
+
+def _read_instance(item, tags):
+    """One ``instancesSet`` item as botocore would give its fields the plugin reads."""
+    instance = {}
+    text_fields, state_tag, placement_tag, profile_tag, tags_tag, metadata_tag = tags.children
+    for child in item:
+        tag = child.tag
+        field = text_fields.get(tag)
+        if field is not None:
+            if child.text:
+                instance[field] = child.text
+        elif tag == state_tag:
+            instance["State"] = {"Name": child.findtext(tags.name)}
+        elif tag == placement_tag:
+            instance["Placement"] = {"AvailabilityZone": child.findtext(tags.az)}
+        elif tag == profile_tag:
+            instance["IamInstanceProfile"] = {"Arn": child.findtext(tags.arn)}
+        elif tag == tags_tag:
+            instance["Tags"] = [{"Key": t.findtext(tags.key), "Value": t.findtext(tags.value) or ""} for t in child]
+        elif tag == metadata_tag:
+            options = {field: child.findtext(name) for name, field in tags.metadata_fields}
+            hops = options["HttpPutResponseHopLimit"]
+            options["HttpPutResponseHopLimit"] = int(hops) if hops and hops.isdigit() else None
+            instance["MetadataOptions"] = options
+    return instance
 
 
 def _template_spec(node, ns):
