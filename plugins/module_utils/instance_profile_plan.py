@@ -6,7 +6,7 @@
 
 """Roll an IAM instance profile onto Auto Scaling groups: the planning half (no API calls).
 
-The module ``fleetkeeper.aws.asg_instance_profile`` is a thin door onto two files:
+The module ``fleetkeeper.aws.asg_instance_profile`` is a thin door onto three files:
 
 * this one, pure planning: :func:`plan_template` decides whether a launch
   template needs a new version and what the group must point at;
@@ -15,7 +15,8 @@ The module ``fleetkeeper.aws.asg_instance_profile`` is a thin door onto two file
   Both take plain dictionaries as botocore returns them, so unit tests feed
   them directly. The errors of both halves are here too.
 * ``instance_profile_roll.py``, the rolling half: :class:`Options` and
-  :class:`Roller`, which makes the API calls.
+  :class:`Roller`, which orchestrates the plans and their API calls;
+* ``autoscaling_gateway.py``, which makes the API calls.
 
 Errors are raised as :class:`InstanceProfileError` subclasses; the module turns
 them into ``fail_json``/``fail_json_aws`` in one place.
@@ -341,6 +342,38 @@ def plan_template(ref, template, desired, state, version_mode):
     return plan_template_change(ref, template, ProfileChange(desired, state), version_mode)
 
 
+def _version_mode(spec_before, version_mode):
+    """The version mode a group ends up in: ``keep`` is the mode the group's Version spec already follows."""
+    if version_mode != VERSION_KEEP:
+        return version_mode
+    return {LATEST: VERSION_LATEST, DEFAULT: VERSION_DEFAULT}.get(follows(spec_before), VERSION_PINNED)
+
+
+def _spec_after(mode, spec_before, target):
+    """The group's Version spec after the change (``target``: the version it will use)."""
+    if mode == VERSION_LATEST:
+        return LATEST
+    if mode == VERSION_DEFAULT:
+        return spec_before if follows(spec_before) == DEFAULT else DEFAULT
+    return str(target)
+
+
+def _new_plan(ref, template, change, current):
+    """A template plan's "before" half (the group uses version ``current``), nothing to do yet."""
+    return {
+        "source": ref["source"],
+        "launch_template_id": template.id,
+        "launch_template_name": template.name,
+        "follows": follows(ref["version"]),
+        "spec_before": ref["version"],
+        "version_before": current,
+        f"{change.report_key}_before": change.current(template.versions.get(current)),
+        "create_version": None,
+        "set_default": False,
+        "update_group": False,
+    }
+
+
 def plan_template_change(ref, template, change, version_mode):
     """Decide what one group's launch template reference needs for one setting (``change``).
 
@@ -362,33 +395,14 @@ def plan_template_change(ref, template, change, version_mode):
     """
     spec_before = ref["version"]
     current = template.resolve(spec_before)
-    mode = version_mode
-    if mode == VERSION_KEEP:
-        kind = follows(spec_before)
-        mode = {LATEST: VERSION_LATEST, DEFAULT: VERSION_DEFAULT}.get(kind, VERSION_PINNED)
+    mode = _version_mode(spec_before, version_mode)
     # The version the group will follow if nothing is created: the base for a new one.
-    if mode == VERSION_LATEST:
-        base = template.latest
-    elif mode == VERSION_DEFAULT:
-        base = template.default
-    else:
-        base = current
+    base = {VERSION_LATEST: template.latest, VERSION_DEFAULT: template.default}.get(mode, current)
     base_data = template.versions.get(base)
     if base_data is None:
         raise GroupError(f"launch template {template.name or template.id} version {base} was not read")
     key = change.report_key
-    plan = {
-        "source": ref["source"],
-        "launch_template_id": template.id,
-        "launch_template_name": template.name,
-        "follows": follows(spec_before),
-        "spec_before": spec_before,
-        "version_before": current,
-        f"{key}_before": change.current(template.versions.get(current)),
-        "create_version": None,
-        "set_default": False,
-        "update_group": False,
-    }
+    plan = _new_plan(ref, template, change, current)
     target = base
     after_data = base_data
     if not change.satisfied(base_data):
@@ -398,12 +412,7 @@ def plan_template_change(ref, template, change, version_mode):
                                   "full_data": after_data, "number": target,
                                   "description": change.description(after_data)[:255]}
         plan["set_default"] = mode == VERSION_DEFAULT
-    if mode == VERSION_LATEST:
-        spec_after = LATEST
-    elif mode == VERSION_DEFAULT:
-        spec_after = spec_before if follows(spec_before) == DEFAULT else DEFAULT
-    else:
-        spec_after = str(target)
+    spec_after = _spec_after(mode, spec_before, target)
     plan["spec_after"] = spec_after
     plan["version_after"] = target
     plan[f"{key}_after"] = change.current(after_data)

@@ -4,13 +4,15 @@
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
 
-"""Roll an IAM instance profile onto Auto Scaling groups: the rolling half (API calls).
+"""The Auto Scaling roll-outs' orchestration: :class:`GroupRoller` (shared) and :class:`Roller` (instance profile).
 
-:class:`Roller` reads the groups, their templates and the associations in batches,
-runs the plans of ``instance_profile_plan.py``, and applies them (instances in a
-bounded thread pool), retrying IAM's eventual consistency and falling back from a
-refused replace to disassociate + associate. :class:`Options` is the task's
-settings, each checked once.
+:class:`GroupRoller` is what every roll-out over Auto Scaling groups shares: it selects the groups,
+reads their launch templates, rolls one setting onto them (versions, the groups' version settings,
+instance refresh) and runs work in a bounded thread pool. :class:`Roller` rolls an IAM instance profile:
+it plans each instance from its associations (``instance_profile_plan.py``) and applies the plans,
+retrying IAM's eventual consistency and falling back from a refused replace to disassociate + associate.
+Every AWS call goes through the gateway (``autoscaling_gateway.py``). :class:`RollOptions` and
+:class:`Options` are the tasks' settings, each checked once.
 """
 
 from __future__ import annotations
@@ -18,33 +20,16 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
-try:
-    import botocore.exceptions
-
-    AWS_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
-except ImportError:  # AnsibleAWSModule reports the missing SDK
-    AWS_ERRORS = ()
-
-from ansible_collections.amazon.aws.plugins.module_utils.botocore import is_boto3_error_code
-
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.autoscaling_groups import GroupSelectionError
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.autoscaling_groups import find_groups as select_groups
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import chunks
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import error_code
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import error_message
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import pages
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.autoscaling_gateway import bounded_map
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import (
-    ACTION_ASSOCIATE, ACTION_DISASSOCIATE, ACTION_MISMATCH, ACTION_REPLACE, ASSOCIATED,
-    ASSOCIATION_BATCH_SIZE, ASSOCIATION_NOT_FOUND, ASSOCIATION_PAGE_SIZE, CHANGING_ACTIONS, DEFAULT,
-    DISASSOCIATING, INCORRECT_STATE, LATEST, LIVE_STATES, PROFILE_NOT_FOUND_CODES, TEMPLATE_NOT_FOUND_CODES,
-    VERSION_CHOICES, VERSION_KEEP, AwsCallError, GroupError, InputError, InstanceProfileError, PlanningError,
-    ProfileChange, ProfileNotFoundError, ProfileRef, RollError, TemplateState, bucket_by_template, build_diff,
-    current_association, follows, group_update_request, in_service, is_iam_not_ready, is_profile_arn,
-    plan_instance, plan_template_change, profile_name_from_arn, public_template_plan, summarise,
-    template_references,
+    ACTION_ASSOCIATE, ACTION_DISASSOCIATE, ACTION_MISMATCH, ACTION_REPLACE, ASSOCIATED, ASSOCIATION_NOT_FOUND,
+    CHANGING_ACTIONS, DEFAULT, DISASSOCIATING, INCORRECT_STATE, LATEST, LIVE_STATES, VERSION_CHOICES, VERSION_KEEP,
+    AwsCallError, GroupError, InputError, InstanceProfileError, PlanningError, ProfileChange, ProfileNotFoundError,
+    ProfileRef, RollError, TemplateState, bucket_by_template, build_diff, current_association, follows,
+    group_update_request, in_service, is_iam_not_ready, is_profile_arn, plan_instance, plan_template_change,
+    profile_name_from_arn, public_template_plan, summarise, template_references,
 )
 
 MAX_CONCURRENCY = 100
@@ -126,13 +111,12 @@ class GroupRoller:
     templates, rolling one setting onto the templates (versions, group version settings, instance
     refresh), and a bounded thread pool. Subclasses add their instances' side.
 
-    ``ec2`` and ``autoscaling`` are boto3 clients (usually amazon.aws's retrying wrappers: every call
-    passes ``aws_retry=True``). ``sleep`` and ``clock`` are injectable for tests.
+    ``gateway`` is an :class:`AutoScalingGateway` (``autoscaling_gateway.py``), the only way to AWS.
+    ``sleep`` and ``clock`` are injectable for tests.
     """
 
-    def __init__(self, ec2, autoscaling, options, sleep=time.sleep, clock=time.monotonic, warn=None):
-        self.ec2 = ec2
-        self.autoscaling = autoscaling
+    def __init__(self, gateway, options, sleep=time.sleep, clock=time.monotonic, warn=None):
+        self.gateway = gateway
         self.options = options
         self.sleep = sleep
         self.clock = clock
@@ -146,43 +130,12 @@ class GroupRoller:
 
     def find_groups(self, names=None, tag_filters=None):
         """Describe the groups named and/or matching the tag filters; unknown names are an InputError."""
-        try:
-            return select_groups(self.autoscaling, names, tag_filters)
-        except GroupSelectionError as exc:
-            raise InputError(str(exc)) from exc
-        except AWS_ERRORS as exc:
-            raise AwsCallError("DescribeAutoScalingGroups", exc) from exc
-
-    @staticmethod
-    def _pages(method, key, action, params):
-        """Every item under ``key`` of every page; a failed call is an AwsCallError naming ``action``."""
-        try:
-            for page in pages(method, params, aws_retry=True):
-                yield from page.get(key) or []
-        except AWS_ERRORS as exc:
-            raise AwsCallError(action, exc) from exc
+        return self.gateway.find_groups(names, tag_filters)
 
     def read_template(self, ref, pinned_versions):
         """TemplateState with $Latest, $Default and the pinned versions the groups use."""
         versions = [LATEST, DEFAULT] + sorted({str(v) for v in pinned_versions}, key=int)
-        params = {"Versions": versions}
-        if ref["id"]:
-            params["LaunchTemplateId"] = ref["id"]
-        else:
-            params["LaunchTemplateName"] = ref["name"]
-        label = ref["name"] or ref["id"]
-        try:
-            records = self.ec2.describe_launch_template_versions(aws_retry=True, **params)["LaunchTemplateVersions"]
-        except AWS_ERRORS as exc:
-            if error_code(exc) in TEMPLATE_NOT_FOUND_CODES:
-                raise GroupError(
-                    f"launch template {label} (versions {', '.join(versions)}) not found: "
-                    f"{error_message(exc) or error_code(exc)}. Point the group at an existing launch template"
-                ) from exc
-            raise AwsCallError(f"DescribeLaunchTemplateVersions {label}", exc) from exc
-        if not records:
-            raise GroupError(f"launch template {label} not found. Point the group at an existing launch template")
-        return TemplateState.from_versions(records)
+        return TemplateState.from_versions(self.gateway.template_versions(ref, versions))
 
     @staticmethod
     def _settle_instances(results, work):
@@ -201,16 +154,11 @@ class GroupRoller:
                 )
 
     def _map(self, func, items):
-        items = list(items)
-        if len(items) <= 1 or self.options.max_concurrency == 1:
-            return [func(item) for item in items]
-        with ThreadPoolExecutor(max_workers=min(self.options.max_concurrency, len(items))) as pool:
-            return list(pool.map(func, items))
+        return bounded_map(func, items, self.options.max_concurrency)
 
-    def _read_templates(self, groups, results):
-        """Each group's launch template references and every template's state (reads only).
-
-        Stops with a PlanningError, before anything is changed, when a group's templates cannot be used."""
+    @staticmethod
+    def _template_refs(groups, results):
+        """Each group's launch template references; groups that cannot have them are failed (and named)."""
         refs_by_group = {}
         problems = []
         for group in groups:
@@ -221,6 +169,13 @@ class GroupRoller:
                 results[name]["status"] = "failed"
                 results[name]["error"] = str(exc)
                 problems.append(name)
+        return refs_by_group, problems
+
+    def _read_templates(self, groups, results):
+        """Each group's launch template references and every template's state (reads only).
+
+        Stops with a PlanningError, before anything is changed, when a group's templates cannot be used."""
+        refs_by_group, problems = self._template_refs(groups, results)
         pinned = {}
         first_ref = {}
         for refs in refs_by_group.values():
@@ -299,10 +254,7 @@ class GroupRoller:
                     self._set_default(template, plan["version_after"])
             request = group_update_request(group, plans)
             if request and not self.options.check_mode:
-                try:
-                    self.autoscaling.update_auto_scaling_group(aws_retry=True, **request)
-                except AWS_ERRORS as exc:
-                    raise AwsCallError(f"UpdateAutoScalingGroup {name}", exc) from exc
+                self.gateway.update_group(name, request)
             result["launch_templates"] = [public_template_plan(p) for p in plans]
             if any(p["changed"] for p in plans):
                 result["changed"] = True
@@ -318,14 +270,7 @@ class GroupRoller:
         make_default = plan["set_default"]
         number = create["number"]
         if not self.options.check_mode:
-            try:
-                answer = self.ec2.create_launch_template_version(
-                    aws_retry=True, LaunchTemplateId=template.id, VersionDescription=create["description"],
-                    **create["request"]
-                )["LaunchTemplateVersion"]
-            except AWS_ERRORS as exc:
-                raise AwsCallError(f"CreateLaunchTemplateVersion {template.name or template.id}", exc) from exc
-            number = int(answer["VersionNumber"])
+            number = self.gateway.create_template_version(template, create["description"], create["request"])
             if make_default:
                 self._set_default(template, number)
         template.record_version(number, create["full_data"], make_default=make_default)
@@ -337,48 +282,31 @@ class GroupRoller:
 
     def _set_default(self, template, number):
         if not self.options.check_mode:
-            try:
-                self.ec2.modify_launch_template(aws_retry=True, LaunchTemplateId=template.id,
-                                                DefaultVersion=str(number))
-            except AWS_ERRORS as exc:
-                raise AwsCallError(f"ModifyLaunchTemplate {template.name or template.id}", exc) from exc
+            self.gateway.set_default_version(template, number)
         template.default = number
 
     def _start_refresh(self, name):
         if self.options.check_mode:
             return {"id": None, "would_start": True}
-        params = {"AutoScalingGroupName": name}
-        if self.options.instance_refresh_preferences:
-            params["Preferences"] = self.options.instance_refresh_preferences
-        try:
-            answer = self.autoscaling.start_instance_refresh(aws_retry=True, **params)
-        except is_boto3_error_code("InstanceRefreshInProgress"):
+        refresh_id = self.gateway.start_instance_refresh(name, self.options.instance_refresh_preferences)
+        if refresh_id is None:
             self.warn(f"Auto Scaling group {name!r}: an instance refresh is already in progress; none started")
             return {"id": None, "in_progress": True}
-        except AWS_ERRORS as exc:
-            raise AwsCallError(f"StartInstanceRefresh {name}", exc) from exc
-        return {"id": answer.get("InstanceRefreshId")}
+        return {"id": refresh_id}
 
 
 class Roller(GroupRoller):
-    """Applies one instance profile to a set of Auto Scaling groups (``iam`` is an IAM client)."""
-
-    def __init__(self, ec2, autoscaling, iam, options, sleep=time.sleep, clock=time.monotonic, warn=None):
-        super().__init__(ec2, autoscaling, options, sleep=sleep, clock=clock, warn=warn)
-        self.iam = iam
+    """Applies one instance profile to a set of Auto Scaling groups (the gateway needs an IAM client)."""
 
     # --- reading ----------------------------------------------------------
     def resolve_profile(self, profile):
         """ProfileRef for a name or ARN; waits for a just-created profile (present, not in check mode)."""
         name = profile_name_from_arn(profile) if is_profile_arn(profile) else profile
-        try:
-            record = self.iam.get_instance_profile(InstanceProfileName=name, aws_retry=True)["InstanceProfile"]
-        except is_boto3_error_code(PROFILE_NOT_FOUND_CODES):
-            record = None
-        except AWS_ERRORS as exc:
-            raise AwsCallError(f"GetInstanceProfile {name}", exc) from exc
+        record = self.gateway.instance_profile(name)
         if record is None and self.options.state == "present" and not self.options.check_mode:
-            record = self._wait_for_profile(name)
+            # IAM is eventually consistent: a profile created a moment ago may not be visible yet.
+            delay = max(1, min(5, self.options.wait_timeout // 10 or 1))
+            record = self.gateway.wait_for_instance_profile(name, delay, max(1, int(self.options.wait_timeout // delay)))
         if record is None:
             if self.options.check_mode and self.options.state == "present":
                 self.warn(f"instance profile {name!r} does not exist yet: planned as if it did (check mode)")
@@ -388,35 +316,9 @@ class Roller(GroupRoller):
             raise InputError(f"instance profile {name!r} has ARN {record['Arn']}, not {profile}: fix the ARN")
         return ProfileRef(record["InstanceProfileName"], record["Arn"])
 
-    def _wait_for_profile(self, name):
-        """IAM is eventually consistent: a profile created a moment ago may not be visible yet."""
-        delay = max(1, min(5, self.options.wait_timeout // 10 or 1))
-        attempts = max(1, int(self.options.wait_timeout // delay))
-        try:
-            waiter = self.iam.get_waiter("instance_profile_exists")
-            waiter.wait(InstanceProfileName=name, WaiterConfig={"Delay": delay, "MaxAttempts": attempts})
-        except AWS_ERRORS as exc:
-            # botocore's WaiterError: "Max attempts exceeded" means the profile never appeared;
-            # anything else (access denied, a terminal failure) is an error of its own.
-            if "Max attempts exceeded" in str(exc) or error_code(exc) in PROFILE_NOT_FOUND_CODES:
-                return None
-            raise AwsCallError(f"waiting for instance profile {name}", exc) from exc
-        return self.iam.get_instance_profile(InstanceProfileName=name, aws_retry=True)["InstanceProfile"]
-
     def read_associations(self, instance_ids):
         """{instance id: [association records]} for the instances, batched, batches concurrently."""
-        found = {i: [] for i in instance_ids}
-        batches = list(chunks(list(instance_ids), ASSOCIATION_BATCH_SIZE))
-
-        def one(batch):
-            params = {"Filters": [{"Name": "instance-id", "Values": batch}], "MaxResults": ASSOCIATION_PAGE_SIZE}
-            return list(self._pages(self.ec2.describe_iam_instance_profile_associations,
-                                    "IamInstanceProfileAssociations", "DescribeIamInstanceProfileAssociations", params))
-
-        for records in self._map(one, batches):
-            for record in records:
-                found.setdefault(record["InstanceId"], []).append(record)
-        return found
+        return self.gateway.associations(instance_ids, self.options.max_concurrency)
 
     def _new_result(self, group):
         result = super()._new_result(group)
@@ -483,17 +385,6 @@ class Roller(GroupRoller):
             "diff": build_diff(ordered),
         }
 
-    def _poll(self, what, done):
-        deadline = self.clock() + self.options.wait_timeout
-        delay = 1.0
-        while True:
-            if done():
-                return
-            if self.clock() + delay > deadline:
-                raise InstanceProfileError(f"timed out after {self.options.wait_timeout}s waiting for {what}")
-            self.sleep(delay)
-            delay = min(delay * 1.5, 10.0)
-
     # --- one instance -------------------------------------------------------
     def _apply_instance(self, plan, desired):
         """Carry out one instance's plan; records ``error`` on the plan instead of raising."""
@@ -510,19 +401,16 @@ class Roller(GroupRoller):
         except InstanceProfileError as exc:
             plan["error"] = str(exc)
             plan["done"] = False
-        except AWS_ERRORS as exc:
-            plan["error"] = f"{plan['action']} {plan['instance_id']} failed: {exc}"
-            plan["done"] = False
 
-    def _iam_retry(self, action, call):
+    def _iam_retry(self, call):
         """Retry EC2's 'Invalid IAM Instance Profile' (IAM not yet propagated) with backoff up to wait_timeout."""
         deadline = self.clock() + self.options.wait_timeout
         delay = 1.0
         while True:
             try:
                 return call()
-            except AWS_ERRORS as exc:
-                if not is_iam_not_ready(exc) or self.clock() + delay > deadline:
+            except AwsCallError as exc:
+                if not is_iam_not_ready(exc.original) or self.clock() + delay > deadline:
                     raise
                 self.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 15.0)
@@ -530,13 +418,12 @@ class Roller(GroupRoller):
     def _associate(self, plan, desired):
         instance_id = plan["instance_id"]
         try:
-            answer = self._iam_retry("associate", lambda: self.ec2.associate_iam_instance_profile(
-                aws_retry=True, InstanceId=instance_id, IamInstanceProfile={"Arn": desired.arn}))
-        except AWS_ERRORS as exc:
-            if error_code(exc) != INCORRECT_STATE:
-                raise AwsCallError(f"AssociateIamInstanceProfile {instance_id}", exc) from exc
+            plan["association_id"] = self._iam_retry(lambda: self.gateway.associate_profile(instance_id, desired.arn))
+        except AwsCallError as exc:
+            if exc.code != INCORRECT_STATE:
+                raise
             # Someone associated it since we looked: look again and act on what is there.
-            assoc = current_association(self._instance_associations(instance_id))
+            assoc = current_association(self.gateway.instance_associations(instance_id))
             arn = (assoc or {}).get("IamInstanceProfile", {}).get("Arn")
             if assoc and assoc.get("State") in LIVE_STATES and desired.matches(arn):
                 plan["association_id"] = assoc["AssociationId"]
@@ -547,60 +434,57 @@ class Roller(GroupRoller):
                 plan["action"] = ACTION_REPLACE
                 self._replace(plan, desired)
                 return
-            raise AwsCallError(f"AssociateIamInstanceProfile {instance_id}", exc) from exc
-        plan["association_id"] = answer["IamInstanceProfileAssociation"]["AssociationId"]
+            raise
 
     def _replace(self, plan, desired):
         instance_id = plan["instance_id"]
+        association_id = plan["association_id"]
         try:
-            answer = self._iam_retry("replace", lambda: self.ec2.replace_iam_instance_profile_association(
-                aws_retry=True, AssociationId=plan["association_id"], IamInstanceProfile={"Arn": desired.arn}))
-        except AWS_ERRORS as exc:
-            if error_code(exc) not in (INCORRECT_STATE, ASSOCIATION_NOT_FOUND):
-                raise AwsCallError(f"ReplaceIamInstanceProfileAssociation {instance_id}", exc) from exc
+            plan["association_id"] = self._iam_retry(
+                lambda: self.gateway.replace_profile(instance_id, association_id, desired.arn))
+        except AwsCallError as exc:
+            if exc.code not in (INCORRECT_STATE, ASSOCIATION_NOT_FOUND):
+                raise
             # Replace is refused while the association is changing (or the instance is stopped):
             # fall back to disassociate, wait until it is gone, associate.
             plan["fallback"] = "disassociate+associate"
-            if error_code(exc) == INCORRECT_STATE:
-                self._disassociate(plan["association_id"], instance_id)
+            if exc.code == INCORRECT_STATE:
+                self._disassociate(association_id, instance_id)
             self._wait_until_unassociated(instance_id)
-            answer = self._iam_retry("associate", lambda: self.ec2.associate_iam_instance_profile(
-                aws_retry=True, InstanceId=instance_id, IamInstanceProfile={"Arn": desired.arn}))
-        plan["association_id"] = answer["IamInstanceProfileAssociation"]["AssociationId"]
+            plan["association_id"] = self._iam_retry(lambda: self.gateway.associate_profile(instance_id, desired.arn))
 
     def _disassociate(self, association_id, instance_id):
+        """Disassociate (one already gone is fine); one still associating is awaited, then tried once more."""
         try:
-            self.ec2.disassociate_iam_instance_profile(aws_retry=True, AssociationId=association_id)
-        except AWS_ERRORS as exc:
-            if error_code(exc) == ASSOCIATION_NOT_FOUND:
-                return  # already gone
-            if error_code(exc) == INCORRECT_STATE:
-                # Still associating: wait for it to settle, then try once more.
-                self._wait_for_state(instance_id, association_id, (ASSOCIATED,))
-                try:
-                    self.ec2.disassociate_iam_instance_profile(aws_retry=True, AssociationId=association_id)
-                    return
-                except AWS_ERRORS as again:
-                    if error_code(again) == ASSOCIATION_NOT_FOUND:
-                        return
-                    raise AwsCallError(f"DisassociateIamInstanceProfile {instance_id}", again) from again
-            raise AwsCallError(f"DisassociateIamInstanceProfile {instance_id}", exc) from exc
+            self.gateway.disassociate_profile(instance_id, association_id)
+        except AwsCallError as exc:
+            if exc.code != INCORRECT_STATE:
+                raise
+            self._wait_for_state(instance_id, association_id, (ASSOCIATED,))
+            self.gateway.disassociate_profile(instance_id, association_id)
 
-    def _instance_associations(self, instance_id):
-        params = {"Filters": [{"Name": "instance-id", "Values": [instance_id]}]}
-        return list(self._pages(self.ec2.describe_iam_instance_profile_associations,
-                                "IamInstanceProfileAssociations", "DescribeIamInstanceProfileAssociations", params))
+    def _poll(self, what, done):
+        deadline = self.clock() + self.options.wait_timeout
+        delay = 1.0
+        while True:
+            if done():
+                return
+            if self.clock() + delay > deadline:
+                raise InstanceProfileError(f"timed out after {self.options.wait_timeout}s waiting for {what}")
+            self.sleep(delay)
+            delay = min(delay * 1.5, 10.0)
 
     def _wait_until_unassociated(self, instance_id):
         def gone():
-            records = self._instance_associations(instance_id)
+            records = self.gateway.instance_associations(instance_id)
             return not [a for a in records if a.get("State") in LIVE_STATES + (DISASSOCIATING,)]
 
         self._poll(f"the instance profile association of {instance_id} to be removed", gone)
 
     def _wait_for_state(self, instance_id, association_id, states):
         def settled():
-            records = [a for a in self._instance_associations(instance_id) if a.get("AssociationId") == association_id]
+            records = [a for a in self.gateway.instance_associations(instance_id)
+                       if a.get("AssociationId") == association_id]
             return not records or records[0].get("State") in states
 
         self._poll(f"association {association_id} of {instance_id} to settle", settled)

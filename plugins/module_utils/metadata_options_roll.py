@@ -4,13 +4,14 @@
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
 
-"""Roll instance metadata options (IMDSv2) onto Auto Scaling groups: the rolling half (API calls).
+"""Roll instance metadata options (IMDSv2) onto Auto Scaling groups: the rolling half (orchestration).
 
 :class:`MetadataRoller` is a :class:`GroupRoller` (``instance_profile_roll.py``): the group selection,
 launch template reading and version rolling are that class's. It adds the instances' side: their
-current options from batched ``DescribeInstances``, the IMDSv1 users from CloudWatch ``GetMetricData``
-(``MetadataNoToken``, 500 instances per call), the refusal of groups that still have such users, and
-``ModifyInstanceMetadataOptions`` in a bounded thread pool.
+current options, the IMDSv1 users (CloudWatch ``MetadataNoToken``), the refusal of groups that still
+have such users, and the change of each instance's options in a bounded thread pool. Every AWS call
+(batched ``DescribeInstances``, ``GetMetricData``, ``ModifyInstanceMetadataOptions``) goes through the
+gateway (``autoscaling_gateway.py``). :class:`MetadataRollOptions` is the task's settings.
 """
 
 from __future__ import annotations
@@ -19,14 +20,6 @@ import dataclasses
 import datetime
 from typing import ClassVar
 
-try:
-    import botocore.exceptions
-
-    AWS_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
-except ImportError:  # AnsibleAWSModule reports the missing SDK
-    AWS_ERRORS = ()
-
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import chunks
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import AwsCallError
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import InputError
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import RollError
@@ -34,12 +27,9 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_p
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_roll import GroupRoller
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_roll import RollOptions
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.metadata_options_plan import (
-    ACTION_MODIFY, METRIC_QUERIES_PER_CALL, WINDOW_DAYS_RANGE, MetadataChange, build_diff, desired_options,
-    metric_queries, plan_instance, refusal_message, summarise, tightens_tokens, v1_calls,
+    ACTION_MODIFY, WINDOW_DAYS_RANGE, MetadataChange, build_diff, desired_options, plan_instance, refusal_message,
+    summarise, tightens_tokens,
 )
-
-INSTANCE_BATCH_SIZE = 200  # instance ids per DescribeInstances instance-id filter (missing ids are no error there)
-INSTANCE_PAGE_SIZE = 1000  # DescribeInstances MaxResults maximum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,25 +59,14 @@ class MetadataRollOptions(RollOptions):
 
 
 class MetadataRoller(GroupRoller):
-    """Applies metadata options to a set of Auto Scaling groups. ``cloudwatch`` is a CloudWatch client, or a
-    function that makes one when it is first needed (a run with no instance to check makes none: loading a
-    client's service model is a noticeable part of a no-change run). ``now`` (a callable returning an
-    aware datetime) is injectable for tests."""
+    """Applies metadata options to a set of Auto Scaling groups. The gateway's ``cloudwatch`` is best a
+    function that makes the client when it is first needed (a run with no instance to check makes none:
+    loading a client's service model is a noticeable part of a no-change run). ``now`` (a callable
+    returning an aware datetime) is injectable for tests."""
 
-    def __init__(self, ec2, autoscaling, cloudwatch, options, now=None, **kwargs):
-        super().__init__(ec2, autoscaling, options, **kwargs)
-        self._cloudwatch = cloudwatch
+    def __init__(self, gateway, options, now=None, **kwargs):
+        super().__init__(gateway, options, **kwargs)
         self.now = now or (lambda: datetime.datetime.now(datetime.timezone.utc))
-
-    @property
-    def cloudwatch(self):
-        if not hasattr(self._cloudwatch, "get_metric_data"):
-            self._cloudwatch = self._cloudwatch()
-        return self._cloudwatch
-
-    @cloudwatch.setter
-    def cloudwatch(self, client):
-        self._cloudwatch = client
 
     # --- whole run: named steps ----------------------------------------------
     def run(self, names=None, tag_filters=None):
@@ -119,35 +98,13 @@ class MetadataRoller(GroupRoller):
             ready, skipped = in_service(group)
             results[group["AutoScalingGroupName"]]["skipped_instances"] = skipped
             instance_ids.extend(ready)
-
-        def one(batch):
-            params = {"Filters": [{"Name": "instance-id", "Values": batch}], "MaxResults": INSTANCE_PAGE_SIZE}
-            found = {}
-            for reservation in self._pages(self.ec2.describe_instances, "Reservations", "DescribeInstances", params):
-                for instance in reservation.get("Instances") or []:
-                    found[instance["InstanceId"]] = instance.get("MetadataOptions") or {}
-            return found
-
-        options = {}
-        for found in self._map(one, list(chunks(instance_ids, INSTANCE_BATCH_SIZE))):
-            options.update(found)
-        return options
+        return self.gateway.metadata_options(instance_ids, self.options.max_concurrency)
 
     def read_v1_calls(self, instance_ids):
         """{instance id: successful IMDSv1 calls over the window} from CloudWatch (MetadataNoToken, Sum)."""
-        days = self.options.window_days
         end = self.now().replace(second=0, microsecond=0)
-        start = end - datetime.timedelta(days=days)
-
-        def one(batch):
-            request = {"MetricDataQueries": metric_queries(batch, days * 86400), "StartTime": start, "EndTime": end}
-            results = list(self._pages(self.cloudwatch.get_metric_data, "MetricDataResults", "GetMetricData", request))
-            return v1_calls(batch, results)
-
-        calls = {}
-        for found in self._map(one, list(chunks(list(instance_ids), METRIC_QUERIES_PER_CALL))):
-            calls.update(found)
-        return calls
+        start = end - datetime.timedelta(days=self.options.window_days)
+        return self.gateway.v1_calls(instance_ids, start, end, self.options.max_concurrency)
 
     def _find_v1_users(self, groups, options, results):
         """IMDSv1 users of every group that would stop answering them (and, in check mode, of every group
@@ -208,10 +165,10 @@ class MetadataRoller(GroupRoller):
 
     def _apply_instance(self, plan):
         try:
-            self.ec2.modify_instance_metadata_options(aws_retry=True, **plan["request"])
+            self.gateway.modify_metadata_options(plan["instance_id"], plan["request"])
             plan["done"] = True
-        except AWS_ERRORS as exc:
-            plan["error"] = str(AwsCallError(f"ModifyInstanceMetadataOptions {plan['instance_id']}", exc))
+        except AwsCallError as exc:
+            plan["error"] = str(exc)
             plan["done"] = False
 
     # --- report -------------------------------------------------------------

@@ -266,6 +266,7 @@ summary:
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.autoscaling_gateway import AutoScalingGateway
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import module_warn
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import AwsCallError
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import InstanceProfileError
@@ -299,7 +300,7 @@ def main():
     autoscaling = module.client("autoscaling", retry_decorator=retry, config=pool)
     iam = module.client("iam", retry_decorator=retry)
 
-    roller = Roller(ec2, autoscaling, iam, options, warn=module_warn(module))
+    roller = Roller(AutoScalingGateway(ec2, autoscaling, iam=iam), options, warn=module_warn(module))
     try:
         result = roller.run(params["instance_profile"], names=params["names"], tag_filters=params["tag_filters"])
     except PlanningError as exc:

@@ -225,8 +225,8 @@ def stop_condition(stop_file, watch_pid):
     return lambda: bool(stop_file and os.path.exists(stop_file)) or bool(watch_pid and not process_alive(watch_pid))
 
 
-def main():
-    argument_spec = dict(
+def argument_spec():
+    return dict(
         instances=dict(type="list", elements="raw", required=True),
         action=dict(type="str", choices=["complete", "heartbeat"], default="complete"),
         result=dict(type="str", choices=["CONTINUE", "ABANDON"]),
@@ -238,7 +238,10 @@ def main():
         stop_file=dict(type="path"),
         watch_pid=dict(type="int"),
     )
-    module = AnsibleAWSModule(argument_spec=argument_spec, supports_check_mode=True)
+
+
+def main():
+    module = AnsibleAWSModule(argument_spec=argument_spec(), supports_check_mode=True)
     params = module.params
     try:
         if not 1 <= params["max_concurrency"] <= 50:
@@ -262,7 +265,11 @@ def main():
             results = runner.run(params["action"], requests)
     except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:  # reading states or hooks
         module.fail_json_aws(exc, msg="Could not read the instances' lifecycle states or hooks")
+    exit_with(module, params, results)
 
+
+def exit_with(module, params, results):
+    """Exit with the runs' results (and remove the stop file): failed when an action failed."""
     output = {
         "changed": any(r["status"] in CHANGING for r in results),
         "instances": [public_result(r) for r in results],

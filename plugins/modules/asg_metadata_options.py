@@ -250,6 +250,7 @@ summary:
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.amazon.aws.plugins.module_utils.retries import AWSRetry
 
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.autoscaling_gateway import AutoScalingGateway
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import module_warn
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import AwsCallError
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.instance_profile_plan import PlanningError
@@ -260,8 +261,8 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.metadata_options_r
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.metadata_options_roll import MetadataRollOptions
 
 
-def main():
-    argument_spec = dict(
+def argument_spec():
+    return dict(
         names=dict(type="list", elements="str", aliases=["asg_names"]),
         tag_filters=dict(type="dict"),
         metadata_options=dict(
@@ -275,8 +276,28 @@ def main():
         ),
         **MetadataRollOptions.argument_spec(),  # imdsv1_window_days, force and the roll-out settings, with defaults
     )
+
+
+def exit_with(module, result):
+    """Exit with the roller's result: failed when a group failed or was refused."""
+    diff = result.pop("diff")
+    if module._diff:
+        result["diff"] = diff
+    stopped = [g for g in result["groups"] if g["status"] in ("failed", "refused")]
+    if stopped:
+        done = [g["name"] for g in result["groups"] if g["status"] not in ("failed", "refused")]
+        module.fail_json(
+            msg=f"{len(stopped)} of {len(result['groups'])} Auto Scaling group(s) not done: "
+            + "; ".join(g["error"] for g in stopped)
+            + (f". Finished: {', '.join(done)}" if done else ""),
+            **result,
+        )
+    module.exit_json(**result)
+
+
+def main():
     module = AnsibleAWSModule(
-        argument_spec=argument_spec,
+        argument_spec=argument_spec(),
         required_one_of=[["names", "tag_filters"]],
         supports_check_mode=True,
     )
@@ -294,7 +315,7 @@ def main():
     def cloudwatch():  # made only when an instance's IMDSv1 use must be read
         return module.client("cloudwatch", retry_decorator=retry, config=pool)
 
-    roller = MetadataRoller(ec2, autoscaling, cloudwatch, options, warn=module_warn(module))
+    roller = MetadataRoller(AutoScalingGateway(ec2, autoscaling, cloudwatch=cloudwatch), options, warn=module_warn(module))
     try:
         result = roller.run(names=params["names"], tag_filters=params["tag_filters"])
     except PlanningError as exc:
@@ -305,20 +326,7 @@ def main():
                              groups=[], refused_groups=[], failed_groups=[])
     except RollError as exc:
         module.fail_json(msg=str(exc), changed=False, groups=[], refused_groups=[], failed_groups=[])
-
-    diff = result.pop("diff")
-    if module._diff:
-        result["diff"] = diff
-    stopped = [g for g in result["groups"] if g["status"] in ("failed", "refused")]
-    if stopped:
-        done = [g["name"] for g in result["groups"] if g["status"] not in ("failed", "refused")]
-        module.fail_json(
-            msg=f"{len(stopped)} of {len(result['groups'])} Auto Scaling group(s) not done: "
-            + "; ".join(g["error"] for g in stopped)
-            + (f". Finished: {', '.join(done)}" if done else ""),
-            **result,
-        )
-    module.exit_json(**result)
+    exit_with(module, result)
 
 
 if __name__ == "__main__":

@@ -146,8 +146,8 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.s3_key_notificatio
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.s3_key_notifications import policy_statement
 
 
-def main():
-    argument_spec = dict(
+def argument_spec():
+    return dict(
         bucket=dict(type="str", required=True),
         prefix=dict(type="str", default="keys/"),
         queue_name=dict(type="str", required=True),
@@ -158,8 +158,10 @@ def main():
         message_retention_period=dict(type="int", default=3600),
         state=dict(type="str", choices=["present", "absent"], default="present"),
     )
-    module = AnsibleAWSModule(argument_spec=argument_spec, supports_check_mode=True)
-    params = module.params
+
+
+def problems_of(params):
+    """What is wrong with the parameters beyond their types and choices (empty: nothing)."""
     problems = []
     if params["queue_name"].endswith(".fifo"):
         problems.append("queue_name: S3 cannot notify FIFO queues")
@@ -172,6 +174,13 @@ def main():
     if params["source_account"] is not None and not (params["source_account"].isdigit()
                                                      and len(params["source_account"]) == 12):
         problems.append("source_account must be a 12-digit account id")
+    return problems
+
+
+def main():
+    module = AnsibleAWSModule(argument_spec=argument_spec(), supports_check_mode=True)
+    params = module.params
+    problems = problems_of(params)
     if problems:
         module.fail_json(msg="; ".join(problems))
 

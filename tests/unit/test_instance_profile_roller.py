@@ -17,6 +17,7 @@ import pytest
 
 from ansible_collections.fleetkeeper.aws.plugins.module_utils import instance_profile_plan as ip
 from ansible_collections.fleetkeeper.aws.plugins.module_utils import instance_profile_roll as roll
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.autoscaling_gateway import AutoScalingGateway
 
 ACCOUNT = "123456789012"
 
@@ -195,7 +196,8 @@ def make(groups, templates=None, associations=None, profiles=("web", "other"), *
     autoscaling = FakeAutoScaling(groups)
     iam = FakeIAM(profiles)
     clock = Clock()
-    roller = roll.Roller(ec2, autoscaling, iam, roll.Options(**options), sleep=clock.sleep, clock=clock)
+    gateway = AutoScalingGateway(ec2, autoscaling, iam=iam)
+    roller = roll.Roller(gateway, roll.Options(**options), sleep=clock.sleep, clock=clock)
     return roller, ec2, autoscaling, clock
 
 
@@ -394,3 +396,26 @@ def test_instances_only_when_launch_template_management_is_off():
     )
     result = roller.run("web", names=["a"])
     assert result["summary"]["associated"] == 1 and ec2.ops("DescribeLaunchTemplateVersions") == []
+
+
+# --- the gateway on its own: error mapping ------------------------------------------------------
+
+def test_gateway_maps_client_errors_to_aws_call_errors_with_their_code():
+    ec2 = FakeEC2({}, [assoc("i-1", "web")])
+    gateway = AutoScalingGateway(ec2, FakeAutoScaling([]), iam=FakeIAM(["web"]))
+    ec2.faults["AssociateIamInstanceProfile"] = [api_error("UnauthorizedOperation", "no")]
+    with pytest.raises(ip.AwsCallError) as caught:
+        gateway.associate_profile("i-2", arn("web"))
+    assert caught.value.code == "UnauthorizedOperation" and "AssociateIamInstanceProfile i-2" in str(caught.value)
+    gateway.disassociate_profile("i-9", "iip-assoc-gone")  # already gone: no error
+    assert gateway.instance_profile("nope") is None
+    with pytest.raises(ip.GroupError, match="Point the group at an existing launch template"):
+        gateway.template_versions({"id": "lt-missing", "name": None}, ["$Latest"])
+
+
+def test_gateway_start_instance_refresh_in_progress_is_none():
+    autoscaling = FakeAutoScaling([])
+    gateway = AutoScalingGateway(FakeEC2({}), autoscaling)
+    assert gateway.start_instance_refresh("web", {"MinHealthyPercentage": 90}) == "refresh-web"
+    autoscaling.refresh_error = api_error("InstanceRefreshInProgress", "busy")
+    assert gateway.start_instance_refresh("web") is None

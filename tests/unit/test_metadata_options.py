@@ -16,6 +16,7 @@ from botocore.stub import Stubber
 from ansible_collections.fleetkeeper.aws.plugins.module_utils import instance_profile_plan as ip
 from ansible_collections.fleetkeeper.aws.plugins.module_utils import metadata_options_plan as mo
 from ansible_collections.fleetkeeper.aws.plugins.module_utils import metadata_options_roll as roll
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.autoscaling_gateway import AutoScalingGateway
 from tests.support import launch_templates
 
 REQUIRED = {"HttpTokens": "required", "HttpPutResponseHopLimit": 1}
@@ -191,8 +192,8 @@ def stubbed_roller(groups, instances, metric_values, check_mode=False, force=Fal
 
     options = roll.MetadataRollOptions(desired=REQUIRED, manage_launch_template=False, check_mode=check_mode,
                                        force=force, max_concurrency=1)
-    roller = roll.MetadataRoller(aws_retry(ec2), aws_retry(autoscaling), aws_retry(cloudwatch), options,
-                                 now=lambda: now)
+    gateway = AutoScalingGateway(aws_retry(ec2), aws_retry(autoscaling), cloudwatch=aws_retry(cloudwatch))
+    roller = roll.MetadataRoller(gateway, options, now=lambda: now)
     return roller, stubs
 
 
@@ -244,6 +245,6 @@ def test_source_version_emulation_keeps_the_source_fields_the_request_does_not_n
 def test_cloudwatch_client_is_made_only_when_needed():
     made = []
     roller, _stubs = stubbed_roller([group("one", ["i-a"])], {"i-a": dict(V1, HttpTokens="required")}, None)
-    roller.cloudwatch = lambda: made.append(1)
+    roller.gateway.cloudwatch = lambda: made.append(1)
     result = roller.run(names=["one"])
     assert made == [] and result["changed"] is False
