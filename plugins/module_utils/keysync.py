@@ -153,58 +153,62 @@ def _as_list(value):
     return list(value)
 
 
+# The one list of options: the module's argument_spec is derived from it (``KeySyncConfig.argument_spec()``) and the
+# host's JSON configuration uses the same names. ``host_only`` options are not module options: the
+# module takes region and endpoint from amazon.aws's connection options and retries with AWSRetry.
+KEYSYNC_OPTIONS = {
+    "bucket": {"type": "str", "required": True},
+    "prefix": {"type": "str", "default": "keys/"},
+    "region": {"type": "str", "host_only": True},
+    "endpoint_url": {"type": "str", "host_only": True},
+    "mode": {"type": "str", "default": PER_USER, "choices": [PER_USER, SHARED_USER]},
+    "shared_user": {"type": "str"},
+    "marker_group": {"type": "str", "default": "fleetkeeper-keys"},
+    "sudo_group": {"type": "str"},
+    "admin_users": {"type": "list", "elements": "str", "default": []},
+    "deny_users": {"type": "list", "elements": "str", "default": []},
+    "uid_min": {"type": "int", "default": 20000},
+    "uid_max": {"type": "int", "default": 59999},
+    "uid_overrides": {"type": "dict", "default": {}},
+    "system_uid_max": {"type": "int", "default": 999},
+    "shell": {"type": "str", "default": "/bin/bash"},
+    "home_base": {"type": "path", "default": "/home"},
+    "authorized_keys_dir": {"type": "path"},
+    "allowed_options": {"type": "list", "elements": "str", "default": []},
+    "prepend_options": {"type": "list", "elements": "str", "default": []},
+    "max_object_size": {"type": "int", "default": 16384},
+    "max_keys_per_user": {"type": "int", "default": 16, "no_log": False},
+    # Key objects (PREFIX<name>.pub) a listing may hold; more fails closed, loudly. Other objects do not count.
+    "max_keys": {"type": "int", "default": 100000, "no_log": False},
+    # shared_user mode: key lines kept in the account's file besides the bucket's (break-glass keys)
+    "static_keys": {"type": "list", "elements": "str", "default": [], "no_log": False},
+    "removal": {"type": "str", "default": "lock", "choices": list(REMOVAL_ACTIONS)},
+    "remove_after_runs": {"type": "int", "default": 1},
+    "min_listing_ratio": {"type": "float", "default": 0.5},
+    "allow_empty": {"type": "bool", "default": False},
+    "state_path": {"type": "path", "default": "/var/lib/fleetkeeper-keysync/state.json"},
+    "lock_path": {"type": "path", "default": "/run/fleetkeeper/keysync.lock"},
+    "lock_timeout": {"type": "int", "default": 300},
+    "root": {"type": "path", "default": "/"},
+    "user_backend": {"type": "str", "default": "system", "choices": ["system", "directory"]},
+    "download_workers": {"type": "int", "default": 16},
+    # A host whose last good sync is older than this (seconds) is stale: loud, and optionally locks users.
+    "max_sync_age": {"type": "int", "default": 3600},
+    "stale_action": {"type": "str", "default": "none", "choices": list(STALE_ACTIONS)},
+    # Which teams of the bucket's team manifest (PREFIX_teams.json) this host admits, and what each grants:
+    # {team: {sudo: bool, groups: [group, ...]}}. None: no teams, everyone with a valid key is admitted.
+    "teams": {"type": "dict"},
+    # botocore's standard-mode attempts per request (the module uses AWSRetry instead)
+    "max_attempts": {"type": "int", "default": 5, "host_only": True},
+}
+KEYSYNC_DEFAULTS = dict((name, spec.get("default")) for name, spec in KEYSYNC_OPTIONS.items())
+
+
 class KeySyncConfig:
     """Validated options shared by the module and the host-side entry point."""
 
-    # The one list of options: the module's argument_spec is derived from it (``argument_spec()``) and the
-    # host's JSON configuration uses the same names. ``host_only`` options are not module options: the
-    # module takes region and endpoint from amazon.aws's connection options and retries with AWSRetry.
-    OPTIONS = {
-        "bucket": {"type": "str", "required": True},
-        "prefix": {"type": "str", "default": "keys/"},
-        "region": {"type": "str", "host_only": True},
-        "endpoint_url": {"type": "str", "host_only": True},
-        "mode": {"type": "str", "default": PER_USER, "choices": [PER_USER, SHARED_USER]},
-        "shared_user": {"type": "str"},
-        "marker_group": {"type": "str", "default": "fleetkeeper-keys"},
-        "sudo_group": {"type": "str"},
-        "admin_users": {"type": "list", "elements": "str", "default": []},
-        "deny_users": {"type": "list", "elements": "str", "default": []},
-        "uid_min": {"type": "int", "default": 20000},
-        "uid_max": {"type": "int", "default": 59999},
-        "uid_overrides": {"type": "dict", "default": {}},
-        "system_uid_max": {"type": "int", "default": 999},
-        "shell": {"type": "str", "default": "/bin/bash"},
-        "home_base": {"type": "path", "default": "/home"},
-        "authorized_keys_dir": {"type": "path"},
-        "allowed_options": {"type": "list", "elements": "str", "default": []},
-        "prepend_options": {"type": "list", "elements": "str", "default": []},
-        "max_object_size": {"type": "int", "default": 16384},
-        "max_keys_per_user": {"type": "int", "default": 16, "no_log": False},
-        # Key objects (PREFIX<name>.pub) a listing may hold; more fails closed, loudly. Other objects do not count.
-        "max_keys": {"type": "int", "default": 100000, "no_log": False},
-        # shared_user mode: key lines kept in the account's file besides the bucket's (break-glass keys)
-        "static_keys": {"type": "list", "elements": "str", "default": [], "no_log": False},
-        "removal": {"type": "str", "default": "lock", "choices": list(REMOVAL_ACTIONS)},
-        "remove_after_runs": {"type": "int", "default": 1},
-        "min_listing_ratio": {"type": "float", "default": 0.5},
-        "allow_empty": {"type": "bool", "default": False},
-        "state_path": {"type": "path", "default": "/var/lib/fleetkeeper-keysync/state.json"},
-        "lock_path": {"type": "path", "default": "/run/fleetkeeper/keysync.lock"},
-        "lock_timeout": {"type": "int", "default": 300},
-        "root": {"type": "path", "default": "/"},
-        "user_backend": {"type": "str", "default": "system", "choices": ["system", "directory"]},
-        "download_workers": {"type": "int", "default": 16},
-        # A host whose last good sync is older than this (seconds) is stale: loud, and optionally locks users.
-        "max_sync_age": {"type": "int", "default": 3600},
-        "stale_action": {"type": "str", "default": "none", "choices": list(STALE_ACTIONS)},
-        # Which teams of the bucket's team manifest (PREFIX_teams.json) this host admits, and what each grants:
-        # {team: {sudo: bool, groups: [group, ...]}}. None: no teams, everyone with a valid key is admitted.
-        "teams": {"type": "dict"},
-        # botocore's standard-mode attempts per request (the module uses AWSRetry instead)
-        "max_attempts": {"type": "int", "default": 5, "host_only": True},
-    }
-    DEFAULTS = dict((name, spec.get("default")) for name, spec in OPTIONS.items())
+    OPTIONS = KEYSYNC_OPTIONS
+    DEFAULTS = KEYSYNC_DEFAULTS
 
     @classmethod
     def argument_spec(cls):
@@ -235,136 +239,17 @@ class KeySyncConfig:
         self.validate()
 
     def validate(self):
-        if not self.bucket or not isinstance(self.bucket, str):
-            raise ConfigError("bucket is required: the S3 bucket holding <username>.pub objects")
-        prefix = self.prefix or ""
-        if prefix and not prefix.endswith("/"):
-            prefix += "/"
-        if prefix.startswith("/"):
-            raise ConfigError("prefix %r must not start with '/'" % self.prefix)
-        self.prefix = prefix
-        if self.mode not in (PER_USER, SHARED_USER):
-            raise ConfigError("mode must be per_user or shared_user, not %r" % self.mode)
-        if self.mode == SHARED_USER and not self.shared_user:
-            raise ConfigError("mode shared_user needs shared_user: the existing account whose authorized_keys is managed")
-        if self.removal not in REMOVAL_ACTIONS:
-            raise ConfigError("removal must be one of %s, not %r" % (", ".join(REMOVAL_ACTIONS), self.removal))
-        if self.stale_action not in STALE_ACTIONS:
-            raise ConfigError("stale_action must be one of %s, not %r" % (", ".join(STALE_ACTIONS), self.stale_action))
-        for name in ("uid_min", "uid_max", "system_uid_max", "max_object_size", "max_keys_per_user",
-                     "remove_after_runs", "lock_timeout", "download_workers", "max_attempts", "max_keys",
-                     "max_sync_age"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError("%s must be a non-negative integer, not %r" % (name, value))
-        if self.uid_min <= self.system_uid_max or self.uid_max < self.uid_min:
-            raise ConfigError("uid range %d-%d must lie above system_uid_max %d"
-                              % (self.uid_min, self.uid_max, self.system_uid_max))
-        if self.remove_after_runs < 1:
-            raise ConfigError("remove_after_runs must be at least 1")
-        if self.download_workers < 1 or self.max_attempts < 1 or self.max_keys < 1 or self.max_sync_age < 1:
-            raise ConfigError("download_workers, max_attempts, max_keys and max_sync_age must be at least 1")
-        self.static_keys = self._validate_static_keys(_as_list(self.static_keys))
-        try:
-            self.min_listing_ratio = float(self.min_listing_ratio)
-        except (TypeError, ValueError):
-            raise ConfigError("min_listing_ratio must be a number between 0 and 1") from None
-        if not 0.0 <= self.min_listing_ratio <= 1.0:
-            raise ConfigError("min_listing_ratio must be between 0 and 1, not %r" % self.min_listing_ratio)
-        self.allowed_options = [o.lower() for o in _as_list(self.allowed_options)]
-        for option in self.allowed_options:
-            if option not in KNOWN_OPTIONS:
-                raise ConfigError("allowed_options: unknown authorized_keys option %r (known: %s)"
-                                  % (option, ", ".join(sorted(KNOWN_OPTIONS))))
-        self.prepend_options = [o.lower() for o in _as_list(self.prepend_options)]
-        for option in self.prepend_options:
-            if option not in KNOWN_OPTIONS or option in VALUE_OPTIONS:
-                raise ConfigError("prepend_options: %r is not a flag option sshd knows" % option)
-        self.admin_users = _as_list(self.admin_users)
-        self.deny_users = _as_list(self.deny_users)
-        for group in (self.marker_group, self.sudo_group):
-            if group is not None and not USERNAME_RE.fullmatch(group):
-                raise ConfigError("group name %r is not a portable POSIX name" % group)
-        if not self.marker_group:
-            raise ConfigError("marker_group is required: it marks the accounts the sync owns")
-        if self.shared_user is not None and not USERNAME_RE.fullmatch(self.shared_user):
-            raise ConfigError("shared_user %r is not a portable POSIX name" % self.shared_user)
-        for path_option in ("state_path", "lock_path", "home_base", "root"):
-            value = getattr(self, path_option)
-            if not isinstance(value, str) or not value.startswith("/"):
-                raise ConfigError("%s must be an absolute path, not %r" % (path_option, value))
-        if self.authorized_keys_dir is not None and not self.authorized_keys_dir.startswith("/"):
-            raise ConfigError("authorized_keys_dir must be an absolute path, not %r" % self.authorized_keys_dir)
-        if self.user_backend not in ("system", "directory"):
-            raise ConfigError("user_backend must be system or directory, not %r" % self.user_backend)
-        self._validate_uid_overrides()
-        self._validate_teams()
-
-    def _validate_teams(self):
-        if self.teams is None:
-            return
-        if not isinstance(self.teams, dict):
-            raise ConfigError("teams must be a mapping of team name to {sudo, groups}, not %r" % (self.teams,))
-        if self.mode != PER_USER:
-            raise ConfigError("teams needs mode per_user (a shared account has one set of rights for every key)")
-        teams = {}
-        for team, grant in sorted(self.teams.items(), key=lambda item: str(item[0])):
-            if not isinstance(team, str) or not USERNAME_RE.fullmatch(team):
-                raise ConfigError("teams: team name %r is not a portable POSIX name (validated like a username)"
-                                  % (team,))
-            grant = {} if grant is None else grant
-            if not isinstance(grant, dict):
-                raise ConfigError("teams: %s must be a mapping with sudo and groups, not %r" % (team, grant))
-            unknown = sorted(set(str(k) for k in grant) - set(TEAM_GRANT_KEYS))
-            if unknown:
-                raise ConfigError("teams: %s has unknown key(s) %s (known: %s)"
-                                  % (team, ", ".join(unknown), ", ".join(TEAM_GRANT_KEYS)))
-            sudo = grant.get("sudo", False)
-            if not isinstance(sudo, bool):
-                raise ConfigError("teams: %s: sudo must be true or false, not %r" % (team, sudo))
-            groups = _as_list(grant.get("groups"))
-            for group in groups:
-                if not isinstance(group, str) or not USERNAME_RE.fullmatch(group):
-                    raise ConfigError("teams: %s: group name %r is not a portable POSIX name" % (team, group))
-                if group == self.marker_group:
-                    raise ConfigError("teams: %s: group %r is the marker group; it is granted to every synced user "
-                                      "already and must not depend on a team" % (team, group))
-            teams[team] = {"sudo": sudo, "groups": sorted(set(groups))}
-        self.teams = teams
-
-    def _validate_static_keys(self, lines):
-        if lines and self.mode != SHARED_USER:
-            raise ConfigError("static_keys is for mode shared_user (in per_user mode the admin_users keep their own keys)")
-        out = []
-        for number, line in enumerate(lines, 1):
-            try:
-                out.append(parse_key_line(str(line).strip(), KNOWN_OPTIONS).line())
-            except KeyLineError as exc:
-                raise ConfigError("static_keys item %d is not a valid key line: %s" % (number, exc)) from None
-        return out
-
-    def _validate_uid_overrides(self):
-        if not isinstance(self.uid_overrides, dict):
-            raise ConfigError("uid_overrides must be a mapping of username to UID, not %r" % (self.uid_overrides,))
-        overrides = {}
-        owners = {}
-        for name, uid in sorted(self.uid_overrides.items(), key=lambda item: str(item[0])):
-            if not isinstance(name, str) or not USERNAME_RE.fullmatch(name):
-                raise ConfigError("uid_overrides: %r is not a portable POSIX username" % (name,))
-            if isinstance(uid, bool):
-                uid = None
-            try:
-                uid = int(uid)
-            except (TypeError, ValueError):
-                raise ConfigError("uid_overrides: the UID of %s must be an integer, not %r" % (name, uid)) from None
-            if uid <= self.system_uid_max or uid > 4294967294:
-                raise ConfigError("uid_overrides: UID %d of %s is a system UID (at most system_uid_max %d) or out of range"
-                                  % (uid, name, self.system_uid_max))
-            if uid in owners:
-                raise ConfigError("uid_overrides: UID %d is given to both %s and %s" % (uid, owners[uid], name))
-            owners[uid] = name
-            overrides[name] = uid
-        self.uid_overrides = overrides
+        """Check every option and normalise it in place (prefix, lists, teams, ...); raise ConfigError at the first
+        problem. The checks run in this order."""
+        _validate_source_and_choices(self)
+        _validate_counts(self)
+        self.static_keys = _validate_static_keys(self, _as_list(self.static_keys))
+        _validate_listing_ratio(self)
+        _validate_key_options(self)
+        _validate_names(self)
+        _validate_paths_and_backend(self)
+        _validate_uid_overrides(self)
+        _validate_teams(self)
 
     @property
     def granted_groups(self):
@@ -382,6 +267,171 @@ class KeySyncConfig:
 
     def as_dict(self):
         return dict((name, getattr(self, name)) for name in self.DEFAULTS)
+
+
+# Validation steps of KeySyncConfig.validate(), in the order it runs them; each takes the config and normalises
+# what it checks in place.
+
+_COUNT_OPTIONS = ("uid_min", "uid_max", "system_uid_max", "max_object_size", "max_keys_per_user",
+                  "remove_after_runs", "lock_timeout", "download_workers", "max_attempts", "max_keys",
+                  "max_sync_age")
+
+
+def _validate_source_and_choices(config):
+    """bucket and prefix (normalised to end in '/'), then mode, removal and stale_action."""
+    if not config.bucket or not isinstance(config.bucket, str):
+        raise ConfigError("bucket is required: the S3 bucket holding <username>.pub objects")
+    prefix = config.prefix or ""
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    if prefix.startswith("/"):
+        raise ConfigError("prefix %r must not start with '/'" % config.prefix)
+    config.prefix = prefix
+    if config.mode not in (PER_USER, SHARED_USER):
+        raise ConfigError("mode must be per_user or shared_user, not %r" % config.mode)
+    if config.mode == SHARED_USER and not config.shared_user:
+        raise ConfigError("mode shared_user needs shared_user: the existing account whose authorized_keys is managed")
+    if config.removal not in REMOVAL_ACTIONS:
+        raise ConfigError("removal must be one of %s, not %r" % (", ".join(REMOVAL_ACTIONS), config.removal))
+    if config.stale_action not in STALE_ACTIONS:
+        raise ConfigError("stale_action must be one of %s, not %r" % (", ".join(STALE_ACTIONS), config.stale_action))
+
+
+def _validate_counts(config):
+    """Integer options: non-negative, the UID range above the system UIDs, and the ones that must be at least 1."""
+    for name in _COUNT_OPTIONS:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError("%s must be a non-negative integer, not %r" % (name, value))
+    if config.uid_min <= config.system_uid_max or config.uid_max < config.uid_min:
+        raise ConfigError("uid range %d-%d must lie above system_uid_max %d"
+                          % (config.uid_min, config.uid_max, config.system_uid_max))
+    if config.remove_after_runs < 1:
+        raise ConfigError("remove_after_runs must be at least 1")
+    if config.download_workers < 1 or config.max_attempts < 1 or config.max_keys < 1 or config.max_sync_age < 1:
+        raise ConfigError("download_workers, max_attempts, max_keys and max_sync_age must be at least 1")
+
+
+def _validate_listing_ratio(config):
+    try:
+        config.min_listing_ratio = float(config.min_listing_ratio)
+    except (TypeError, ValueError):
+        raise ConfigError("min_listing_ratio must be a number between 0 and 1") from None
+    if not 0.0 <= config.min_listing_ratio <= 1.0:
+        raise ConfigError("min_listing_ratio must be between 0 and 1, not %r" % config.min_listing_ratio)
+
+
+def _validate_key_options(config):
+    """allowed_options and prepend_options: lower-cased, options sshd knows (prepended ones: flags only)."""
+    config.allowed_options = [o.lower() for o in _as_list(config.allowed_options)]
+    for option in config.allowed_options:
+        if option not in KNOWN_OPTIONS:
+            raise ConfigError("allowed_options: unknown authorized_keys option %r (known: %s)"
+                              % (option, ", ".join(sorted(KNOWN_OPTIONS))))
+    config.prepend_options = [o.lower() for o in _as_list(config.prepend_options)]
+    for option in config.prepend_options:
+        if option not in KNOWN_OPTIONS or option in VALUE_OPTIONS:
+            raise ConfigError("prepend_options: %r is not a flag option sshd knows" % option)
+
+
+def _validate_names(config):
+    """admin_users and deny_users as lists; marker_group, sudo_group and shared_user portable POSIX names."""
+    config.admin_users = _as_list(config.admin_users)
+    config.deny_users = _as_list(config.deny_users)
+    for group in (config.marker_group, config.sudo_group):
+        if group is not None and not USERNAME_RE.fullmatch(group):
+            raise ConfigError("group name %r is not a portable POSIX name" % group)
+    if not config.marker_group:
+        raise ConfigError("marker_group is required: it marks the accounts the sync owns")
+    if config.shared_user is not None and not USERNAME_RE.fullmatch(config.shared_user):
+        raise ConfigError("shared_user %r is not a portable POSIX name" % config.shared_user)
+
+
+def _validate_paths_and_backend(config):
+    """Absolute paths, and user_backend system or directory."""
+    for path_option in ("state_path", "lock_path", "home_base", "root"):
+        value = getattr(config, path_option)
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise ConfigError("%s must be an absolute path, not %r" % (path_option, value))
+    if config.authorized_keys_dir is not None and not config.authorized_keys_dir.startswith("/"):
+        raise ConfigError("authorized_keys_dir must be an absolute path, not %r" % config.authorized_keys_dir)
+    if config.user_backend not in ("system", "directory"):
+        raise ConfigError("user_backend must be system or directory, not %r" % config.user_backend)
+
+
+def _validate_static_keys(config, lines):
+    if lines and config.mode != SHARED_USER:
+        raise ConfigError("static_keys is for mode shared_user (in per_user mode the admin_users keep their own keys)")
+    out = []
+    for number, line in enumerate(lines, 1):
+        try:
+            out.append(parse_key_line(str(line).strip(), KNOWN_OPTIONS).line())
+        except KeyLineError as exc:
+            raise ConfigError("static_keys item %d is not a valid key line: %s" % (number, exc)) from None
+    return out
+
+
+def _validate_uid_overrides(config):
+    if not isinstance(config.uid_overrides, dict):
+        raise ConfigError("uid_overrides must be a mapping of username to UID, not %r" % (config.uid_overrides,))
+    overrides = {}
+    owners = {}
+    for name, uid in sorted(config.uid_overrides.items(), key=lambda item: str(item[0])):
+        if not isinstance(name, str) or not USERNAME_RE.fullmatch(name):
+            raise ConfigError("uid_overrides: %r is not a portable POSIX username" % (name,))
+        if isinstance(uid, bool):
+            uid = None
+        try:
+            uid = int(uid)
+        except (TypeError, ValueError):
+            raise ConfigError("uid_overrides: the UID of %s must be an integer, not %r" % (name, uid)) from None
+        if uid <= config.system_uid_max or uid > 4294967294:
+            raise ConfigError("uid_overrides: UID %d of %s is a system UID (at most system_uid_max %d) or out of range"
+                              % (uid, name, config.system_uid_max))
+        if uid in owners:
+            raise ConfigError("uid_overrides: UID %d is given to both %s and %s" % (uid, owners[uid], name))
+        owners[uid] = name
+        overrides[name] = uid
+    config.uid_overrides = overrides
+
+
+def _validate_teams(config):
+    """``teams`` (per_user mode only) as {team: {"sudo": bool, "groups": sorted groups}}."""
+    if config.teams is None:
+        return
+    if not isinstance(config.teams, dict):
+        raise ConfigError("teams must be a mapping of team name to {sudo, groups}, not %r" % (config.teams,))
+    if config.mode != PER_USER:
+        raise ConfigError("teams needs mode per_user (a shared account has one set of rights for every key)")
+    teams = {}
+    for team, grant in sorted(config.teams.items(), key=lambda item: str(item[0])):
+        teams[team] = _team_grant(config, team, grant)
+    config.teams = teams
+
+
+def _team_grant(config, team, grant):
+    """One team's entry of ``teams``, validated: {"sudo": bool, "groups": sorted groups}."""
+    if not isinstance(team, str) or not USERNAME_RE.fullmatch(team):
+        raise ConfigError("teams: team name %r is not a portable POSIX name (validated like a username)"
+                          % (team,))
+    grant = {} if grant is None else grant
+    if not isinstance(grant, dict):
+        raise ConfigError("teams: %s must be a mapping with sudo and groups, not %r" % (team, grant))
+    unknown = sorted(set(str(k) for k in grant) - set(TEAM_GRANT_KEYS))
+    if unknown:
+        raise ConfigError("teams: %s has unknown key(s) %s (known: %s)"
+                          % (team, ", ".join(unknown), ", ".join(TEAM_GRANT_KEYS)))
+    sudo = grant.get("sudo", False)
+    if not isinstance(sudo, bool):
+        raise ConfigError("teams: %s: sudo must be true or false, not %r" % (team, sudo))
+    groups = _as_list(grant.get("groups"))
+    for group in groups:
+        if not isinstance(group, str) or not USERNAME_RE.fullmatch(group):
+            raise ConfigError("teams: %s: group name %r is not a portable POSIX name" % (team, group))
+        if group == config.marker_group:
+            raise ConfigError("teams: %s: group %r is the marker group; it is granted to every synced user "
+                              "already and must not depend on a team" % (team, group))
+    return {"sudo": sudo, "groups": sorted(set(groups))}
 
 
 # --------------------------------------------------------------------------
@@ -853,13 +903,11 @@ def plan_per_user(desired, users, config, history=None, rejected=None, withheld=
     plan = Plan()
     plan.rejected.extend(rejected or [])
     history = history or {}
-    missing_before = history.get("missing", {})
     locks_made = set(history.get("locks_made", []))
     retired = history.get("retired_uids", {})
     withheld = set(withheld)
     users_by_uid = dict((u.uid, u.name) for u in users.values())
-    wanted_groups = [config.marker_group] + ([config.sudo_group] if config.sudo_group else [])
-    base_groups = wanted_groups
+    base_groups = [config.marker_group] + ([config.sudo_group] if config.sudo_group else [])
     membership = membership or {}
     conflicts = uid_conflicts(sorted(set(desired) | withheld | set(listed)), config)
     for name in sorted(set(desired) | withheld):
@@ -868,18 +916,8 @@ def plan_per_user(desired, users, config, history=None, rejected=None, withheld=
             plan.not_admitted.append(name)  # no team this host lists: no keys (and revoked below when managed)
             continue
         wanted_groups = base_groups + [g for g in team_groups if g not in base_groups]
-        reason = validate_username(name, config)
         info = users.get(name)
-        uid = None
-        if reason is None and info is not None:
-            if info.uid <= config.system_uid_max:
-                reason = "account %r exists as a system account (UID %d); never synced" % (name, info.uid)
-            elif config.marker_group not in info.groups:
-                reason = ("account %r already exists and is not in group %r; existing accounts are never taken over"
-                          % (name, config.marker_group))
-        elif reason is None:
-            uid = wanted_uid(name, config)
-            reason = _new_user_reason(name, uid, users_by_uid, retired, conflicts)
+        reason, uid = _refusal(name, info, config, users_by_uid, retired, conflicts)
         if reason:
             _reject_user(plan, config, name, reason)
             continue
@@ -895,25 +933,52 @@ def plan_per_user(desired, users, config, history=None, rejected=None, withheld=
             plan.create.append((name, uid))
             plan.granted[name] = list(wanted_groups)
         else:
-            if info.locked:
-                if name in locks_made:
-                    plan.unlock.append(name)
-                else:
-                    plan.admin_locked.append(name)
-                    _reject_user(plan, config, name, "account %r was locked by someone other than the sync; it stays "
-                                 "locked (unlock it by hand to let the user in)" % name)
-            granted = _granted_before(history, name, info, wanted_groups)
-            add = [g for g in wanted_groups if g not in info.groups]
-            drop = sorted((granted & info.groups) - set(wanted_groups))
-            if add:
-                plan.add_groups.append((name, add))
-            if drop:
-                plan.remove_groups.append((name, drop))
-            plan.granted[name] = sorted((granted - set(drop)) | set(add))
+            _plan_existing_user(plan, config, name, info, history, wanted_groups, locks_made)
         plan.keys[name] = [k.line(config.prepend_options) for k in desired[name]]
         if sudo and name not in plan.admin_locked:
             plan.sudoers.append(name)
-    wanted_groups = base_groups
+    _plan_revocations(plan, users, config, history, base_groups)
+    return plan
+
+
+def _refusal(name, info, config, users_by_uid, retired, conflicts):
+    """(reason the listed ``name`` is not managed here or None, the UID a new account gets or None)."""
+    reason = validate_username(name, config)
+    uid = None
+    if reason is None and info is not None:
+        if info.uid <= config.system_uid_max:
+            reason = "account %r exists as a system account (UID %d); never synced" % (name, info.uid)
+        elif config.marker_group not in info.groups:
+            reason = ("account %r already exists and is not in group %r; existing accounts are never taken over"
+                      % (name, config.marker_group))
+    elif reason is None:
+        uid = wanted_uid(name, config)
+        reason = _new_user_reason(name, uid, users_by_uid, retired, conflicts)
+    return reason, uid
+
+
+def _plan_existing_user(plan, config, name, info, history, wanted_groups, locks_made):
+    """An existing managed account that keeps access: unlock it when the sync locked it, and its group changes."""
+    if info.locked:
+        if name in locks_made:
+            plan.unlock.append(name)
+        else:
+            plan.admin_locked.append(name)
+            _reject_user(plan, config, name, "account %r was locked by someone other than the sync; it stays "
+                         "locked (unlock it by hand to let the user in)" % name)
+    granted = _granted_before(history, name, info, wanted_groups)
+    add = [g for g in wanted_groups if g not in info.groups]
+    drop = sorted((granted & info.groups) - set(wanted_groups))
+    if add:
+        plan.add_groups.append((name, add))
+    if drop:
+        plan.remove_groups.append((name, drop))
+    plan.granted[name] = sorted((granted - set(drop)) | set(add))
+
+
+def _plan_revocations(plan, users, config, history, wanted_groups):
+    """Revoke every managed account the plan gives no keys (``wanted_groups``: the marker and sudo groups)."""
+    missing_before = history.get("missing", {})
     never_touched = set(DEFAULT_DENY_USERS) | set(config.admin_users)
     for name in sorted(users):
         info = users[name]
@@ -936,7 +1001,6 @@ def plan_per_user(desired, users, config, history=None, rejected=None, withheld=
                             "fresh": name not in missing_before or not info.locked})
         plan.keys[name] = []
         plan.granted[name] = sorted(granted - set(drop))
-    return plan
 
 
 def plan_shared_user(desired, config, rejected=None, withheld=()):

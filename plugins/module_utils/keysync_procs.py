@@ -295,11 +295,40 @@ class Reaper:
             uid, rounds, (": " + " ".join(str(p) for p in left[:10])) if left else
             " (the kill helper did not complete a round)"))
 
-    # -- sessions of one key (shared_user mode) --
+    # -- sessions of one key (shared_user mode): found by SessionFinder, ended here --
+
+    def _sessions(self):
+        return SessionFinder(self.proc, self.cgroup_root)
 
     def sessions_by_key(self, account, journal=None):
         """{sshd PID: key fingerprint} for live sshd sessions of ``account``, from sshd's VERBOSE log in the journal."""
-        lines = journal if journal is not None else self._journal_lines()
+        return self._sessions().sessions_by_key(account, journal)
+
+    def session_cgroup(self, pid):
+        """The cgroup2 path of ``pid`` when it is a logind session scope, else None."""
+        return self._sessions().session_cgroup(pid)
+
+    def end_session_of(self, pid):
+        """End the session the sshd process ``pid`` serves: its whole scope, or its process tree without logind."""
+        scope = self.session_cgroup(pid)
+        if scope is not None and os.path.isdir(scope):
+            self.kill_cgroup(scope)
+            return
+        for child in [pid] + self._sessions().descendants(pid):
+            _kill_pid(child)
+
+
+class SessionFinder:
+    """Which sshd session serves which key, and where a session's processes are: read from sshd's journal lines,
+    /proc and the cgroup tree (never ends anything itself)."""
+
+    def __init__(self, proc="/proc", cgroup_root=None):
+        self.proc = proc
+        self.cgroup_root = cgroup_root
+
+    def sessions_by_key(self, account, journal=None):
+        """{sshd PID: key fingerprint} for live sshd sessions of ``account``, from sshd's VERBOSE log in the journal."""
+        lines = journal if journal is not None else self.journal_lines()
         found = {}
         for pid, message in lines:
             match = _ACCEPTED.match(message)
@@ -310,7 +339,7 @@ class Reaper:
         return found
 
     @staticmethod
-    def _journal_lines():
+    def journal_lines():
         journalctl = shutil.which("journalctl")
         if not journalctl:
             return []
@@ -344,16 +373,8 @@ class Reaper:
                     return os.path.join(self.cgroup_root, relative.lstrip("/"))
         return None
 
-    def end_session_of(self, pid):
-        """End the session the sshd process ``pid`` serves: its whole scope, or its process tree without logind."""
-        scope = self.session_cgroup(pid)
-        if scope is not None and os.path.isdir(scope):
-            self.kill_cgroup(scope)
-            return
-        for child in [pid] + self._descendants(pid):
-            _kill_pid(child)
-
-    def _descendants(self, pid):
+    def descendants(self, pid):
+        """Every process below ``pid`` in the process tree, from /proc/*/stat."""
         children = {}
         for entry in os.listdir(self.proc):
             if not entry.isdigit():

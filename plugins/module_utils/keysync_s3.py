@@ -168,17 +168,25 @@ def list_key_objects(s3, bucket, prefix, counter, call_kwargs=None, max_keys=100
             raise ListingError("s3://%s/%s holds more than max_keys %d key objects (PREFIX<name>.pub); refusing to "
                                "apply a listing that large, so no revocation or grant happens until the bucket is "
                                "cleaned up or max_keys raised; nothing was changed" % (bucket, prefix, max_keys))
-        if not page.get("IsTruncated"):
+        if not _listing_continues(page, bucket, prefix, number, seen_tokens):
             break
-        token = page.get("NextContinuationToken")
-        if not token:
-            raise ListingError("listing s3://%s/%s was cut short (truncated without a continuation token); "
-                               "nothing was changed" % (bucket, prefix))
-        if token in seen_tokens:
-            raise ListingError("listing s3://%s/%s repeated a continuation token on page %d (the listing loops); "
-                               "nothing was changed" % (bucket, prefix, number))
-        seen_tokens.add(token)
     return objects
+
+
+def _listing_continues(page, bucket, prefix, number, seen_tokens):
+    """Whether another page follows ``page`` (its token is added to ``seen_tokens``); ListingError when the listing
+    was cut short (truncated without a token) or loops (a token seen before)."""
+    if not page.get("IsTruncated"):
+        return False
+    token = page.get("NextContinuationToken")
+    if not token:
+        raise ListingError("listing s3://%s/%s was cut short (truncated without a continuation token); "
+                           "nothing was changed" % (bucket, prefix))
+    if token in seen_tokens:
+        raise ListingError("listing s3://%s/%s repeated a continuation token on page %d (the listing loops); "
+                           "nothing was changed" % (bucket, prefix, number))
+    seen_tokens.add(token)
+    return True
 
 
 def download_objects(s3, bucket, wanted, counter, workers, call_kwargs=None):
@@ -234,9 +242,22 @@ def collect(s3, config, state, counter, call_kwargs=None):
     same_source = state.get("bucket") == config.bucket and state.get("prefix") == config.prefix
     old_objects = state.get("objects", {}) if same_source else {}
     rejected = []
-    candidates = {}
     teams_key = config.prefix + TEAMS_MANIFEST
     teams_object = listing.get(teams_key)
+    candidates = _candidates(listing, config, teams_key, rejected)
+    to_fetch = _changed_objects(candidates, old_objects)
+    bodies, errors = download_objects(s3, config.bucket, to_fetch, counter, config.download_workers, call_kwargs)
+    desired, new_objects, failed = _read_objects(candidates, old_objects, bodies, errors, config, rejected)
+    stats = {"listed": len(listing), "candidates": len(candidates), "downloaded": len(bodies),
+             "reused": len(candidates) - len(bodies) - len(errors), "failed": len(errors)}
+    listed = sorted(set(name for name, _etag, _size in candidates.values()))
+    return desired, new_objects, rejected, stats, failed, listed, teams_object
+
+
+def _candidates(listing, config, teams_key, rejected):
+    """{key: (name, etag, size)} for the listed key objects worth reading; every other object is added to
+    ``rejected`` with the reason (or ignored silently)."""
+    candidates = {}
     for key in sorted(listing):
         etag, size = listing[key]
         if key == teams_key:
@@ -258,12 +279,23 @@ def collect(s3, config, state, counter, call_kwargs=None):
             _reject(rejected, key, name, None, "object is empty; the user has no keys until it holds a valid key")
             continue
         candidates[key] = (name, etag, size)
+    return candidates
+
+
+def _changed_objects(candidates, old_objects):
+    """{key: (etag, size)} of the candidates to download: those whose ETag or Size differ from the state's (or
+    that have no ETag)."""
     to_fetch = {}
-    for key, (name, etag, size) in candidates.items():
+    for key, (_name, etag, size) in candidates.items():
         old = old_objects.get(key)
         if not (old and old.get("etag") == etag and old.get("size") == size and etag):
             to_fetch[key] = (etag, size)
-    bodies, errors = download_objects(s3, config.bucket, to_fetch, counter, config.download_workers, call_kwargs)
+    return to_fetch
+
+
+def _read_objects(candidates, old_objects, bodies, errors, config, rejected):
+    """(desired {user: [PublicKey]}, new object state, failed {user: reason}) from the downloaded ``bodies``, and
+    the state's entry for objects that did not change; refused lines and keys are added to ``rejected``."""
     desired = {}
     new_objects = {}
     failed = {}
@@ -274,36 +306,41 @@ def collect(s3, config, state, counter, call_kwargs=None):
                 new_objects[key] = old_objects[key]  # its ETag differs from the listing's: fetched again next run
             continue
         old = old_objects.get(key) or {}
-        if key in bodies:
-            try:
-                text = decode_object(bodies[key])
-                keys, bad_lines = parse_key_file(text, config.allowed_options, config.max_keys_per_user)
-            except KeyLineError as exc:
-                keys, bad_lines = [], [(None, str(exc))]
-            entry = {"etag": etag, "size": size, "user": name,
-                     "keys": [k.line() for k in keys],
-                     "rejected": [[n, r] for n, r in bad_lines]}
-        else:
-            entry = old
+        entry = _object_entry(bodies[key], etag, size, name, config) if key in bodies else old
         for number, reason in entry.get("rejected", []):
             _reject(rejected, key, name, number, reason)
         new_objects[key] = entry
-        parsed = []
-        for line in entry.get("keys", []):
-            try:
-                parsed.append(parse_key_line(line, config.allowed_options))
-            except KeyLineError as exc:  # the policy changed since the state was written
-                _reject(rejected, key, name, None, "stored key refused by the current policy: %s" % exc)
+        parsed = _entry_keys(entry, key, name, config, rejected)
         if parsed:
             desired[name] = parsed
         else:
             refused = ", ".join("line %s" % n if n else "the file" for n, _r in entry.get("rejected", []))
             _reject(rejected, key, name, None, "no valid key in the object (refused: %s); the user's access is "
                     "revoked as if the object were deleted" % (refused or "nothing but comments"))
-    stats = {"listed": len(listing), "candidates": len(candidates), "downloaded": len(bodies),
-             "reused": len(candidates) - len(bodies) - len(errors), "failed": len(errors)}
-    listed = sorted(set(name for name, _etag, _size in candidates.values()))
-    return desired, new_objects, rejected, stats, failed, listed, teams_object
+    return desired, new_objects, failed
+
+
+def _object_entry(body, etag, size, name, config):
+    """The state entry of a downloaded object: its key lines and the lines refused, with the reason."""
+    try:
+        text = decode_object(body)
+        keys, bad_lines = parse_key_file(text, config.allowed_options, config.max_keys_per_user)
+    except KeyLineError as exc:
+        keys, bad_lines = [], [(None, str(exc))]
+    return {"etag": etag, "size": size, "user": name,
+            "keys": [k.line() for k in keys],
+            "rejected": [[n, r] for n, r in bad_lines]}
+
+
+def _entry_keys(entry, key, name, config, rejected):
+    """The entry's key lines parsed under the current policy; a line it refuses is added to ``rejected``."""
+    parsed = []
+    for line in entry.get("keys", []):
+        try:
+            parsed.append(parse_key_line(line, config.allowed_options))
+        except KeyLineError as exc:  # the policy changed since the state was written
+            _reject(rejected, key, name, None, "stored key refused by the current policy: %s" % exc)
+    return parsed
 
 
 def load_teams(s3, config, state, teams_object, listed, counter, call_kwargs=None):
@@ -473,10 +510,46 @@ def _local_size_limit(config, candidates):
 
 
 def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
+    """One run under the lock (or in check mode): read S3 and the host, decide, then report or apply."""
     counter = RequestCounter()
     state = load_state(state_path)
     users = backend.list_users()
     managed = [u for u in users.values() if config.marker_group in u.groups and not u.locked]
+    bucket = _read_bucket(s3, config, state, counter, call_kwargs)
+    desired, new_objects, rejected, stats, failed, listed, membership, teams_manifest = bucket
+    plan, history = _decide(config, state, users, managed, desired, rejected, failed, listed, membership)
+    shared = config.mode != PER_USER
+    store = KeyFileStore(config, _local_size_limit(config, stats["candidates"]))
+    result = _new_result(plan, _download_failures(failed, users), stats, counter, check_mode)
+    removed, removed_keys = _report_key_changes(config, plan, users, store, shared, result)
+    result["timings"] = counter.timings()
+    if check_mode:
+        result["changed"] = _would_change(config, plan, users, store, shared, result)
+        return result
+
+    locks_made = dict(history.get("locks_made", {}))
+    retired = dict(history.get("retired_uids", {}))
+    try:
+        changed = _apply(config, plan, users, backend, store, result, log, locks_made, retired, removed_keys)
+    finally:
+        backend.flush()
+        store.flush()
+    for name, note in store.notes:
+        result["rejected"].append({"object": config.prefix + name + ".pub", "user": name, "line": None,
+                                   "reason": note})
+    present = set(backend.list_users()) if (plan.create or removed) else set(users)
+    new_state = _new_state(config, plan, new_objects, present, result, locks_made, retired, teams_manifest)
+    if new_state != state:
+        save_state(state_path, new_state)
+    result["changed"] = changed
+    result["requests"] = counter.as_dict()
+    result["timings"] = counter.timings()
+    return result
+
+
+def _read_bucket(s3, config, state, counter, call_kwargs):
+    """What the bucket says: collect()'s (desired, new objects, rejected, stats, failed, listed), then the team
+    manifest's (membership, state entry), both None without ``teams``; its warnings join ``rejected``."""
     collected = collect(s3, config, state, counter, call_kwargs)
     desired, new_objects, rejected, stats, failed, listed, teams_object = collected
     membership, teams_manifest = None, None
@@ -484,6 +557,11 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
         membership, teams_manifest, team_warnings = load_teams(s3, config, state, teams_object, listed, counter,
                                                                call_kwargs)
         rejected.extend(team_warnings)
+    return desired, new_objects, rejected, stats, failed, listed, membership, teams_manifest
+
+
+def _decide(config, state, users, managed, desired, rejected, failed, listed, membership):
+    """(plan, history): the plan of the mode, after the fail-closed listing size check (FailClosedError)."""
     same_source = state.get("bucket") == config.bucket and state.get("prefix") == config.prefix
     history = state if same_source else dict((k, v) for k, v in state.items() if k != "missing")
     previous = state.get("valid_count", 0) if same_source else 0
@@ -499,14 +577,22 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
                              membership=membership)
         previous = max(previous, len(managed))
     check_listing_size(plan.accepted, previous, config)
+    return plan, history
 
-    store = KeyFileStore(config, _local_size_limit(config, stats["candidates"]))
+
+def _download_failures(failed, users):
+    """One failure entry per user whose object could not be downloaded."""
     failures = []
     for name in sorted(failed):
         outcome = ("the user keeps no key newer than the last verified object (no key this run)" if name in users
                    else "the user is not created")
         failures.append({"user": name, "action": "download", "message": "%s; %s" % (failed[name], outcome)})
-    result = {
+    return failures
+
+
+def _new_result(plan, failures, stats, counter, check_mode):
+    """The run's result before anything is applied (check mode reports what would be locked and removed)."""
+    return {
         "changed": False,
         "users_created": [name for name, _uid in plan.create],
         "users_unlocked": list(plan.unlock),
@@ -530,6 +616,11 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
         "requests": counter.as_dict(),
         "check_mode": check_mode,
     }
+
+
+def _report_key_changes(config, plan, users, store, shared, result):
+    """Fill ``keys_added``, ``keys_removed`` and ``diff`` of ``result``; (users the plan removes, {name:
+    fingerprints of keys on the host now that the plan drops})."""
     before, after = {}, {}
     removed_keys = {}   # name -> fingerprints of keys on the host now that the plan drops
     # Diff: only users whose key lines change (an unchanged fleet costs no key parsing here).
@@ -555,26 +646,19 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
     result["diff"] = {"before": _describe(before), "after": _describe(after),
                       "before_header": "s3://%s/%s (host now)" % (config.bucket, config.prefix),
                       "after_header": "s3://%s/%s (after sync)" % (config.bucket, config.prefix)}
+    return removed, removed_keys
 
-    result["timings"] = counter.timings()
-    if check_mode:
-        result["changed"] = bool(plan.user_changes or result["keys_added"] or result["keys_removed"]
-                                 or (read_sudoers(config.root) or "") != render_sudoers(plan.sudoers)
-                                 or any(_needs_write(store, users.get(n), plan.keys[n], shared, config)
-                                        for n in plan.keys if users.get(n) is not None))
-        return result
 
-    locks_made = dict(history.get("locks_made", {}))
-    retired = dict(history.get("retired_uids", {}))
-    try:
-        changed = _apply(config, plan, users, backend, store, result, log, locks_made, retired, removed_keys)
-    finally:
-        backend.flush()
-        store.flush()
-    for name, note in store.notes:
-        result["rejected"].append({"object": config.prefix + name + ".pub", "user": name, "line": None,
-                                   "reason": note})
-    present = set(backend.list_users()) if (plan.create or removed) else set(users)
+def _would_change(config, plan, users, store, shared, result):
+    """Check mode: whether applying the plan would change anything."""
+    return bool(plan.user_changes or result["keys_added"] or result["keys_removed"]
+                or (read_sudoers(config.root) or "") != render_sudoers(plan.sudoers)
+                or any(_needs_write(store, users.get(n), plan.keys[n], shared, config)
+                       for n in plan.keys if users.get(n) is not None))
+
+
+def _new_state(config, plan, new_objects, present, result, locks_made, retired, teams_manifest):
+    """The state to keep after an applied run; entries of users no longer ``present`` are dropped."""
     failed_creates = set(f["user"] for f in result["failures"] if f["action"] == "create")
     new_state = {
         "version": STATE_VERSION,
@@ -589,12 +673,7 @@ def _sync_locked(config, s3, backend, check_mode, call_kwargs, log, state_path):
     }
     if teams_manifest is not None:
         new_state["teams_manifest"] = teams_manifest
-    if new_state != state:
-        save_state(state_path, new_state)
-    result["changed"] = changed
-    result["requests"] = counter.as_dict()
-    result["timings"] = counter.timings()
-    return result
+    return new_state
 
 
 def _step(result, name, action, func, *args):
@@ -662,17 +741,48 @@ def _end_user(result, name, info, backend, log, fresh=True):
 
 def _apply(config, plan, users, backend, store, result, log, locks_made, retired, removed_keys=None):
     """Carry out the plan: every revocation first, then grants. Each user on their own. True when anything changed."""
-    changed = False
     removed_keys = removed_keys or {}
     shared = config.mode != PER_USER
     revoked = set(entry["user"] for entry in plan.revoke)
-    # Sudo rights first: the drop-in lists exactly the users the plan gives sudo (none in shared_user mode or
-    # without teams, which removes a drop-in left from earlier), so a revoked user's sudo is gone before their
-    # processes are ended; a drop-in that cannot be written or checked is removed (nobody keeps sudo from it).
+    changed = _apply_sudoers(plan, backend, result, log)
+    changed = _apply_revocations(config, plan, users, backend, store, result, log, locks_made, retired) or changed
+    groups_made, grant_failure = _prepare_grants(config, plan, backend)
+    changed = changed or groups_made
+    created = _create_users(config, plan, backend, result, log, grant_failure)
+    changed = changed or bool(created)
+    changed = _drop_sudoers_not_created(plan, created, backend, result) or changed
+    changed = _add_groups(plan, backend, result, grant_failure) or changed
+    unlocked = _unlock_users(config, plan, backend, result, log, locks_made)
+    changed = changed or bool(unlocked)
+    result["users_created"] = created
+    result["users_unlocked"] = unlocked
+    if created:
+        users = backend.list_users()
+    done = revoked | set(plan.withheld)
+    todo = [name for name in sorted(plan.keys) if users.get(name) is not None and name not in done]
+    written = _write_key_files(config, plan, users, backend, store, result, log, locks_made, todo)
+    result["files_written"].extend(written)
+    # A key that is gone must not keep the sessions it opened (after the write: no new session can use it).
+    for name in sorted(set(removed_keys) & set(todo)):
+        if _end_removed_key_sessions(name, users[name], shared, removed_keys[name], backend, result, log):
+            changed = True
+    return changed or bool(written)
+
+
+def _apply_sudoers(plan, backend, result, log):
+    """Sudo rights first: the drop-in lists exactly the users the plan gives sudo (none in shared_user mode or
+    without teams, which removes a drop-in left from earlier), so a revoked user's sudo is gone before their
+    processes are ended; a drop-in that cannot be written or checked is removed (nobody keeps sudo from it)."""
     _ok, did = _step(result, SUDOERS_SUBJECT, "sudoers", backend.write_sudoers, list(plan.sudoers))
     if did:
         log("sudoers drop-in now lists: %s" % (", ".join(plan.sudoers) or "nobody (removed)"))
-    changed = changed or bool(did)
+    return bool(did)
+
+
+def _apply_revocations(config, plan, users, backend, store, result, log, locks_made, retired):
+    """Every revocation, user by user: revoked users, then users whose download failed, then groups the
+    configuration no longer grants. True when anything changed."""
+    changed = False
     for entry in plan.revoke:
         if _revoke(config, entry, users[entry["user"]], backend, store, result, log, locks_made, retired):
             changed = True
@@ -684,6 +794,13 @@ def _apply(config, plan, users, backend, store, result, log, locks_made, retired
     for name, groups in plan.remove_groups:
         ok, _none = _step(result, name, "remove groups", backend.remove_groups, name, groups)
         changed = changed or ok
+    return changed
+
+
+def _prepare_grants(config, plan, backend):
+    """Make the groups the grants need. (True when one was created, ``grant_failure(groups)``: why a user who
+    would get ``groups`` cannot be granted now, or None)."""
+    changed = False
     grant_error = None
     if plan.create or plan.add_groups:
         try:
@@ -712,6 +829,11 @@ def _apply(config, plan, users, backend, store, result, log, locks_made, retired
     def grant_failure(groups):
         return grant_error or "; ".join(group_errors[g] for g in groups if g in group_errors) or None
 
+    return changed, grant_failure
+
+
+def _create_users(config, plan, backend, result, log, grant_failure):
+    """Create the new accounts whose groups could be made; the names created."""
     created = []
     for name, uid in plan.create:
         groups = plan.granted.get(name) or [config.marker_group]
@@ -724,13 +846,23 @@ def _apply(config, plan, users, backend, store, result, log, locks_made, retired
                           "%s/%s" % (config.home_base.rstrip("/"), name))
         if ok:
             created.append(name)
-            changed = True
+    return created
+
+
+def _drop_sudoers_not_created(plan, created, backend, result):
+    """No sudo line for an account that does not exist: rewrite the drop-in without accounts whose creation failed."""
     not_created = set(name for name, _uid in plan.create) - set(created)
-    if not_created & set(plan.sudoers):  # no sudo line for an account that does not exist
-        plan.sudoers = [name for name in plan.sudoers if name not in not_created]
-        result["sudoers_users"] = list(plan.sudoers)
-        _ok, did = _step(result, SUDOERS_SUBJECT, "sudoers", backend.write_sudoers, list(plan.sudoers))
-        changed = changed or bool(did)
+    if not not_created & set(plan.sudoers):
+        return False
+    plan.sudoers = [name for name in plan.sudoers if name not in not_created]
+    result["sudoers_users"] = list(plan.sudoers)
+    _ok, did = _step(result, SUDOERS_SUBJECT, "sudoers", backend.write_sudoers, list(plan.sudoers))
+    return bool(did)
+
+
+def _add_groups(plan, backend, result, grant_failure):
+    """Add existing users to the groups they are granted now; True when any was added."""
+    changed = False
     for name, groups in plan.add_groups:
         error = grant_failure(groups)
         if error:
@@ -738,6 +870,11 @@ def _apply(config, plan, users, backend, store, result, log, locks_made, retired
             continue
         ok, _none = _step(result, name, "add groups", backend.add_groups, name, groups)
         changed = changed or ok
+    return changed
+
+
+def _unlock_users(config, plan, backend, result, log, locks_made):
+    """Unlock the accounts the sync locked and that have keys again; the names unlocked."""
     unlocked = []
     for name in plan.unlock:
         log("unlocking user %s" % name)
@@ -746,13 +883,13 @@ def _apply(config, plan, users, backend, store, result, log, locks_made, retired
         if ok:
             locks_made.pop(name, None)
             unlocked.append(name)
-            changed = True
-    result["users_created"] = created
-    result["users_unlocked"] = unlocked
-    if created:
-        users = backend.list_users()
-    done = revoked | set(plan.withheld)
-    todo = [name for name in sorted(plan.keys) if users.get(name) is not None and name not in done]
+    return unlocked
+
+
+def _write_key_files(config, plan, users, backend, store, result, log, locks_made, todo):
+    """Write the key file of every user in ``todo``; the names whose file changed. A file that cannot be
+    written is cleared (or the account locked)."""
+    shared = config.mode != PER_USER
 
     def write_keys(name):
         info = users[name]
@@ -772,19 +909,19 @@ def _apply(config, plan, users, backend, store, result, log, locks_made, retired
                     written.append(name)
     elif todo and write_keys(todo[0]):
         written.append(todo[0])
-    result["files_written"].extend(written)
-    # A key that is gone must not keep the sessions it opened (after the write: no new session can use it).
-    for name in sorted(set(removed_keys) & set(todo)):
-        info = users[name]
-        if shared:
-            ok, pids = _step(result, name, "end key sessions", backend.end_key_sessions, name, removed_keys[name])
-            if ok and pids:
-                log("ended %d session(s) of %s opened with a removed key" % (len(pids), name))
-                result["sessions_ended"].extend({"user": name, "pid": pid} for pid in pids)
-                changed = True
-        elif _end_user(result, name, info, backend, log):
-            changed = True
-    return changed or bool(written)
+    return written
+
+
+def _end_removed_key_sessions(name, info, shared, gone, backend, result, log):
+    """End what a removed key opened: its own sessions in shared_user mode, else every session of the user."""
+    if shared:
+        ok, pids = _step(result, name, "end key sessions", backend.end_key_sessions, name, gone)
+        if ok and pids:
+            log("ended %d session(s) of %s opened with a removed key" % (len(pids), name))
+            result["sessions_ended"].extend({"user": name, "pid": pid} for pid in pids)
+            return True
+        return False
+    return _end_user(result, name, info, backend, log)
 
 
 def _clear_or_lock(config, result, name, info, backend, store, log, locks_made):

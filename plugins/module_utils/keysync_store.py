@@ -466,6 +466,23 @@ def read_sudoers(root):
     return None if found is None else found[0]
 
 
+def _sudoers_check(visudo, directory, path, record):
+    """The check a new drop-in (its temp name ``tmp`` in ``directory``) must pass before it is renamed over
+    ``path``: ``visudo -cf``, or with ``visudo`` None a note in ``record`` that it was skipped."""
+
+    def check(tmp):
+        if visudo is None:
+            record("visudo-skipped", path)
+            return
+        proc = subprocess.run([visudo, "-cf", os.path.join(directory, tmp)],  # pylint: disable=ansible-bad-function
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
+        if proc.returncode != 0:
+            raise ApplyError("visudo -cf refused the new %s (exit %d): %s" % (
+                path, proc.returncode, (proc.stderr or proc.stdout).decode("utf-8", "replace").strip()))
+
+    return check
+
+
 def install_sudoers(root, users, visudo, record, create_dir=False):
     """Make the managed drop-in list exactly ``users``; True when it changed.
 
@@ -498,16 +515,7 @@ def install_sudoers(root, users, visudo, record, create_dir=False):
         if current == text and st is not None and stat.S_IMODE(st.st_mode) == SUDOERS_MODE:
             return False
 
-        def check(tmp):
-            if visudo is None:
-                record("visudo-skipped", path)
-                return
-            proc = subprocess.run([visudo, "-cf", os.path.join(directory, tmp)],  # pylint: disable=ansible-bad-function
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
-            if proc.returncode != 0:
-                raise ApplyError("visudo -cf refused the new %s (exit %d): %s" % (
-                    path, proc.returncode, (proc.stderr or proc.stdout).decode("utf-8", "replace").strip()))
-
+        check = _sudoers_check(visudo, directory, path, record)
         try:
             atomic_write_in_dir(fd, name, text, (0, 0), SUDOERS_MODE, validate=check)
         except ApplyError:
