@@ -469,9 +469,10 @@ def sync(config, s3, backend, check_mode=False, call_kwargs=None, log=None, now=
         return result
 
 
-# Steps whose failure means a revocation was not applied: such a run is not a good sync.
+# Steps whose failure means a revocation was not applied: such a run is not a good sync. ("remove groups":
+# a group the configuration no longer grants, sudo included, that could not be taken back.)
 REVOKE_ACTIONS = frozenset(["revoke keys", "lock", "end sessions", "userdel", "end key sessions", "clear keys",
-                            "retire", "withhold keys", "sudoers"])
+                            "retire", "withhold keys", "sudoers", "remove groups"])
 
 
 def _lock_everyone(config, backend, state_path, log):
@@ -660,6 +661,10 @@ def _would_change(config, plan, users, store, shared, result):
 def _new_state(config, plan, new_objects, present, result, locks_made, retired, teams_manifest):
     """The state to keep after an applied run; entries of users no longer ``present`` are dropped."""
     failed_creates = set(f["user"] for f in result["failures"] if f["action"] == "create")
+    granted = dict((n, g) for n, g in plan.granted.items() if n in present and n not in failed_creates)
+    for name, groups in _drops_not_done(plan, result).items():  # still granted: the next run takes them again
+        if name in present:
+            granted[name] = sorted(set(granted.get(name, ())) | set(groups))
     new_state = {
         "version": STATE_VERSION,
         "bucket": config.bucket,
@@ -668,12 +673,25 @@ def _new_state(config, plan, new_objects, present, result, locks_made, retired, 
         "valid_count": plan.accepted,
         "missing": dict((n, c) for n, c in plan.missing.items() if n in present),
         "locks_made": dict((n, v) for n, v in locks_made.items() if n in present),
-        "granted": dict((n, g) for n, g in plan.granted.items() if n in present and n not in failed_creates),
+        "granted": granted,
         "retired_uids": retired,
     }
     if teams_manifest is not None:
         new_state["teams_manifest"] = teams_manifest
     return new_state
+
+
+def _drops_not_done(plan, result):
+    """{user: groups} the plan took away (revocations, grants no longer made) whose removal failed this run."""
+    failed = set(f["user"] for f in result["failures"] if f["action"] == "remove groups")
+    drops = {}
+    for entry in plan.revoke:
+        if entry["user"] in failed and entry["drop_groups"]:
+            drops.setdefault(entry["user"], set()).update(entry["drop_groups"])
+    for name, groups in plan.remove_groups:
+        if name in failed:
+            drops.setdefault(name, set()).update(groups)
+    return drops
 
 
 def _step(result, name, action, func, *args):

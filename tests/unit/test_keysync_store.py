@@ -535,7 +535,11 @@ class FlakyBackend(DirectoryUserBackend):
 
     def lock_user(self, name):
         self._maybe_fail("lock", name)
-        super().lock_user(name)
+        return super().lock_user(name)
+
+    def remove_groups(self, name, groups):
+        self._maybe_fail("remove groups", name)
+        return super().remove_groups(name, groups)
 
 
 def test_revocations_are_applied_before_any_creation_and_failures_stay_with_their_user(root):
@@ -641,6 +645,39 @@ def test_groups_granted_by_the_sync_are_taken_back_when_the_configuration_drops_
     assert result["users_groups_removed"] == [{"user": "alice", "groups": ["sudo"]}]
     assert sorted(directory_users(root)["users"]["alice"]["groups"]) == ["alice", "docker", "fleetkeeper-keys"]
     assert not run(make_config(root), s3)["changed"]
+
+
+def test_a_run_that_could_not_take_granted_groups_back_is_not_a_good_sync(root):
+    """A group a user must lose (sudo) that could not be taken away is a revocation not applied: the run is
+    partial, and last_success stays where it was, so max_sync_age and stale_action see it."""
+    s3 = FakeS3()
+    put(s3, {"alice": ed25519_line("a")})
+    db_path = os.path.join(root, "etc", "fleetkeeper-users.json")
+    os.makedirs(os.path.dirname(db_path))
+    json.dump({"users": {}, "groups": ["sudo"], "operations": []}, open(db_path, "w", encoding="utf-8"))
+    status_path = os.path.join(root, "var/lib/fleetkeeper-keysync/status.json")
+    config = make_config(root, sudo_group="sudo")
+    sync(config, s3, FlakyBackend(root), now=1_000_000)
+    good = json.load(open(status_path, encoding="utf-8"))["last_success"]
+    result = sync(make_config(root), s3, FlakyBackend(root, {("remove groups", "alice"): "gpasswd: cannot lock /etc/group"}),
+                  now=1_000_600)
+    assert [(f["user"], f["action"]) for f in result["failures"]] == [("alice", "remove groups")]
+    status = json.load(open(status_path, encoding="utf-8"))
+    assert status["last_outcome"] == "partial" and status["last_success"] == good
+    assert "sudo" in directory_users(root)["users"]["alice"]["groups"]
+    result = sync(make_config(root), s3, FlakyBackend(root), now=1_001_200)
+    assert result["failures"] == [] and "sudo" not in directory_users(root)["users"]["alice"]["groups"]
+    assert json.load(open(status_path, encoding="utf-8"))["last_success"] != good
+    # The same for a revoked user: sudo that could not be taken is taken at the next run.
+    put(s3, {"bob": ed25519_line("b")})
+    sync(config, s3, FlakyBackend(root), now=1_001_800)
+    del s3.objects["keys/bob.pub"]
+    result = sync(config, s3, FlakyBackend(root, {("remove groups", "bob"): "gpasswd: cannot lock /etc/group"}),
+                  now=1_002_400)
+    assert [(f["user"], f["action"]) for f in result["failures"]] == [("bob", "remove groups")]
+    assert directory_users(root)["users"]["bob"]["locked"] is True and authorized_keys(root, "bob") == ""
+    result = sync(config, s3, FlakyBackend(root), now=1_003_000)
+    assert result["failures"] == [] and "sudo" not in directory_users(root)["users"]["bob"]["groups"]
 
 
 # --- local files that must not be read ------------------------------------------------------------------------
