@@ -130,7 +130,7 @@ DEFAULT_DENY_USERS = frozenset([
     "systemd-network", "systemd-resolve", "systemd-timesync", "systemd-coredump", "_apt",
     "polkitd", "adm", "shutdown", "halt", "operator", "ftp", "chrony", "ntp", "postfix", "dbus",
     "admin", "ec2-user", "ubuntu", "debian", "centos", "fedora", "cloud-user", "ssm-user",
-    "halt", "wheel", "sudo", "staff", "users",
+    "wheel", "sudo", "staff", "users",
 ])
 
 MARKER_LINE = "# --- fleetkeeper.aws s3_authorized_keys: lines below are managed; edit above this line ---"

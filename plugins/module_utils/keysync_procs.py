@@ -66,6 +66,10 @@ for call in range(calls):
 sys.exit(0 if hit else 3)
 """
 
+# The processes that write sshd's "Accepted publickey" line (OpenSSH 9.8+: sshd-session; 10: sshd-auth too), and how far a
+# session's start may follow its line (clock steps between the kernel's boot time and journald's wall clock).
+SSHD_NAMES = ("sshd", "sshd-session", "sshd-auth")
+PID_REUSE_SLACK = 2.0
 _ACCEPTED = re.compile(r"^Accepted publickey for (?P<user>\S+) from \S+ port \d+ \S+: \S+ (?P<fp>SHA256:[A-Za-z0-9+/]+)")
 
 
@@ -327,16 +331,38 @@ class SessionFinder:
         self.cgroup_root = cgroup_root
 
     def sessions_by_key(self, account, journal=None):
-        """{sshd PID: key fingerprint} for live sshd sessions of ``account``, from sshd's VERBOSE log in the journal."""
+        """{sshd PID: key fingerprint} for live sshd sessions of ``account``, from sshd's VERBOSE log in the journal.
+
+        ``journal``: (PID, message[, wall-clock time of the line]) entries. A PID counts only while it is still
+        the process that wrote the line: an sshd process (``sshd``, ``sshd-session``) started no later than the
+        line. A PID the kernel handed to another process after the session ended is never taken for it."""
         lines = journal if journal is not None else self.journal_lines()
         found = {}
-        for pid, message in lines:
+        for entry in lines:
+            pid, message = entry[0], entry[1]
             match = _ACCEPTED.match(message)
             if not match or match.group("user") != account:
                 continue
-            if os.path.isdir(os.path.join(self.proc, str(pid))):
+            if self._still_the_session(pid, entry[2] if len(entry) > 2 else None):
                 found[pid] = match.group("fp")
         return found
+
+    def _still_the_session(self, pid, logged_at):
+        comm = (_read(os.path.join(self.proc, str(pid), "comm")) or "").strip()
+        if comm not in SSHD_NAMES:
+            return False  # gone, or the PID now belongs to another program
+        started = self.start_time(pid)
+        return logged_at is None or started is None or started <= logged_at + PID_REUSE_SLACK
+
+    def start_time(self, pid):
+        """When ``pid`` started (seconds since the epoch, from /proc/PID/stat and the boot time), or None."""
+        fields = (_read(os.path.join(self.proc, str(pid), "stat")) or "").rsplit(")", 1)[-1].split()
+        boot = [line.split()[1] for line in (_read(os.path.join(self.proc, "stat")) or "").splitlines()
+                if line.startswith("btime ")]
+        try:  # starttime is field 22 of stat, the 20th after the command name
+            return int(boot[0]) + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        except (IndexError, ValueError, OSError):
+            return None
 
     @staticmethod
     def journal_lines():
@@ -358,7 +384,8 @@ class SessionFinder:
                 message = entry.get("MESSAGE")
                 if isinstance(message, list):  # journald's form for a non-UTF-8 message
                     message = bytes(message).decode("utf-8", "replace")
-                out.append((int(entry.get("_PID")), message or ""))
+                logged_at = int(entry["__REALTIME_TIMESTAMP"]) / 1e6 if entry.get("__REALTIME_TIMESTAMP") else None
+                out.append((int(entry.get("_PID")), message or "", logged_at))
             except (ValueError, TypeError):
                 continue
         return out

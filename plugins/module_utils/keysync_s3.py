@@ -155,9 +155,10 @@ def list_key_objects(s3, bucket, prefix, counter, call_kwargs=None, max_keys=100
     listing = pages(list_page, request, "ContinuationToken", reply_token="NextContinuationToken", **call_kwargs)
     for number, page in enumerate(listing, 1):
         contents = page.get("Contents", []) or []
-        if "KeyCount" in page and page["KeyCount"] != len(contents) + len(page.get("CommonPrefixes", []) or []):
+        carried = len(contents) + len(page.get("CommonPrefixes", []) or [])  # KeyCount counts both
+        if "KeyCount" in page and page["KeyCount"] != carried:
             raise ListingError("listing s3://%s/%s page %d says %s keys but carries %d; nothing was changed"
-                               % (bucket, prefix, number, page["KeyCount"], len(contents)))
+                               % (bucket, prefix, number, page["KeyCount"], carried))
         for item in contents:
             objects[item["Key"]] = (item.get("ETag", ""), int(item.get("Size", 0)))
             if item["Key"].endswith(".pub"):

@@ -8,6 +8,7 @@ the time every case took is held against ``Reaper.time_bound()``.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -324,19 +325,48 @@ def test_the_helper_cannot_be_signalled_by_the_user():
 # --- sessions of one key, subordinate IDs, jobs left behind (no processes needed) ---------------------------------
 
 
+def fake_process(proc, pid, comm, started_after_boot):
+    """/proc/PID/comm and /proc/PID/stat (starttime, field 22, in clock ticks since boot) of a made-up process."""
+    (proc / str(pid)).mkdir(parents=True)
+    (proc / str(pid) / "comm").write_text(comm + "\n")
+    ticks = int(started_after_boot * os.sysconf("SC_CLK_TCK"))
+    rest = ["S", "1"] + ["0"] * 17 + [str(ticks)] + ["0"] * 30
+    (proc / str(pid) / "stat").write_text(f"{pid} ({comm}) " + " ".join(rest) + "\n")
+
+
 def test_sessions_are_matched_to_keys_from_sshds_log_lines_of_live_processes(tmp_path):
     proc = tmp_path / "proc"
-    for pid in (101, 202):
-        (proc / str(pid)).mkdir(parents=True)
+    boot = 1_700_000_000
+    proc.mkdir()
+    (proc / "stat").write_text(f"cpu  1 2 3\nbtime {boot}\nprocesses 9\n")
+    fake_process(proc, 101, "sshd-session", 50)
+    fake_process(proc, 202, "sshd", 60)
+    fake_process(proc, 606, "bash", 70)           # the session ended, its PID went to another program
+    fake_process(proc, 707, "sshd-session", 500)  # ... or to a later sshd session (started after the line)
     journal = [
-        (101, "Accepted publickey for ec2-user from 10.0.0.5 port 50000 ssh2: ED25519 SHA256:AAAA+/key1"),
-        (202, "Accepted publickey for ec2-user from 10.0.0.6 port 50001 ssh2: RSA SHA256:BBBBkey2"),
+        (101, "Accepted publickey for ec2-user from 10.0.0.5 port 50000 ssh2: ED25519 SHA256:AAAA+/key1", boot + 51),
+        (202, "Accepted publickey for ec2-user from 10.0.0.6 port 50001 ssh2: RSA SHA256:BBBBkey2"),  # no time
         (303, "Accepted publickey for ec2-user from 10.0.0.7 port 50002 ssh2: ED25519 SHA256:CCCCgone"),  # exited
         (404, "Accepted publickey for alice from 10.0.0.8 port 50003 ssh2: ED25519 SHA256:AAAA+/key1"),  # other user
         (505, "Failed publickey for ec2-user from 10.0.0.9 port 50004 ssh2: ED25519 SHA256:DDDD"),
+        (606, "Accepted publickey for ec2-user from 10.0.0.5 port 50005 ssh2: ED25519 SHA256:EEEEreused", boot + 71),
+        (707, "Accepted publickey for ec2-user from 10.0.0.5 port 50006 ssh2: ED25519 SHA256:FFFFreused", boot + 80),
     ]
     reaper = Reaper(proc=str(proc), cgroup_root="")
     assert reaper.sessions_by_key("ec2-user", journal) == {101: "SHA256:AAAA+/key1", 202: "SHA256:BBBBkey2"}
+    assert reaper.sessions_by_key("ec2-user", [journal[-1][:2] + (boot + 499,)]) == {707: "SHA256:FFFFreused"}
+
+
+def test_the_journal_is_read_with_each_lines_time(monkeypatch):
+    """journalctl's JSON always carries __REALTIME_TIMESTAMP (microseconds): it becomes the line's wall-clock time."""
+    lines = [{"MESSAGE": "Accepted publickey for a from 10.0.0.1 port 1 ssh2: ED25519 SHA256:x", "_PID": "42",
+              "__REALTIME_TIMESTAMP": "1700000051500000"},
+             {"MESSAGE": [65, 66], "_PID": "43"}]
+    monkeypatch.setattr(keysync_procs.shutil, "which", lambda name: "/bin/journalctl")
+    monkeypatch.setattr(keysync_procs.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a[0], 0, stdout="\n".join(json.dumps(line) for line in lines).encode()))
+    assert keysync_procs.SessionFinder.journal_lines() == [
+        (42, lines[0]["MESSAGE"], 1700000051.5), (43, "AB", None)]
 
 
 def test_end_key_sessions_ends_only_the_sessions_of_removed_keys(monkeypatch):
