@@ -36,10 +36,10 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from tests.support import fleet as fleetlib  # noqa: E402  pylint: disable=wrong-import-position
-from tests.support import metadata_options as imdslib  # noqa: E402  pylint: disable=wrong-import-position
-from tests.support.ansiblerun import plain  # noqa: E402  pylint: disable=wrong-import-position
-from tests.support.awsemu import TEST_CREDENTIALS, AwsEmulator  # noqa: E402  pylint: disable=wrong-import-position
+from lab import fleet as fleetlib  # noqa: E402  pylint: disable=wrong-import-position
+from lab import metadata_options as imdslib  # noqa: E402  pylint: disable=wrong-import-position
+from lab.ansiblerun import plain  # noqa: E402  pylint: disable=wrong-import-position
+from lab.awsemu import TEST_CREDENTIALS, AwsEmulator  # noqa: E402  pylint: disable=wrong-import-position
 
 # Where the demo keeps its files; FK_DEMO_WORK moves it (tests/integration/test_demo_warnings.py).
 WORK = os.path.abspath(os.environ.get("FK_DEMO_WORK") or os.path.join(REPO_ROOT, ".build", "demo"))
@@ -247,9 +247,9 @@ def step_imdsv2(emulator, fleet):
 
 def step_hosts(emulator, ephemeral):
     headline(4, "Test hosts (bastion, private host) and fleetkeeper.aws.site on them")
-    from tests.hosts import launcher  # pylint: disable=import-outside-toplevel
+    from lab.hosts import launcher  # pylint: disable=import-outside-toplevel
 
-    from tests.hosts import state as runstate  # pylint: disable=import-outside-toplevel
+    from lab.hosts import state as runstate  # pylint: disable=import-outside-toplevel
 
     # The demo owns the run like `molecule test` would: if the demo is killed,
     # the harness's watchdog removes the hosts.
@@ -398,7 +398,7 @@ def main(argv=None):
     finally:
         headline(6, "Clean-up")
         if not args.skip_hosts and os.path.isdir(ephemeral):
-            from tests.hosts import teardown  # pylint: disable=import-outside-toplevel
+            from lab.hosts import teardown  # pylint: disable=import-outside-toplevel
 
             teardown.destroy(ephemeral)
             note("test hosts, their namespaces and veths removed")

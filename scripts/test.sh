@@ -59,8 +59,8 @@ stage_molecule() {
   local scenario found=0 broken=()
   # Remove what a killed run left behind, and build the test-host image once
   # up front rather than inside the first scenario's create step.
-  python -m tests.hosts cleanup
-  python -m tests.hosts build-image --release all
+  python -m lab.hosts cleanup
+  python -m lab.hosts build-image --release all
   for scenario in extensions/molecule/*/molecule.yml; do
     [ -e "$scenario" ] || continue
     found=1

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tests.support.awsemu import AwsEmulator
+from lab.awsemu import AwsEmulator
 
 
 @pytest.fixture(scope="session")

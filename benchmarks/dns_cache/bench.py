@@ -14,7 +14,7 @@ What it does (all on this machine, inside two network namespaces it makes and de
   one cache at a time on 127.0.0.1:53, each with one worker thread: BIND 9.18
   (bookworm) and BIND 9.20 (bookworm-backports), each configured from the
   dns_cache role's own templates and defaults for its version, unbound 1.17
-  and dnsmasq 2.90 (Debian packages unpacked by tests/support/dnsservers.py,
+  and dnsmasq 2.90 (Debian packages unpacked by lab/dnsservers.py,
   never installed as services), plus ``direct``: dnsperf straight to the
   limited upstream. Both BIND targets run behind the role's upstream pacing
   (its default, ``auto``, is on wherever the host allows it): the role's own
@@ -69,8 +69,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [ROOT, os.path.join(ROOT, ".build", "collections")]
 
-from tests.support import dnsservers  # noqa: E402
-from tests.support.dnscache import CacheServer  # noqa: E402
+from lab import dnsservers  # noqa: E402
+from lab.dnscache import CacheServer  # noqa: E402
 
 from ansible_collections.fleetkeeper.aws.plugins.module_utils import dns_cache_stats  # noqa: E402
 

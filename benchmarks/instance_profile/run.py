@@ -45,10 +45,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from tests.support import fleet as fleet_support  # noqa: E402  pylint: disable=wrong-import-position
-from tests.support import instance_profile as support  # noqa: E402  pylint: disable=wrong-import-position
-from tests.support.ansiblerun import ansible_env  # noqa: E402  pylint: disable=wrong-import-position
-from tests.support.awsemu import AwsEmulator  # noqa: E402  pylint: disable=wrong-import-position
+from lab import fleet as fleet_support  # noqa: E402  pylint: disable=wrong-import-position
+from lab import instance_profile as support  # noqa: E402  pylint: disable=wrong-import-position
+from lab.ansiblerun import ansible_env  # noqa: E402  pylint: disable=wrong-import-position
+from lab.awsemu import AwsEmulator  # noqa: E402  pylint: disable=wrong-import-position
 
 TAG = "fleetkeeper:bench"
 INLINE = {"Version": "2012-10-17",

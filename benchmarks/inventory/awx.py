@@ -14,7 +14,7 @@ that survives the job, and then imports the JSON file:
 (-vvv is the inventory source's default verbosity 1) with
 ANSIBLE_INVENTORY_UNPARSED_FAILED=True. This script runs exactly that, for both
 plugins, on the same 10,000 instances in 200 ASGs (1 region) served by the
-loopback replay server (tests/support/replay.py) with 50 ms per API call. The
+loopback replay server (lab/replay.py) with 50 ms per API call. The
 plugin configurations are run.py's, without the cache options (AWX's update
 starts from nothing each time). The rounds interleave the plugins, alternating
 which goes first; the ansible-inventory child can run pinned to one core and this
@@ -43,8 +43,8 @@ sys.path.insert(0, HERE)
 
 import run as inventory_bench  # noqa: E402  pylint: disable=wrong-import-position
 
-from tests.support.ansiblerun import BIN_DIR  # noqa: E402  pylint: disable=wrong-import-position
-from tests.support.replay import ReplayServer  # noqa: E402  pylint: disable=wrong-import-position
+from lab.ansiblerun import BIN_DIR  # noqa: E402  pylint: disable=wrong-import-position
+from lab.replay import ReplayServer  # noqa: E402  pylint: disable=wrong-import-position
 
 CACHE_KEYS = ("cache", "cache_plugin", "cache_connection", "cache_timeout")
 

@@ -7,7 +7,7 @@
 
 What a change to the plugin costs: the revision ``--before`` is exported with ``git archive`` into a
 temporary collection tree; the working tree is the "after". Both read the same replay fleet
-(tests/support/replay.py, DescribeInstances items as a real answer carries them, metadataOptions
+(lab/replay.py, DescribeInstances items as a real answer carries them, metadataOptions
 included) with 50 ms per call, through ``ansible-inventory -i FILE --graph`` child processes measured
 as in run.py (wall, user+system CPU and peak RSS from wait4, API calls counted by the replay server).
 
@@ -33,8 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from benchmarks.inventory.run import HOST_LINE, child_env, configs, layout  # noqa: E402
-from tests.support.ansiblerun import BIN_DIR  # noqa: E402
-from tests.support.replay import ReplayServer  # noqa: E402
+from lab.ansiblerun import BIN_DIR  # noqa: E402
+from lab.replay import ReplayServer  # noqa: E402
 
 
 def export(revision, into):

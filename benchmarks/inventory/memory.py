@@ -7,7 +7,7 @@
         --before /tmp/fk-before/collections     # also the collection as it was (ANSIBLE_COLLECTIONS_PATH)
 
 Each round runs, for every collection variant (interleaved, alternating which goes first), against the
-same replay server (tests/support/replay.py, 50 ms per call):
+same replay server (lab/replay.py, 50 ms per call):
 
 1. ``stages``: a Python child that builds ansible-core's InventoryManager from the ``fleet`` source as
    ``ansible-inventory`` does, with the plugin's ``_fetch``, ``_shape`` and ``_populate`` wrapped to read
@@ -40,8 +40,8 @@ sys.path.insert(0, HERE)
 import awx  # noqa: E402  pylint: disable=wrong-import-position
 import run as inventory_bench  # noqa: E402  pylint: disable=wrong-import-position
 
-from tests.support.ansiblerun import BIN_DIR, COLLECTIONS_PATH  # noqa: E402  pylint: disable=wrong-import-position
-from tests.support.replay import ReplayServer  # noqa: E402  pylint: disable=wrong-import-position
+from lab.ansiblerun import BIN_DIR, COLLECTIONS_PATH  # noqa: E402  pylint: disable=wrong-import-position
+from lab.replay import ReplayServer  # noqa: E402  pylint: disable=wrong-import-position
 
 STAGES = r'''
 import json, sys, time

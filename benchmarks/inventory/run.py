@@ -7,7 +7,7 @@
 
 Fleets: 1,000 instances in 20 ASGs on the moto server (behind the fault proxy),
 and 10,000 / 50,000 instances in 200 / 1,000 ASGs served by the loopback
-replay server (tests/support/replay.py: pages recorded from moto, filled in,
+replay server (lab/replay.py: pages recorded from moto, filled in,
 with the fields a real DescribeInstances answer carries), each in 1 region and
 spread evenly over 4 regions. Every API call waits 50 ms (--latency-ms).
 
@@ -43,10 +43,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from tests.support import fleet as fl  # noqa: E402
-from tests.support.ansiblerun import BIN_DIR, ansible_env  # noqa: E402
-from tests.support.awsemu import TEST_CREDENTIALS, AwsEmulator  # noqa: E402
-from tests.support.replay import ReplayServer  # noqa: E402
+from lab import fleet as fl  # noqa: E402
+from lab.ansiblerun import BIN_DIR, ansible_env  # noqa: E402
+from lab.awsemu import TEST_CREDENTIALS, AwsEmulator  # noqa: E402
+from lab.replay import ReplayServer  # noqa: E402
 
 ONE_REGION = ["us-east-1"]
 FOUR_REGIONS = ["eu-central-1", "eu-west-1", "ap-southeast-2", "us-west-2"]

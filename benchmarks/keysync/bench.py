@@ -46,9 +46,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [REPO, os.path.join(REPO, ".build", "collections")]
 
-from tests.support.ansiblerun import ansible_env  # noqa: E402
-from tests.support.awsemu import AwsEmulator  # noqa: E402
-from tests.support.keysync import ed25519_line, host_files, render_entry_point  # noqa: E402
+from lab.ansiblerun import ansible_env  # noqa: E402
+from lab.awsemu import AwsEmulator  # noqa: E402
+from lab.keysync import ed25519_line, host_files, render_entry_point  # noqa: E402
 
 BUCKET = "bench-bastion-keys"
 RESULTS = os.path.join(REPO, "benchmarks", "results")

@@ -35,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from bench import BUCKET, RESULTS, install_host_tool, seed  # noqa: E402
-from tests.support.awsemu import AwsEmulator  # noqa: E402
+from lab.awsemu import AwsEmulator  # noqa: E402
 
 SYNC_CPU = "1"
 EMULATOR_CPU = {0}
@@ -98,7 +98,7 @@ def isolated_rounds(users, rounds, latency_ms, tmp):
     from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import KeySyncConfig  # noqa
     from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_s3 import sync  # noqa
     from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_store import make_backend  # noqa
-    from tests.support.keysync import ed25519_line  # noqa
+    from lab.keysync import ed25519_line  # noqa
     bodies = dict(("keys/user%04d.pub" % i, ed25519_line("user%04d@bench" % i).encode()) for i in range(users))
     out = {"first_16": [], "unchanged_16": []}
     for number in range(rounds):

@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/keysync_events/run.py                 # 3 hosts + 1 down, 7 rounds; root
     .venv/bin/python benchmarks/keysync_events/run.py --rounds 5 --no-write
 
-The lab is tests/support/keyevents.py (the integration test test_keysync_events.py uses the same): Debian 12
+The lab is lab/keyevents.py (the integration test test_keysync_events.py uses the same): Debian 12
 test hosts converged with the bastion_keys role, moto S3 whose real event notifications go to moto SQS (put in
 place by fleetkeeper.aws.s3_key_notifications), both behind the project's endpoint and relayed into the hosts'
 network; ansible-rulebook 1.3.2 running the rulebook fleetkeeper.aws.keysync all along (its start-up is not in
@@ -35,7 +35,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from tests.support.keyevents import KeyEventsLab, requirements_missing  # noqa: E402  pylint: disable=wrong-import-position
+from lab.keyevents import KeyEventsLab, requirements_missing  # noqa: E402  pylint: disable=wrong-import-position
 
 TARGET_S = 30.0
 

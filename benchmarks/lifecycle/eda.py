@@ -44,13 +44,13 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from tests.hosts import launcher  # noqa: E402  pylint: disable=wrong-import-position
-from tests.hosts import teardown  # noqa: E402  pylint: disable=wrong-import-position
-from tests.hosts import state as runstate  # noqa: E402  pylint: disable=wrong-import-position
-from tests.support import fleet as fleet_support  # noqa: E402  pylint: disable=wrong-import-position
-from tests.support.ansiblerun import BIN_DIR, ansible_env  # noqa: E402  pylint: disable=wrong-import-position
-from tests.support.awsemu import AwsEmulator  # noqa: E402  pylint: disable=wrong-import-position
-from tests.support.lifecycle import LAUNCHING  # noqa: E402  pylint: disable=wrong-import-position
+from lab.hosts import launcher  # noqa: E402  pylint: disable=wrong-import-position
+from lab.hosts import teardown  # noqa: E402  pylint: disable=wrong-import-position
+from lab.hosts import state as runstate  # noqa: E402  pylint: disable=wrong-import-position
+from lab import fleet as fleet_support  # noqa: E402  pylint: disable=wrong-import-position
+from lab.ansiblerun import BIN_DIR, ansible_env  # noqa: E402  pylint: disable=wrong-import-position
+from lab.awsemu import AwsEmulator  # noqa: E402  pylint: disable=wrong-import-position
+from lab.lifecycle import LAUNCHING  # noqa: E402  pylint: disable=wrong-import-position
 
 ROLES_PATH = os.path.join(ROOT, "tests", "integration", "files", "provision_roles")
 PLATFORMS = [{"name": "instance", "networks": [{"name": "public"}]}]

@@ -43,13 +43,13 @@ sys.path.insert(0, REPO)
 
 import yaml  # noqa: E402
 
-from tests.hosts import launcher  # noqa: E402
-from tests.hosts import teardown  # noqa: E402  pylint: disable=wrong-import-position
-from tests.hosts import state as runstate  # noqa: E402
-from tests.support import fleet as fleet_support  # noqa: E402
-from tests.support.ansiblerun import BIN_DIR, ansible_env  # noqa: E402
-from tests.support.awsemu import AwsEmulator  # noqa: E402
-from tests.support.lifecycle import LAUNCHING  # noqa: E402
+from lab.hosts import launcher  # noqa: E402
+from lab.hosts import teardown  # noqa: E402  pylint: disable=wrong-import-position
+from lab.hosts import state as runstate  # noqa: E402
+from lab import fleet as fleet_support  # noqa: E402
+from lab.ansiblerun import BIN_DIR, ansible_env  # noqa: E402
+from lab.awsemu import AwsEmulator  # noqa: E402
+from lab.lifecycle import LAUNCHING  # noqa: E402
 
 OWNER = {**(runstate.process_identity(os.getpid()) or {}), "command": "test"}
 

@@ -38,8 +38,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from benchmarks.instance_profile.run import TAG, measure, seed  # noqa: E402  pylint: disable=wrong-import-position
-from tests.support import metadata_options as imds  # noqa: E402  pylint: disable=wrong-import-position
-from tests.support.awsemu import AwsEmulator  # noqa: E402  pylint: disable=wrong-import-position
+from lab import metadata_options as imds  # noqa: E402  pylint: disable=wrong-import-position
+from lab.awsemu import AwsEmulator  # noqa: E402  pylint: disable=wrong-import-position
 
 OPTIONS = {"http_tokens": "required", "http_put_response_hop_limit": 1}
 

@@ -30,7 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from tests.hosts import image as imagemod  # noqa: E402  pylint: disable=wrong-import-position
+from lab.hosts import image as imagemod  # noqa: E402  pylint: disable=wrong-import-position
 
 SCENARIO = "default"
 
@@ -86,7 +86,7 @@ def main() -> int:
                 try:
                     runs.append(measure(mode, cache))
                 finally:
-                    subprocess.run([sys.executable, "-m", "tests.hosts", "cleanup"], cwd=ROOT, check=False,
+                    subprocess.run([sys.executable, "-m", "lab.hosts", "cleanup"], cwd=ROOT, check=False,
                                    env=dict(os.environ, FK_CACHE=cache))
                     shutil.rmtree(cache, ignore_errors=True)
             else:

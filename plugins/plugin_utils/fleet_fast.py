@@ -8,7 +8,7 @@
 
 Each call here has a plain equivalent that gives the same result, only slower; the
 plugin works with any of them replaced by its equivalent, and
-``tests/unit/test_fleet_fast.py`` proves each pair gives the same result:
+``tests/unit/plugins/plugin_utils/test_fleet_fast.py`` proves each pair gives the same result:
 
 =================================  =====================================================
 call                               plain equivalent

@@ -9,7 +9,7 @@ variables.md.j2 beside this file into that place and leaves the rest of the READ
     ./scripts/role-docs.sh            rewrite every README whose table differs from its specs
     ./scripts/role-docs.sh --check    only list them; exit 1 if there is any
 
-tests/unit/test_role_docs.py runs the check in the unit stage.
+tests/unit/roles/test_role_docs.py runs the check in the unit stage.
 """
 
 from __future__ import annotations

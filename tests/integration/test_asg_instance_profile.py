@@ -13,9 +13,9 @@ import os
 
 import pytest
 
-from tests.support import fleet as fleet_support
-from tests.support import instance_profile as support
-from tests.support.ansiblerun import run_module
+from lab import fleet as fleet_support
+from lab import instance_profile as support
+from lab.ansiblerun import run_module
 
 MODULE = "fleetkeeper.aws.asg_instance_profile"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

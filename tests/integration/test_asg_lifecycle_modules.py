@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import fleet as fleet_support
-from tests.support.ansiblerun import run_module
-from tests.support.lifecycle import LAUNCHING
+from lab import fleet as fleet_support
+from lab.ansiblerun import run_module
+from lab.lifecycle import LAUNCHING
 
 
 @pytest.fixture

@@ -13,10 +13,10 @@ import os
 
 import pytest
 
-from tests.support import fleet as fleet_support
-from tests.support import instance_profile as support
-from tests.support import metadata_options as imds
-from tests.support.ansiblerun import run_module
+from lab import fleet as fleet_support
+from lab import instance_profile as support
+from lab import metadata_options as imds
+from lab.ansiblerun import run_module
 
 MODULE = "fleetkeeper.aws.asg_metadata_options"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

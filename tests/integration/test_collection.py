@@ -14,7 +14,7 @@ import tarfile
 
 import yaml
 
-from tests.support.ansiblerun import BIN_DIR, REPO_ROOT, ansible_env
+from lab.ansiblerun import BIN_DIR, REPO_ROOT, ansible_env
 
 PLUGIN_DIRS = {"modules": "module", "inventory": "inventory", "filter": "filter"}
 

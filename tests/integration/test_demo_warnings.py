@@ -22,7 +22,7 @@ import sys
 
 import pytest
 
-from tests.support.ansiblerun import REPO_ROOT
+from lab.ansiblerun import REPO_ROOT
 
 pytestmark = [
     pytest.mark.slow,

@@ -2,7 +2,7 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """The role's BIND configuration on a real named, and dns_cache_stats reading it.
 
-named (Debian's 9.18 package, unpacked by tests/support/dnsservers.py) runs with
+named (Debian's 9.18 package, unpacked by lab/dnsservers.py) runs with
 the configuration the role's templates render, inside a network namespace made
 for the test, forwarding to a second named authoritative for fk.test on
 127.0.0.2 in the same namespace. Nothing leaves the namespace.
@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from tests.support import dnsservers
-from tests.support.dnscache import CacheServer, run_playbook_in_netns
+from lab import dnsservers
+from lab.dnscache import CacheServer, run_playbook_in_netns
 
 pytestmark = [
     pytest.mark.slow,

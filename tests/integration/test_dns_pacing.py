@@ -18,8 +18,8 @@ import subprocess
 
 import pytest
 
-from tests.support import dnsservers
-from tests.support.dnscache import render_named_conf
+from lab import dnsservers
+from lab.dnscache import render_named_conf
 
 pytestmark = [
     pytest.mark.slow,

@@ -17,7 +17,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.support.ansiblerun import BIN_DIR, REPO_ROOT, ansible_env
+from lab.ansiblerun import BIN_DIR, REPO_ROOT, ansible_env
 
 DOCUMENTS = sorted(["README.md", *(os.path.relpath(p, REPO_ROOT) for p in glob.glob(os.path.join(REPO_ROOT, "docs", "*.md"))),
                     *(os.path.relpath(p, REPO_ROOT) for p in glob.glob(os.path.join(REPO_ROOT, "roles", "*", "README.md")))])

@@ -23,9 +23,9 @@ import uuid
 
 import pytest
 
-from tests.support import fleet as fleet_support
-from tests.support.ansiblerun import BIN_DIR, ansible_env
-from tests.support.lifecycle import LAUNCHING
+from lab import fleet as fleet_support
+from lab.ansiblerun import BIN_DIR, ansible_env
+from lab.lifecycle import LAUNCHING
 
 RULEBOOK = os.path.join(BIN_DIR, "ansible-rulebook")
 # ansible-rulebook is in both requirements files and Java 17 in scripts/lib.sh's FK_DEBS: the test command

@@ -101,7 +101,7 @@ def test_a_stopped_upstream_and_a_client_that_hangs_up_print_no_traceback(capfd)
     """Tests stop moto or kill their client on purpose: the endpoint answers or ends quietly."""
     import socket  # pylint: disable=import-outside-toplevel
 
-    from tests.support.awsemu import AwsEmulator  # pylint: disable=import-outside-toplevel
+    from lab.awsemu import AwsEmulator  # pylint: disable=import-outside-toplevel
 
     emulator = AwsEmulator().start()
     try:

@@ -16,8 +16,8 @@ import subprocess
 import pytest
 import yaml
 
-from tests.support import fleet as fl
-from tests.support.ansiblerun import BIN_DIR, ansible_env, plain
+from lab import fleet as fl
+from lab.ansiblerun import BIN_DIR, ansible_env, plain
 
 pytestmark = pytest.mark.compat
 

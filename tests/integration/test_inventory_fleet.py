@@ -10,8 +10,8 @@ import subprocess
 
 import pytest
 
-from tests.support import fleet as fl
-from tests.support.ansiblerun import plain, BIN_DIR, REPO_ROOT, ansible_env
+from lab import fleet as fl
+from lab.ansiblerun import plain, BIN_DIR, REPO_ROOT, ansible_env
 
 EU = "eu-west-1"
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from tests.integration.test_inventory_fleet import hostvars, hosts_of, listed, write_config
-from tests.support import fleet as fl
-from tests.support.lifecycle import LAUNCHING
+from lab import fleet as fl
+from lab.lifecycle import LAUNCHING
 
 
 @pytest.mark.compat

@@ -1,6 +1,6 @@
 # Copyright: fleetkeeper.aws contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Revocation in seconds, the whole loop for real (tests/support/keyevents.py, shared with the benchmark).
+"""Revocation in seconds, the whole loop for real (lab/keyevents.py, shared with the benchmark).
 
 Three Debian 12 test hosts run the bastion_keys role against moto S3 behind the project's endpoint; the bucket
 notifies moto SQS (set up by fleetkeeper.aws.s3_key_notifications); ansible-rulebook 1.3.2 runs the rulebook
@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.support.keyevents import BUCKET, PREFIX, KeyEventsLab, requirements_missing
+from lab.keyevents import BUCKET, PREFIX, KeyEventsLab, requirements_missing
 
 MISSING = requirements_missing()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]

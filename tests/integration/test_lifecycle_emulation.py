@@ -10,8 +10,8 @@ import time
 import botocore.exceptions
 import pytest
 
-from tests.support import fleet as fleet_support
-from tests.support.lifecycle import LAUNCH_MESSAGE_KEYS, LAUNCHING, TEST_MESSAGE_KEYS
+from lab import fleet as fleet_support
+from lab.lifecycle import LAUNCH_MESSAGE_KEYS, LAUNCHING, TEST_MESSAGE_KEYS
 
 
 @pytest.fixture

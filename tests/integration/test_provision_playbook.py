@@ -24,13 +24,13 @@ import uuid
 import pytest
 import yaml
 
-from tests.hosts import launcher
-from tests.hosts import teardown
-from tests.hosts import state as runstate
-from tests.support import fleet as fleet_support
-from tests.support.ansiblerun import BIN_DIR, ansible_env
-from tests.support.awsemu import free_port
-from tests.support.lifecycle import LAUNCHING
+from lab.hosts import launcher
+from lab.hosts import teardown
+from lab.hosts import state as runstate
+from lab import fleet as fleet_support
+from lab.ansiblerun import BIN_DIR, ansible_env
+from lab.awsemu import free_port
+from lab.lifecycle import LAUNCHING
 
 pytestmark = [
     pytest.mark.slow,

@@ -11,10 +11,10 @@ import os
 
 import yaml
 
-from tests.support import fleet as fleet_support
-from tests.support import instance_profile as support
-from tests.support import metadata_options as imds
-from tests.support.ansiblerun import run_playbook
+from lab import fleet as fleet_support
+from lab import instance_profile as support
+from lab import metadata_options as imds
+from lab.ansiblerun import run_playbook
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 READ_S3 = {"Version": "2012-10-17",

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from tests.support.ansiblerun import run_playbook
+from lab.ansiblerun import run_playbook
 
 pytestmark = pytest.mark.compat
 

@@ -18,9 +18,9 @@ import sys
 
 import pytest
 
-from tests.support.ansiblerun import REPO_ROOT, run_module
-from tests.support.fleet import upload_keys
-from tests.support.keysync import (
+from lab.ansiblerun import REPO_ROOT, run_module
+from lab.fleet import upload_keys
+from lab.keysync import (
     authorized_keys,
     directory_users,
     ed25519_line,

@@ -8,9 +8,9 @@ import fnmatch
 import json
 import os
 
-from tests.support.ansiblerun import REPO_ROOT, run_module
-from tests.support.fleet import upload_keys
-from tests.support.keysync import ed25519_line
+from lab.ansiblerun import REPO_ROOT, run_module
+from lab.fleet import upload_keys
+from lab.keysync import ed25519_line
 
 BUCKET = "bastion-keys"
 # API operation -> IAM action (S3's authorization reference).

@@ -13,9 +13,9 @@ import os
 
 import pytest
 
-from tests.support.ansiblerun import run_module
-from tests.support.fleet import upload_keys
-from tests.support.keysync import authorized_keys, directory_users, ed25519_line
+from lab.ansiblerun import run_module
+from lab.fleet import upload_keys
+from lab.keysync import authorized_keys, directory_users, ed25519_line
 
 BUCKET = "bastion-keys"
 MODULE = "fleetkeeper.aws.s3_authorized_keys"

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.support.ansiblerun import run_module
+from lab.ansiblerun import run_module
 
 BUCKET = "fleet-keys"
 
@@ -135,7 +135,7 @@ def test_operations_are_allowed_by_the_documented_policy(aws):
     """Every call the module makes (create, update, absent) is in docs/iam/s3_key_notifications.json."""
     import os  # pylint: disable=import-outside-toplevel
 
-    from tests.support.instance_profile import policy_allows  # pylint: disable=import-outside-toplevel
+    from lab.instance_profile import policy_allows  # pylint: disable=import-outside-toplevel
 
     aws.client("s3").create_bucket(Bucket=BUCKET)
     aws.proxy.reset()
@@ -153,7 +153,7 @@ def test_operations_are_allowed_by_the_documented_policy(aws):
 
 def test_the_roles_notification_task_check_mode_then_idempotent(aws):
     """roles/bastion_keys/tasks/notifications.yml as the role runs it (delegated to the controller)."""
-    from tests.support.ansiblerun import run_playbook  # pylint: disable=import-outside-toplevel
+    from lab.ansiblerun import run_playbook  # pylint: disable=import-outside-toplevel
 
     s3, sqs = aws.client("s3"), aws.client("sqs")
     s3.create_bucket(Bucket=BUCKET)

@@ -20,9 +20,9 @@ import time
 import pytest
 import yaml
 
-from tests.hosts import launcher, paths, teardown
-from tests.hosts import state as runstate
-from tests.hosts.__main__ import probe
+from lab.hosts import launcher, paths, teardown
+from lab.hosts import state as runstate
+from lab.hosts.__main__ import probe
 
 pytestmark = [
     pytest.mark.slow,

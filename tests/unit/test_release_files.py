@@ -11,7 +11,7 @@ import re
 import yaml
 from packaging.version import Version
 
-from tests.support.ansiblerun import REPO_ROOT
+from lab.ansiblerun import REPO_ROOT
 
 _NAME = r"([a-z][a-z0-9_]*)\.([a-z][a-z0-9_]*)\.[a-z][a-z0-9_]*"
 # Where content names a collection's plugin or role: a task's action, module_defaults' group/, a filter or test,
