@@ -327,21 +327,12 @@ class KeyEventsLab:  # pylint: disable=too-many-instance-attributes
     def timer_active(self, host: str) -> bool:
         return self.as_root(host, "systemctl is-active fleetkeeper-keysync.timer").stdout.strip() == "active"
 
-    def settle_timer(self, host: str, timeout: float = 150) -> None:
-        """Wait until the host's timer has made its first run and that run has ended.
-
-        The role's timer (OnBootSec=1min, RandomizedDelaySec=60s) is started minutes after boot, so it fires
-        once within a minute of being started and then only every 15 minutes: a test that counts sync runs
-        waits for that first one, or it could land among the runs it counts."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            lines = self.as_root(host, "systemctl show fleetkeeper-keysync.timer -p LastTriggerUSec --value; "
-                                       "systemctl is-active fleetkeeper-keysync.service").stdout.splitlines() + ["", ""]
-            last_trigger, service = lines[0].strip(), lines[1].strip()
-            if last_trigger not in ("", "n/a", "0") and service != "activating":  # a oneshot run is "activating"
-                return
-            time.sleep(2)
-        raise AssertionError(f"{host}: fleetkeeper-keysync.timer has not fired within {timeout:.0f} s")
+    def hold_timer(self, host: str, held: bool) -> None:
+        """Stop (``held``) or start the host's sync timer: a test that counts event-driven sync runs holds it, so
+        the timer's own randomized runs cannot land among the runs it counts."""
+        result = self.as_root(host, f"systemctl {'stop' if held else 'start'} fleetkeeper-keysync.timer")
+        if result.returncode != 0:
+            raise RuntimeError(f"{host}: could not {'stop' if held else 'start'} the timer: {result.stderr}")
 
     def sync_runs(self, host: str) -> int:
         """How many times the sync service has been started on the host (systemd's own journal lines)."""

@@ -53,7 +53,7 @@ def test_a_deleted_key_ends_the_users_sessions_on_every_host_at_once(tmp_path):
 
         # Two deletions within the coalescing window: one event, one sync run per host.
         for host in lab.host_names:
-            lab.settle_timer(host)  # its first, randomized run must not land among the runs counted
+            lab.hold_timer(host, True)  # only event-driven runs are counted (the timer's randomized run could land here)
         runs = {host: lab.sync_runs(host) for host in lab.host_names}
         events = log.count("-> one event")
         s3 = lab.aws.client("s3")
@@ -71,3 +71,5 @@ def test_a_deleted_key_ends_the_users_sessions_on_every_host_at_once(tmp_path):
         for host in lab.host_names:
             assert lab.sync_runs(host) == runs[host] + 1, lab.journal(host)[-2000:]
             assert not lab.key_refused(host, "dave")
+            lab.hold_timer(host, False)
+            assert lab.timer_active(host)
