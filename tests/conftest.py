@@ -7,8 +7,13 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
 
 from lab.awsemu import AwsEmulator
+
+# No per-example time limit for property tests: the stages share two cores, and a slow example is not a failure.
+settings.register_profile("fleetkeeper", deadline=None)
+settings.load_profile("fleetkeeper")
 
 
 @pytest.fixture(scope="session")

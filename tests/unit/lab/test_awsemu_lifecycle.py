@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import time
 import urllib.parse
 
 import botocore.session
@@ -151,21 +150,35 @@ def test_hooks_answer_with_what_was_put_not_moto_placeholders():
     assert hook["GlobalTimeout"] == 3000  # min(48 h, 100 x heartbeat)
 
 
-def test_heartbeat_restarts_the_timer_and_timeout_applies_the_default_result():
+class FakeClock:
+    """Stands for the ``time`` module in lab/lifecycle.py: the test moves the clock, nothing sleeps."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self):
+        return self.now
+
+    def time(self):
+        return 1_700_000_000.0 + self.now
+
+
+def test_heartbeat_restarts_the_timer_and_timeout_applies_the_default_result(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(lifecycle, "time", clock)
     emu, client = emulation(["i-old"])
     hold(emu)
-    emu.time_scale = 0.01  # 30 s heartbeat -> 0.3 s
     client.groups[0]["Instances"].append({"InstanceId": "i-new"})
     emu.after("us-east-1", "DescribeAutoScalingGroups", {}, 200, MOTO_GROUPS.encode())
 
     beat = request("RecordLifecycleActionHeartbeat", {"AutoScalingGroupName": "web", "LifecycleHookName": "fk",
                                                       "InstanceId": "i-new"})
-    for _beat in range(3):
-        time.sleep(0.2)
+    for _beat in range(3):  # a heartbeat every 20 s keeps the 30 s heartbeat timeout from ever running out
+        clock.now += 20
         status, _body = emu.before("us-east-1", "RecordLifecycleActionHeartbeat", beat)
         assert status == 200
     assert emu.actions()
-    time.sleep(0.4)
+    clock.now += 31
     status, _body = emu.before("us-east-1", "RecordLifecycleActionHeartbeat", beat)
     assert status == 400
     assert emu.history[-1]["Result"] == "ABANDON" and emu.history[-1]["How"] == "timeout"
