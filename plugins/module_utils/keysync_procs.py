@@ -42,7 +42,7 @@ import subprocess
 import sys
 import time
 
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync import UserBackendError
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.keysync_errors import UserBackendError
 
 # The helper's real and saved UID: no account and no process has it ((uid_t)-2, never handed out).
 KILLER_UID = 4294967294
