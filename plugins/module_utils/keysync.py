@@ -7,7 +7,7 @@
 Nothing here touches the network, the file system or the user database: the
 module ``fleetkeeper.aws.s3_authorized_keys`` and the host-side entry point
 (``keysync_host``) feed it what they read and apply what it plans, through
-``keysync_store`` (files, users, state) and ``keysync_s3`` (listing, downloads).
+``keysync_store`` (files, users, state), ``keysync_s3`` (the run) and ``keysync_bucket`` (listing, downloads).
 
 The layout is ``s3://BUCKET/PREFIX/<username>.pub``, one or more OpenSSH public
 key lines per object, and with ``teams`` configured one team manifest beside them,

@@ -4,8 +4,8 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Bastion key sync, host-side entry point (run by the role's systemd timer or cron job).
 
-The role copies this file and its siblings (keysync.py, keysync_store.py,
-keysync_s3.py) unchanged onto the host, below
+The role copies this file and its siblings (aws_calls.py and the keysync*.py files:
+the role's ``__bastion_keys_utils`` lists them) unchanged onto the host, below
 /usr/local/lib/fleetkeeper-keysync/ansible_collections/fleetkeeper/aws/plugins/module_utils/,
 and installs /usr/local/sbin/fleetkeeper-keysync, which puts that directory on
 sys.path and calls ``main()``: the host runs the very code the module runs.
