@@ -18,8 +18,9 @@
   (``ResourceContention``) and throttling are retried by the client's retry
   decorator (see :data:`RETRY_CODES`).
 
-Clients are boto3 clients wrapped by amazon.aws's ``AWSRetry`` (calls pass
-``aws_retry=True``); nothing here takes an AnsibleModule.
+Both make their Auto Scaling calls through a :class:`LifecycleGateway`
+(``lifecycle_gateway.py``), usually over a boto3 client wrapped by amazon.aws's
+``AWSRetry``; nothing here takes an AnsibleModule.
 """
 
 from __future__ import annotations
@@ -34,18 +35,15 @@ try:
 except ImportError:  # AnsibleAWSModule reports the missing SDK; the inventory plugin fails on its own import
     AWS_ERRORS = ()
 
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import chunks
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import error_code
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import error_message
-from ansible_collections.fleetkeeper.aws.plugins.module_utils.aws_calls import items
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle_gateway import LAUNCHING
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle_gateway import LifecycleGateway
 
-LAUNCHING = "autoscaling:EC2_INSTANCE_LAUNCHING"
 RESULTS = ("CONTINUE", "ABANDON")
 PENDING_WAIT = "Pending:Wait"
 RETRY_CODES = ["ResourceContention"]  # besides AWSRetry's throttling and 5xx codes
-NO_ACTIVE_ACTION = "No active Lifecycle Action found"
 HEARTBEAT_MIN, HEARTBEAT_MAX = 30, 7200
-INSTANCE_BATCH = 50  # DescribeAutoScalingInstances: at most 50 instance ids per call
 
 # Statuses of one instance in ActionRunner's results.
 COMPLETED = "completed"
@@ -64,11 +62,6 @@ class LifecycleError(Exception):
     """Bad input: the message says what to fix."""
 
 
-def is_no_active_action(exc):
-    """AWS's answer for an action that was completed already or timed out: final, never retried."""
-    return error_code(exc) == "ValidationError" and NO_ACTIVE_ACTION in error_message(exc)
-
-
 def describe_error(exc):
     code = error_code(exc)
     message = error_message(exc) or str(exc)
@@ -84,9 +77,7 @@ def launch_hook_names(autoscaling, group_name, **call_kwargs):
     """Sorted names of the group's launch (``EC2_INSTANCE_LAUNCHING``) hooks: those a Pending:Wait instance of
     the group can be held by. ``call_kwargs`` goes to the call (``aws_retry=True`` on amazon.aws's retrying
     clients); errors are the caller's to handle. DescribeLifecycleHooks is not paginated."""
-    answer = autoscaling.describe_lifecycle_hooks(AutoScalingGroupName=group_name, **call_kwargs)
-    return sorted(h["LifecycleHookName"] for h in answer.get("LifecycleHooks") or ()
-                  if h.get("LifecycleTransition") == LAUNCHING)
+    return LifecycleGateway(autoscaling, call_kwargs).launch_hook_names(group_name)
 
 
 def validate_hook_options(heartbeat_timeout, default_result, target_arn, role_arn):
@@ -146,23 +137,18 @@ def hook_changes(existing, desired):
 
 
 class HookManager:
-    """Puts (or deletes) one launch hook on many Auto Scaling groups."""
+    """Puts (or deletes) one launch hook on many Auto Scaling groups, through ``gateway`` (a :class:`LifecycleGateway`)."""
 
-    def __init__(self, autoscaling, check_mode=False):
-        self.autoscaling = autoscaling
+    def __init__(self, gateway, check_mode=False):
+        self.gateway = gateway
         self.check_mode = check_mode
-
-    def existing(self, group_name, hook_name):
-        hooks = self.autoscaling.describe_lifecycle_hooks(
-            aws_retry=True, AutoScalingGroupName=group_name, LifecycleHookNames=[hook_name])["LifecycleHooks"]
-        return hooks[0] if hooks else None
 
     def apply(self, group, hook_name, desired, state="present"):
         """One group's (a DescribeAutoScalingGroups record) result: name, status (created/updated/unchanged/deleted/absent/failed), changes, before, after."""
         group_name = group["AutoScalingGroupName"]
         result = {"name": group_name, "hook_name": hook_name, "status": None, "changes": [], "error": None}
         try:
-            current = self.existing(group_name, hook_name)
+            current = self.gateway.hook(group_name, hook_name)
             result["before"] = hook_view(current)
             if state == "absent":
                 result["after"] = None
@@ -171,8 +157,7 @@ class HookManager:
                     return result
                 result["status"], result["changes"] = "deleted", ["LifecycleHook"]
                 if not self.check_mode:
-                    self.autoscaling.delete_lifecycle_hook(
-                        aws_retry=True, AutoScalingGroupName=group_name, LifecycleHookName=hook_name)
+                    self.gateway.delete_hook(group_name, hook_name)
                 return result
             result["after"] = hook_view(desired)
             changes = hook_changes(current, desired)
@@ -197,9 +182,8 @@ class HookManager:
                         "run again once they are completed")
             if not self.check_mode:
                 if clear:
-                    self.autoscaling.delete_lifecycle_hook(
-                        aws_retry=True, AutoScalingGroupName=group_name, LifecycleHookName=hook_name)
-                self.autoscaling.put_lifecycle_hook(aws_retry=True, **desired)
+                    self.gateway.delete_hook(group_name, hook_name)
+                self.gateway.put_hook(desired)
         except LifecycleError as exc:
             result.update(status="failed", error=str(exc))
         except AWS_ERRORS as exc:  # confined to this group
@@ -247,29 +231,17 @@ def normalise_actions(instances, asg_name=None, hook_name=None, result=None, act
 
 
 class ActionRunner:
-    """Completes or heartbeats lifecycle actions for many instances, ``max_concurrency`` calls at a time."""
+    """Completes or heartbeats lifecycle actions for many instances, ``max_concurrency`` calls at a time, through
+    ``gateway`` (a :class:`LifecycleGateway`)."""
 
-    def __init__(self, autoscaling, max_concurrency=10, check_mode=False):
-        self.autoscaling = autoscaling
+    def __init__(self, gateway, max_concurrency=10, check_mode=False):
+        self.gateway = gateway
         self.max_concurrency = max_concurrency
         self.check_mode = check_mode
 
-    def states(self, instance_ids):
-        """{instance id: {AutoScalingGroupName, LifecycleState}} for the instances Auto Scaling still knows."""
-        found = {}
-        for batch in chunks(sorted(set(instance_ids)), INSTANCE_BATCH):
-            records = items(self.autoscaling.describe_auto_scaling_instances,
-                            {"InstanceIds": batch, "MaxRecords": INSTANCE_BATCH}, "AutoScalingInstances", aws_retry=True)
-            for record in records:
-                found[record["InstanceId"]] = record
-        return found
-
-    def launch_hooks(self, group_name):
-        return launch_hook_names(self.autoscaling, group_name, aws_retry=True)
-
     def plan(self, requests):
         """Fill in groups and hooks from Auto Scaling; instances not in Pending:Wait are settled without a call."""
-        states = self.states([r["instance_id"] for r in requests])
+        states = self.gateway.instance_states([r["instance_id"] for r in requests])
         hooks_of = {}
         planned, settled = [], []
         for request in requests:
@@ -287,7 +259,7 @@ class ActionRunner:
                 continue
             group = request["asg_name"]
             if group not in hooks_of:
-                hooks_of[group] = self.launch_hooks(group)
+                hooks_of[group] = self.gateway.launch_hook_names(group)
             if not hooks_of[group]:
                 settled.append(dict(request, status=FAILED,
                                     error=f"{request['instance_id']}: group {group} has no launch lifecycle hook"))
@@ -296,33 +268,20 @@ class ActionRunner:
         return planned, settled
 
     def _call(self, action, request):
-        params = {"AutoScalingGroupName": request["asg_name"], "LifecycleHookName": request["hook_name"]}
-        if request["token"]:
-            params["LifecycleActionToken"] = request["token"]
-        else:
-            params["InstanceId"] = request["instance_id"]
-        if action == "complete":
-            if self.check_mode:
-                return dict(request, status=WOULD_COMPLETE, error=None)
-            try:
-                self.autoscaling.complete_lifecycle_action(
-                    aws_retry=True, LifecycleActionResult=request["result"], **params)
-            except AWS_ERRORS as exc:
-                return self._failure(request, exc)
-            return dict(request, status=COMPLETED, error=None)
+        complete = action == "complete"
         if self.check_mode:
-            return dict(request, status=WOULD_HEARTBEAT, error=None)
+            return dict(request, status=WOULD_COMPLETE if complete else WOULD_HEARTBEAT, error=None)
+        action_of = {"instance_id": request["instance_id"], "token": request["token"]}
         try:
-            self.autoscaling.record_lifecycle_action_heartbeat(aws_retry=True, **params)
+            if complete:
+                active = self.gateway.complete(request["asg_name"], request["hook_name"], request["result"], **action_of)
+            else:
+                active = self.gateway.heartbeat(request["asg_name"], request["hook_name"], **action_of)
         except AWS_ERRORS as exc:
-            return self._failure(request, exc)
-        return dict(request, status=HEARTBEAT, error=None)
-
-    @staticmethod
-    def _failure(request, exc):
-        if is_no_active_action(exc):
+            return dict(request, status=FAILED, error=f"{request['instance_id']}: {describe_error(exc)}")
+        if not active:  # "No active Lifecycle Action found": completed already (or timed out)
             return dict(request, status=ALREADY_COMPLETED, error=None)
-        return dict(request, status=FAILED, error=f"{request['instance_id']}: {describe_error(exc)}")
+        return dict(request, status=COMPLETED if complete else HEARTBEAT, error=None)
 
     def run(self, action, requests):
         planned, settled = self.plan(requests)
@@ -340,7 +299,7 @@ class ActionRunner:
         suspects = [r for r in results if r["status"] == ALREADY_COMPLETED and r.get("token")]
         if not suspects:
             return results
-        states = self.states([r["instance_id"] for r in suspects])
+        states = self.gateway.instance_states([r["instance_id"] for r in suspects])
         suspect_ids = {id(r) for r in suspects}
         out = []
         for result in results:

@@ -200,6 +200,7 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle import A
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle import LifecycleError
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle import normalise_actions
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle import public_result
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle_gateway import LifecycleGateway
 
 
 def expected_state(result):
@@ -256,7 +257,7 @@ def main():
     retry = AWSRetry.jittered_backoff(retries=8, delay=1, max_delay=20, catch_extra_error_codes=RETRY_CODES)
     autoscaling = module.client("autoscaling", retry_decorator=retry,
                                 config={"max_pool_connections": params["max_concurrency"] + 2})
-    runner = ActionRunner(autoscaling, params["max_concurrency"], module.check_mode)
+    runner = ActionRunner(LifecycleGateway(autoscaling), params["max_concurrency"], module.check_mode)
     try:
         if params["action"] == "heartbeat" and params["heartbeat_lifetime"] and not module.check_mode:
             results = runner.heartbeat_until_done(requests, params["heartbeat_interval"], params["heartbeat_lifetime"],

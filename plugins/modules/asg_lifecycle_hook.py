@@ -163,6 +163,7 @@ from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle import L
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle import desired_hook
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle import hook_diff
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle import validate_hook_options
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle_gateway import LifecycleGateway
 
 
 def main():
@@ -198,7 +199,7 @@ def main():
     except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
         module.fail_json_aws(exc, msg="Could not read the Auto Scaling groups")
 
-    manager = HookManager(autoscaling, check_mode=module.check_mode)
+    manager = HookManager(LifecycleGateway(autoscaling), check_mode=module.check_mode)
     results = []
     for group in groups:
         name = group["AutoScalingGroupName"]

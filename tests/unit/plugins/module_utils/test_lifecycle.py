@@ -9,6 +9,7 @@ import pytest
 from botocore.stub import Stubber
 
 from ansible_collections.fleetkeeper.aws.plugins.module_utils import lifecycle as lc
+from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle_gateway import LifecycleGateway
 
 
 class Retrying:  # pylint: disable=too-few-public-methods
@@ -28,6 +29,11 @@ def stubbed():
     with Stubber(client) as stub:
         yield Retrying(client), stub
         stub.assert_no_pending_responses()
+
+
+def runner(client, **kwargs):
+    """An ActionRunner whose calls go through the gateway over ``client``."""
+    return lc.ActionRunner(LifecycleGateway(client), **kwargs)
 
 
 def hook(**extra):
@@ -51,6 +57,21 @@ def test_launch_hook_names_are_the_groups_launch_hooks_sorted(stubbed):
     stub.add_response("describe_lifecycle_hooks", {"LifecycleHooks": []}, {"AutoScalingGroupName": "db"})
     assert lc.launch_hook_names(client, "web", aws_retry=True) == ["fk", "zz"]
     assert lc.launch_hook_names(client.client, "db") == []  # a plain client: no aws_retry
+
+
+def test_hook_manager_deletes_and_puts_to_clear_a_field_and_confines_errors_to_the_group(stubbed):
+    client, stub = stubbed
+    desired = lc.desired_hook("web", "fk", 300, "ABANDON")
+    stub.add_response("describe_lifecycle_hooks", {"LifecycleHooks": [hook(NotificationMetadata="x")]},
+                      {"AutoScalingGroupName": "web", "LifecycleHookNames": ["fk"]})
+    stub.add_response("delete_lifecycle_hook", {}, {"AutoScalingGroupName": "web", "LifecycleHookName": "fk"})
+    stub.add_response("put_lifecycle_hook", {}, desired)
+    stub.add_client_error("describe_lifecycle_hooks", "AccessDenied", "not allowed", 403)
+    manager = lc.HookManager(LifecycleGateway(client))
+    result = manager.apply({"AutoScalingGroupName": "web", "Instances": []}, "fk", desired)
+    assert (result["status"], result["changes"]) == ("updated", ["NotificationMetadata"])
+    failed = manager.apply({"AutoScalingGroupName": "db"}, "fk", lc.desired_hook("db", "fk", 300, "ABANDON"))
+    assert (failed["status"], failed["error"]) == ("failed", "db: AccessDenied: not allowed")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -95,8 +116,8 @@ def test_complete_settles_non_pending_without_a_call_and_treats_no_active_action
                                                         "InstanceId": "i-1", "LifecycleActionResult": "CONTINUE"})
     stub.add_client_error("complete_lifecycle_action", "ValidationError",
                           "No active Lifecycle Action found with instance ID i-3", 400)
-    runner = lc.ActionRunner(client, max_concurrency=1)
-    results = runner.run("complete", lc.normalise_actions(["i-1", "i-2", "i-3", "i-4"], result="CONTINUE"))
+    requests = lc.normalise_actions(["i-1", "i-2", "i-3", "i-4"], result="CONTINUE")
+    results = runner(client, max_concurrency=1).run("complete", requests)
     assert [(r["instance_id"], r["status"]) for r in results] == [
         ("i-1", "completed"), ("i-2", "not_pending"), ("i-3", "already_completed"), ("i-4", "already_completed")]
 
@@ -107,7 +128,7 @@ def test_other_errors_fail_only_their_instance(stubbed):
                       instances_response(("i-1", "Pending:Wait"), ("i-2", "Pending:Wait")))
     stub.add_client_error("complete_lifecycle_action", "AccessDenied", "not allowed", 403)
     stub.add_response("complete_lifecycle_action", {})
-    results = lc.ActionRunner(client, max_concurrency=1).run(
+    results = runner(client, max_concurrency=1).run(
         "complete", lc.normalise_actions(["i-1", "i-2"], asg_name="web", hook_name="fk", result="ABANDON"))
     assert [(r["instance_id"], r["status"]) for r in results] == [("i-1", "failed"), ("i-2", "completed")]
     assert "i-1: AccessDenied: not allowed" == results[0]["error"]
@@ -121,7 +142,7 @@ def test_heartbeat_loop_stops_when_the_action_is_gone(stubbed):
     stub.add_client_error("record_lifecycle_action_heartbeat", "ValidationError",
                           "No active Lifecycle Action found with instance ID i-1", 400)
     sleeps = []
-    results = lc.ActionRunner(client).heartbeat_until_done(
+    results = runner(client).heartbeat_until_done(
         lc.normalise_actions(["i-1"], asg_name="web", hook_name="fk", action="heartbeat"), interval=5, lifetime=100,
         sleep=sleeps.append, clock=lambda: 0)
     assert sleeps == [5]
@@ -143,7 +164,7 @@ def test_a_token_that_is_not_the_open_actions_is_reported_as_a_mismatch_not_as_d
                       {"InstanceIds": ["i-1", "i-2"], "MaxRecords": 50})
     requests = lc.normalise_actions([{"instance_id": "i-1", "token": token}, {"instance_id": "i-2", "token": token}],
                                     asg_name="web", hook_name="fk", result="CONTINUE")
-    results = lc.ActionRunner(client, max_concurrency=1).run("complete", requests)
+    results = runner(client, max_concurrency=1).run("complete", requests)
     assert [(r["instance_id"], r["status"]) for r in results] == [
         ("i-1", "token_mismatch"), ("i-2", "already_completed")]
     assert f"the token {token} does not match the lifecycle action" in results[0]["error"]
@@ -155,7 +176,7 @@ def test_without_a_token_no_active_action_is_not_read_again(stubbed):
     stub.add_response("describe_auto_scaling_instances", instances_response(("i-1", "Pending:Wait")))
     stub.add_client_error("complete_lifecycle_action", "ValidationError",
                           "No active Lifecycle Action found with instance ID i-1", 400)
-    results = lc.ActionRunner(client).run(
+    results = runner(client).run(
         "complete", lc.normalise_actions(["i-1"], asg_name="web", hook_name="fk", result="CONTINUE"))
     assert results[0]["status"] == "already_completed"
 
@@ -174,7 +195,7 @@ def test_heartbeat_loop_ends_within_a_second_of_stop():
         assert seconds <= 1.0
         now[0] += seconds
 
-    results = lc.ActionRunner(Beating()).heartbeat_until_done(
+    results = runner(Beating()).heartbeat_until_done(
         lc.normalise_actions(["i-1"], asg_name="web", hook_name="fk", action="heartbeat"), interval=300,
         lifetime=7200, sleep=sleep, clock=lambda: now[0], stop=lambda: now[0] >= 42.5)
     assert 42.5 <= now[0] <= 43.5, "the loop noticed stop() within a second, long before the next heartbeat"
