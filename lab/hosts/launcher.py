@@ -201,7 +201,7 @@ def _spawn(run: Run, argv, log_name: str, env=None) -> subprocess.Popen:
 
 def _start_aws(run: Run) -> str:
     run.state["aws"] = {"process": None, "children": []}
-    process = _spawn(run, [sys.executable, os.path.join(REPO_ROOT, "tests", "support", "awsemu.py"),
+    process = _spawn(run, [sys.executable, os.path.join(REPO_ROOT, "lab", "awsemu.py"),
                            "--state-file", run.path("aws.json")], "aws.log")
     run.state["aws"]["process"] = runstate.process_identity(process.pid)
     run.save()
