@@ -2,23 +2,24 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Render the dns_cache role's BIND templates as the role does, and check them.
 
-``render_named_conf`` runs one ansible-playbook on localhost that renders the
-role's own templates with Ansible's template engine (so ``ansible_managed``,
-filters and tests behave as on a host) with the role's defaults, the OS
-family's vars file and overrides, into a staging tree laid out like the
-target's file system. ``checkconf`` runs ``named-checkconf -t STAGE`` on it,
+``render_named_conf`` renders the role's own templates with ansible-core's
+``template`` lookup in one child process (so ``ansible_managed``, filters and
+tests behave as on a host) with the role's defaults, the OS family's vars file
+and overrides, into a staging tree laid out like the target's file system. ``checkconf`` runs ``named-checkconf -t STAGE`` on it,
 which is the check the role itself runs before installing.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 
 import yaml
 
-from lab.ansiblerun import REPO_ROOT, run_playbook
+from lab.ansiblerun import REPO_ROOT, ansible_env
 
 ROLE = os.path.join(REPO_ROOT, "roles", "dns_cache")
 
@@ -36,14 +37,52 @@ def role_vars(family: str, overrides: dict | None = None, version: str = "9.18.4
     return values
 
 
+# Run by this Python in a child process: ansible-core's plugin loader installs its collection finder in
+# the interpreter that sets it up (as the ansible CLIs do), and the test session's own imports stay untouched.
+RENDER = r"""
+import json, sys
+from ansible.parsing.dataloader import DataLoader
+from ansible.plugins.loader import init_plugin_loader, lookup_loader
+from ansible.template import Templar
+try:  # ansible-core 2.19 and later template only trusted strings; variables from a play are trusted
+    from ansible.template import trust_as_template
+except ImportError:  # 2.18 templates every string
+    trust_as_template = str
+
+def trusted(value):
+    if isinstance(value, str):
+        return trust_as_template(value)
+    if isinstance(value, dict):
+        return {key: trusted(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [trusted(item) for item in value]
+    return value
+
+init_plugin_loader()
+loader = DataLoader()
+with open(sys.argv[1], encoding="utf-8") as handle:
+    items = json.load(handle)
+texts = []
+for item in items:
+    task_vars = trusted(item["vars"])
+    lookup = lookup_loader.get("ansible.builtin.template", loader=loader,
+                               templar=Templar(loader=loader, variables=task_vars))
+    texts.extend(lookup.run([item["src"]], variables=task_vars))
+with open(sys.argv[2], "w", encoding="utf-8") as handle:
+    json.dump(texts, handle)
+"""
+
+
 def render_named_conf(cases: dict, workdir: str) -> dict:
     """Render named.conf and its options file for each case.
 
-    ``cases`` maps a case name to ``{"family": ..., "overrides": {...}, "version": ..., "absolute": bool}``.
-    All cases render in one ansible-playbook run through the ``template`` lookup (the
-    engine the template module uses, with ``ansible_managed``), one task per file; the texts are
-    then written into the stage. Returns case name -> (stage root, main config
-    path inside the stage, variables).
+    ``cases`` maps a case name to ``{"family": ..., "overrides": {...}, "version": ..., "absolute": bool,
+    "pacing": bool}``. Every file of every case is rendered by ansible-core's ``template`` lookup (the
+    engine the template module uses, with its filters, tests and ``ansible_managed``) in one child process,
+    each case's variables (defaults, vars/main.yml, vars/<family>.yml, the BIND version, overrides) as the
+    lookup's task variables, so expressions among them (vars/main.yml's) are templated when used, against
+    each other, as on a host; the texts are then written into the stage. Returns case name -> (stage root,
+    main config path inside the stage, variables).
     """
     items = []
     staged = {}
@@ -59,24 +98,22 @@ def render_named_conf(cases: dict, workdir: str) -> dict:
         if case.get("pacing"):
             templates.append(("fleetkeeper-dns-pacing.j2", "__dns_cache_pacing_script"))
         for template, key in templates:
-            items.append({"src": os.path.join(ROLE, "templates", template), "dest": stage + values[key],
-                          "vars": values})
+            items.append({"src": os.path.join(ROLE, "templates", template), "dest": stage + values[key], "vars": values})
         staged[name] = (stage, values["__dns_cache_conf_file"], values)
-    # One task per file, the role's variables as task vars: expressions among them (vars/main.yml's) are
-    # templated when used, against each other, as on a host.
-    play = [{"hosts": "localhost", "gather_facts": False, "tasks": [{
-        "name": "render %d" % number,
-        "vars": item["vars"],
-        "ansible.builtin.debug": {"msg": "{{ lookup('ansible.builtin.template', %r) }}" % item["src"]},
-    } for number, item in enumerate(items)]}]
-    run = run_playbook(play)
+    request, answer = os.path.join(workdir, "render-request.json"), os.path.join(workdir, "render-answer.json")
+    with open(request, "w", encoding="utf-8") as handle:
+        json.dump(items, handle)
+    run = subprocess.run([sys.executable, "-c", RENDER, request, answer], capture_output=True, text=True,
+                         check=False, env=ansible_env())
     if run.returncode != 0:
         raise AssertionError("rendering failed:\n%s\n%s" % (run.stdout, run.stderr))
-    results = [run.task("render %d" % number) for number in range(len(items))]
-    for item, result in zip(items, results):
+    with open(answer, encoding="utf-8") as handle:
+        texts = json.load(handle)
+    assert len(texts) == len(items)
+    for item, text in zip(items, texts):
         os.makedirs(os.path.dirname(item["dest"]), exist_ok=True)
         with open(item["dest"], "w", encoding="utf-8") as handle:
-            handle.write(result["msg"])
+            handle.write(text)
     return staged
 
 

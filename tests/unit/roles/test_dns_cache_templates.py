@@ -2,10 +2,9 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """The dns_cache role's BIND templates, rendered by Ansible per OS family and checked by named-checkconf.
 
-The templates are rendered by ansible-core's ``template`` lookup called from one small Python process (the
-engine, filters, tests and ``ansible_managed`` of a run, with the role's defaults, vars files and each case's
-variables as task vars), not by an ansible-playbook run: lab.dnscache.render_named_conf, which the
-integration tests use, stages the same files through ansible-playbook, and both give the same bytes.
+The templates are rendered by lab.dnscache.render_named_conf (ansible-core's ``template`` lookup in one small
+Python process, with the role's defaults, vars files and each case's variables as task vars), the renderer
+the integration tests and the DNS benchmark use too.
 
 The check is the one the role runs on a host: the files are staged in a tree
 laid out like the host's file system and ``named-checkconf -t STAGE MAIN`` reads
@@ -15,17 +14,15 @@ the main file with every include resolved inside the stage (Debian's
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 
 from lab import dnsservers
-from lab.dnscache import ROLE, checkconf, read_staged, role_vars
+from lab.dnscache import checkconf, read_staged, render_named_conf
 
 pytestmark = pytest.mark.skipif(shutil.which("named-checkconf") is None,
                                 reason="named-checkconf (bind9-utils, in FK_DEBS) is not installed")
@@ -65,83 +62,9 @@ CASES = {
 }
 
 
-# Run by this test's Python in a child process: ansible-core's plugin loader installs its collection finder in
-# the interpreter that sets it up (as the ansible CLIs do), and the test session's own imports stay untouched.
-RENDER = r"""
-import json, sys
-from ansible.parsing.dataloader import DataLoader
-from ansible.plugins.loader import init_plugin_loader, lookup_loader
-from ansible.template import Templar
-try:  # ansible-core 2.19 and later template only trusted strings; variables from a play are trusted
-    from ansible.template import trust_as_template
-except ImportError:  # 2.18 templates every string
-    trust_as_template = str
-
-def trusted(value):
-    if isinstance(value, str):
-        return trust_as_template(value)
-    if isinstance(value, dict):
-        return {key: trusted(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [trusted(item) for item in value]
-    return value
-
-init_plugin_loader()
-loader = DataLoader()
-with open(sys.argv[1], encoding="utf-8") as handle:
-    items = json.load(handle)
-texts = []
-for item in items:
-    task_vars = trusted(item["vars"])
-    lookup = lookup_loader.get("ansible.builtin.template", loader=loader,
-                               templar=Templar(loader=loader, variables=task_vars))
-    texts.extend(lookup.run([item["src"]], variables=task_vars))
-with open(sys.argv[2], "w", encoding="utf-8") as handle:
-    json.dump(texts, handle)
-"""
-
-
-def render_with_template_lookup(cases: dict, workdir: str) -> dict:
-    """The files render_named_conf stages, rendered by the ``ansible.builtin.template`` lookup without a playbook.
-
-    Each case's variables (defaults, vars/main.yml, vars/<family>.yml, the BIND version, overrides) are the
-    lookup's task variables, so expressions among them (vars/main.yml's) are templated when used, against each
-    other, as on a host. Returns case name -> (stage root, main config path inside the stage, variables).
-    """
-    items = []
-    staged = {}
-    for name, case in cases.items():
-        values = role_vars(case.get("family", "Debian"), case.get("overrides"), case.get("version", "9.18.49"))
-        stage = os.path.join(workdir, name)
-        # named-checkconf changes into the working directories: they exist on a host.
-        for key in ("__dns_cache_directory", "__dns_cache_managed_keys_directory"):
-            if values.get(key):
-                os.makedirs(stage + values[key], exist_ok=True)
-        templates = [("named.conf.j2", "__dns_cache_conf_file"), ("named.conf.options.j2", "__dns_cache_options_file")]
-        if case.get("pacing"):
-            templates.append(("fleetkeeper-dns-pacing.j2", "__dns_cache_pacing_script"))
-        for template, key in templates:
-            items.append({"src": os.path.join(ROLE, "templates", template), "dest": stage + values[key], "vars": values})
-        staged[name] = (stage, values["__dns_cache_conf_file"], values)
-    request, answer = os.path.join(workdir, "render-request.json"), os.path.join(workdir, "render-answer.json")
-    with open(request, "w", encoding="utf-8") as handle:
-        json.dump(items, handle)
-    run = subprocess.run([sys.executable, "-c", RENDER, request, answer], capture_output=True, text=True, check=False)
-    if run.returncode != 0:
-        raise AssertionError("rendering failed:\n%s\n%s" % (run.stdout, run.stderr))
-    with open(answer, encoding="utf-8") as handle:
-        texts = json.load(handle)
-    assert len(texts) == len(items)
-    for item, text in zip(items, texts):
-        os.makedirs(os.path.dirname(item["dest"]), exist_ok=True)
-        with open(item["dest"], "w", encoding="utf-8") as handle:
-            handle.write(text)
-    return staged
-
-
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
-    return render_with_template_lookup(CASES, str(tmp_path_factory.mktemp("named")))
+    return render_named_conf(CASES, str(tmp_path_factory.mktemp("named")))
 
 
 def options_text(rendered, case):
