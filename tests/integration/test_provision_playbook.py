@@ -128,6 +128,21 @@ def heartbeat_jobs(marker, watchdogs=False):
     return jobs | set(wrappers.values()) if watchdogs else jobs
 
 
+def pending_ghost(aws, tmp_path, default_result):
+    """One instance of ASG web held in Pending:Wait by a launch hook, and an inventory whose only pending host stands
+    for it at a closed loopback port (bound and released: nothing listens there). (autoscaling, id, inventory)"""
+    ec2, autoscaling = aws.client("ec2"), aws.client("autoscaling")
+    fleet_support.create_group(ec2, autoscaling, fleet_support.create_network(ec2, "us-east-1"), "web", 0)
+    autoscaling.put_lifecycle_hook(AutoScalingGroupName="web", LifecycleHookName="fleetkeeper-provision",
+                                   LifecycleTransition=LAUNCHING, HeartbeatTimeout=300, DefaultResult=default_result)
+    autoscaling.set_desired_capacity(AutoScalingGroupName="web", DesiredCapacity=1)
+    [instance_id] = lifecycle_states(autoscaling)
+    inventory = tmp_path / "ghost.yml"
+    inventory.write_text(yaml.safe_dump({"all": {"children": {"lifecycle_pending_wait": {"hosts": {
+        "ghost": ghost_host(instance_id, free_port())}}}}}))
+    return autoscaling, instance_id, str(inventory)
+
+
 def ghost_host(instance_id, port):
     """A pending instance whose SSH never answers (a closed loopback port)."""
     return {"ansible_host": "127.0.0.1", "ansible_port": port, "instance_id": instance_id, "asg_name": "web",
@@ -251,18 +266,8 @@ def test_a_limit_to_one_host_completes_that_host_alone(aws, testhosts, tmp_path)
 
 def test_a_host_that_never_answers_ssh_is_abandoned_even_when_it_is_the_only_one(aws, tmp_path):
     """No test host: the pending instance's host points at a closed loopback port, so its converge fails."""
-    ec2, autoscaling = aws.client("ec2"), aws.client("autoscaling")
-    fleet_support.create_group(ec2, autoscaling, fleet_support.create_network(ec2, "us-east-1"), "web", 0)
-    autoscaling.put_lifecycle_hook(AutoScalingGroupName="web", LifecycleHookName="fleetkeeper-provision",
-                                   LifecycleTransition=LAUNCHING, HeartbeatTimeout=300, DefaultResult="CONTINUE")
-    autoscaling.set_desired_capacity(AutoScalingGroupName="web", DesiredCapacity=1)
-    [ghost_id] = lifecycle_states(autoscaling)
-    closed_port = free_port()  # bound and released: nothing listens there
-    inventory = tmp_path / "ghost.yml"
-    inventory.write_text(yaml.safe_dump({"all": {"children": {"lifecycle_pending_wait": {"hosts": {"ghost": {
-        "ansible_host": "127.0.0.1", "ansible_port": closed_port, "instance_id": ghost_id, "asg_name": "web",
-        "region": "us-east-1"}}}}}}))
-    proc = run_provision(str(inventory), aws.endpoint_url, {"provision_ssh_timeout": 5})
+    autoscaling, ghost_id, inventory = pending_ghost(aws, tmp_path, "CONTINUE")
+    proc = run_provision(inventory, aws.endpoint_url, {"provision_ssh_timeout": 5})
     # The default result is CONTINUE: only the playbook's ABANDON keeps the unconfigured host out of service.
     assert [(h["EC2InstanceId"], h["Result"], h["How"]) for h in aws.proxy.lifecycle.history] == [
         (ghost_id, "ABANDON", "CompleteLifecycleAction")], proc.stdout[-4000:]
@@ -278,18 +283,9 @@ def test_a_host_that_never_answers_ssh_is_abandoned_even_when_it_is_the_only_one
 def test_wrong_settings_fail_before_anything_is_read_or_completed(aws, tmp_path, settings, message):
     """provision_* variables are checked like a role's: the run fails naming the variable, makes no AWS call and
     leaves the instance in Pending:Wait for a corrected run."""
-    ec2, autoscaling = aws.client("ec2"), aws.client("autoscaling")
-    fleet_support.create_group(ec2, autoscaling, fleet_support.create_network(ec2, "us-east-1"), "web", 0)
-    autoscaling.put_lifecycle_hook(AutoScalingGroupName="web", LifecycleHookName="fleetkeeper-provision",
-                                   LifecycleTransition=LAUNCHING, HeartbeatTimeout=300, DefaultResult="ABANDON")
-    autoscaling.set_desired_capacity(AutoScalingGroupName="web", DesiredCapacity=1)
-    [waiting_id] = lifecycle_states(autoscaling)
-    inventory = tmp_path / "waiting.yml"
-    inventory.write_text(yaml.safe_dump({"all": {"children": {"lifecycle_pending_wait": {"hosts": {"waiting": {
-        "ansible_host": "127.0.0.1", "ansible_port": free_port(), "instance_id": waiting_id, "asg_name": "web",
-        "region": "us-east-1"}}}}}}))
+    autoscaling, waiting_id, inventory = pending_ghost(aws, tmp_path, "ABANDON")
     before = aws.proxy.summary()
-    proc = run_provision(str(inventory), aws.endpoint_url, settings)
+    proc = run_provision(inventory, aws.endpoint_url, settings)
     assert proc.returncode != 0 and message in proc.stdout, proc.stdout[-4000:]
     assert aws.proxy.summary() == before, "the run made AWS calls"
     assert lifecycle_states(autoscaling) == {waiting_id: "Pending:Wait"}
@@ -298,17 +294,9 @@ def test_wrong_settings_fail_before_anything_is_read_or_completed(aws, tmp_path,
 def test_a_killed_run_leaves_no_heartbeat_job_behind(aws, tmp_path):
     """The heartbeat job watches the ansible-playbook process: SIGKILL the run while a host waits for SSH, and
     the job ends within seconds (ps), long before its lifetime."""
-    ec2, autoscaling = aws.client("ec2"), aws.client("autoscaling")
-    fleet_support.create_group(ec2, autoscaling, fleet_support.create_network(ec2, "us-east-1"), "web", 0)
-    autoscaling.put_lifecycle_hook(AutoScalingGroupName="web", LifecycleHookName="fleetkeeper-provision",
-                                   LifecycleTransition=LAUNCHING, HeartbeatTimeout=300, DefaultResult="ABANDON")
-    autoscaling.set_desired_capacity(AutoScalingGroupName="web", DesiredCapacity=1)
-    [ghost_id] = lifecycle_states(autoscaling)
-    inventory = tmp_path / "ghost.yml"
-    inventory.write_text(yaml.safe_dump({"all": {"children": {"lifecycle_pending_wait": {"hosts": {
-        "ghost": ghost_host(ghost_id, free_port())}}}}}))
+    _autoscaling, ghost_id, inventory = pending_ghost(aws, tmp_path, "ABANDON")
     marker = uuid.uuid4().hex
-    command, env = provision_command(str(inventory), aws.endpoint_url, {"provision_ssh_timeout": 300}, marker=marker)
+    command, env = provision_command(inventory, aws.endpoint_url, {"provision_ssh_timeout": 300}, marker=marker)
     with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           start_new_session=True) as proc:
         try:
