@@ -4,31 +4,17 @@
 
 from __future__ import annotations
 
-import boto3
 import pytest
-from botocore.stub import Stubber
 
 from ansible_collections.fleetkeeper.aws.plugins.module_utils import lifecycle as lc
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle_gateway import LifecycleGateway
-
-
-class Retrying:  # pylint: disable=too-few-public-methods
-    """What amazon.aws's retrying wrapper adds: an ``aws_retry`` keyword (the stubbed client must not see it)."""
-
-    def __init__(self, client):
-        self.client = client
-
-    def __getattr__(self, name):
-        method = getattr(self.client, name)
-        return lambda aws_retry=False, **kwargs: method(**kwargs)
+from tests.unit.fakes_aws import stubbed_client
 
 
 @pytest.fixture
 def stubbed():
-    client = boto3.client("autoscaling", region_name="us-east-1", aws_access_key_id="a", aws_secret_access_key="b")
-    with Stubber(client) as stub:
-        yield Retrying(client), stub
-        stub.assert_no_pending_responses()
+    with stubbed_client("autoscaling") as pair:
+        yield pair
 
 
 def runner(client, **kwargs):

@@ -4,36 +4,17 @@
 
 from __future__ import annotations
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError
-from botocore.stub import Stubber
 
 from ansible_collections.fleetkeeper.aws.plugins.module_utils.lifecycle_gateway import LifecycleGateway
-
-
-class Recording:  # pylint: disable=too-few-public-methods
-    """amazon.aws's retrying wrapper as far as the gateway sees it; records each call's ``aws_retry``."""
-
-    def __init__(self, client):
-        self.client = client
-        self.retries = []
-
-    def __getattr__(self, name):
-        method = getattr(self.client, name)
-
-        def call(aws_retry=False, **kwargs):
-            self.retries.append((name, aws_retry))
-            return method(**kwargs)
-        return call
+from tests.unit.fakes_aws import stubbed_client
 
 
 @pytest.fixture
 def stubbed():
-    client = boto3.client("autoscaling", region_name="us-east-1", aws_access_key_id="a", aws_secret_access_key="b")
-    with Stubber(client) as stub:
-        yield Recording(client), stub
-        stub.assert_no_pending_responses()
+    with stubbed_client("autoscaling") as pair:
+        yield pair
 
 
 def record(instance_id, state="Pending:Wait"):
