@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import botocore.exceptions
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from ansible_collections.fleetkeeper.aws.plugins.module_utils import aws_calls
@@ -54,7 +54,6 @@ def test_error_readers():
     assert (aws_calls.error_code(other), aws_calls.error_message(other), aws_calls.http_status(other)) == ("", "", None)
 
 
-@settings(deadline=None)  # no per-example time limit: the unit stage shares the machine with the others
 @given(st.integers(min_value=0, max_value=5000), st.integers(min_value=1, max_value=1000))
 def test_chunks_cover_everything_once_within_the_size(count, size):
     items = list(range(count))
