@@ -602,24 +602,21 @@ class InventoryModule(AWSInventoryBase):
         composed_groups = self.get_option("groups")
         keyed_groups = self.get_option("keyed_groups")
         strict = self.get_option("strict")
-        construct = None
-        if compose or composed_groups or keyed_groups:
-            def construct(name, variables):
-                self._set_composite_vars(compose, variables, name, strict=strict)
-                self._add_host_to_composed_groups(composed_groups, variables, name, strict=strict)
-                self._add_host_to_keyed_groups(keyed_groups, variables, name, strict=strict)
         shared = {}
         if self.get_option("asg_group_vars"):
             shared = logic.hoist_group_vars(entries, self.get_option("asg_group_prefix"),
                                             skip_groups=set(self.inventory.groups))
-        if construct is not None and shared:
-            # compose, groups and keyed_groups see each host's variables with its group's shared ones.
+        construct = None
+        if compose or composed_groups or keyed_groups:
+            # compose, groups and keyed_groups see each host's variables with its ASG group's shared ones.
             inherited = {name: shared[g] for name, groups, _vars in entries for g in groups if g in shared}
-            construct_one = construct
 
             def construct(name, variables):
-                base = inherited.get(name)
-                construct_one(name, {**base, **variables} if base else variables)
+                if name in inherited:
+                    variables = {**inherited[name], **variables}
+                self._set_composite_vars(compose, variables, name, strict=strict)
+                self._add_host_to_composed_groups(composed_groups, variables, name, strict=strict)
+                self._add_host_to_keyed_groups(keyed_groups, variables, name, strict=strict)
         fast.add_hosts(self.inventory, entries, bulk=self.get_option("fast_host_vars"), each=construct)
         for group, variables in shared.items():
             for key, value in variables.items():

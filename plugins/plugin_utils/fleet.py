@@ -626,7 +626,7 @@ def hoist_group_vars(entries, asg_prefix="asg_", skip_groups=()):
         first = hosts[0]
         common = {k: v for k, v in first.items() if k not in HOST_OWN_VARS}
         for variables in hosts[1:]:
-            for key in [k for k, v in common.items() if key_differs(variables, k, v)]:
+            for key in [k for k, v in common.items() if k not in variables or not _same(variables[k], v)]:
                 del common[key]
             if not common:
                 break
@@ -636,10 +636,6 @@ def hoist_group_vars(entries, asg_prefix="asg_", skip_groups=()):
                 for key in common:
                     del variables[key]
     return shared
-
-
-def key_differs(variables, key, value):
-    return key not in variables or not _same(variables[key], value)
 
 
 # --- cache key ------------------------------------------------------------------------
